@@ -1,0 +1,1019 @@
+// Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+//
+// The native core of lineax-amgx: loads AmgX and the CUDA driver at run time, owns
+// the AmgX resource cache, and implements the XLA FFI handlers `lineax_amgx_setup`
+// and `lineax_amgx_solve`. Exposed to Python with nanobind as lineax_amgx._native.
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "amgx_api.h"
+#include "kernels_ptx.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace nb = nanobind;
+namespace ffi = xla::ffi;
+
+namespace lxa {
+namespace {
+
+// An error that becomes an ffi::Error (or a Python RuntimeError) with its message.
+struct Failure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// ------------------------------------------------------------------------------
+// Run-time loading of AmgX and of the CUDA driver.
+// ------------------------------------------------------------------------------
+
+struct Api {
+#define LXA_DECLARE(name, ret, args) ret(*name) args = nullptr;
+  LXA_AMGX_FUNCTIONS(LXA_DECLARE)
+  LXA_AMGX_OPTIONAL_FUNCTIONS(LXA_DECLARE)
+  LXA_CUDA_FUNCTIONS(LXA_DECLARE)
+#undef LXA_DECLARE
+  void* amgx_handle = nullptr;
+  void* cuda_handle = nullptr;
+  std::string amgx_path;
+  std::string load_error;  // why AmgX could not be loaded (empty when loaded)
+  bool initialized = false;  // AMGX_initialize has run (and finalize has not)
+};
+
+Api& api() {
+  static Api a;
+  return a;
+}
+
+// Everything below that touches the cache, AmgX or the api table holds this lock.
+std::recursive_mutex& core_mutex() {
+  static std::recursive_mutex m;
+  return m;
+}
+
+// AmgX prints through this callback: captured (for error messages) and shown only
+// while a verbose call runs.
+struct PrintState {
+  bool verbose = false;
+  std::string captured;
+};
+PrintState& print_state() {
+  static PrintState s;
+  return s;
+}
+
+void print_callback(const char* msg, int length) {
+  auto& ps = print_state();
+  if (length <= 0 || msg == nullptr) return;
+  ps.captured.append(msg, static_cast<size_t>(length));
+  if (ps.captured.size() > 16384) ps.captured.erase(0, ps.captured.size() - 8192);
+  if (ps.verbose) {
+    std::fwrite(msg, 1, static_cast<size_t>(length), stderr);
+    std::fflush(stderr);
+  }
+}
+
+std::string take_captured() {
+  std::string out;
+  std::swap(out, print_state().captured);
+  // Keep the message readable: trim and collapse blank lines.
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+
+std::string amgx_error(const char* what, AMGX_RC rc) {
+  char buf[512] = {0};
+  if (api().AMGX_get_error_string) api().AMGX_get_error_string(rc, buf, sizeof(buf));
+  std::string msg = std::string("AmgX ") + what + " failed (error " +
+                    std::to_string(rc) + ": " + buf + ")";
+  std::string printed = take_captured();
+  if (!printed.empty()) msg += "\nAmgX said:\n" + printed;
+  return msg;
+}
+
+#define LXA_AMGX(call)                                            \
+  do {                                                            \
+    AMGX_RC _rc = api().call;                                     \
+    if (_rc != AMGX_RC_OK) throw Failure(amgx_error(#call, _rc)); \
+  } while (0)
+
+std::string cuda_error_string(CUresult rc) {
+  const char* s = nullptr;
+  if (api().cuGetErrorString && api().cuGetErrorString(rc, &s) == 0 && s) return s;
+  return "CUDA driver error " + std::to_string(rc);
+}
+
+#define LXA_CU(call)                                                                \
+  do {                                                                              \
+    CUresult _rc = api().call;                                                      \
+    if (_rc != 0)                                                                   \
+      throw Failure(std::string("CUDA call ") + #call + " failed: " +               \
+                    cuda_error_string(_rc));                                        \
+  } while (0)
+
+void load_cuda_driver() {
+  Api& a = api();
+  if (a.cuda_handle) return;
+  void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!h)
+    throw Failure(
+        "No CUDA driver: libcuda.so.1 could not be loaded (is an NVIDIA driver "
+        "installed?): " +
+        std::string(dlerror()));
+#define LXA_RESOLVE_CU(name, ret, args)                                          \
+  a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));                       \
+  if (!a.name) {                                                                 \
+    dlclose(h);                                                                  \
+    throw Failure("The CUDA driver lacks the symbol " #name " (driver too old?)"); \
+  }
+  LXA_CUDA_FUNCTIONS(LXA_RESOLVE_CU)
+#undef LXA_RESOLVE_CU
+  a.cuda_handle = h;
+  CUresult rc = a.cuInit(0);
+  if (rc != 0) throw Failure("cuInit failed: " + cuda_error_string(rc));
+}
+
+// Loads libamgxsh.so from `path` (resolved by the Python side: LINEAX_AMGX_LIBRARY,
+// then AMGX_DIR, then the loader path) and checks every symbol we need.
+void load_amgx(const std::string& path) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  Api& a = api();
+  if (a.amgx_handle) {
+    if (path == a.amgx_path || path.empty()) return;
+    throw Failure("AmgX is already loaded from " + a.amgx_path +
+                  "; a process can load only one AmgX library.");
+  }
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    a.load_error = "could not load the AmgX library " + path + ": " + dlerror();
+    throw Failure(a.load_error);
+  }
+#define LXA_RESOLVE(name, ret, args)                                             \
+  a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));                       \
+  if (!a.name) {                                                                 \
+    dlclose(h);                                                                  \
+    a.load_error = "the AmgX library " + path + " lacks the required symbol " #name \
+                   " (an incompatible or truncated build?)";                     \
+    throw Failure(a.load_error);                                                 \
+  }
+  LXA_AMGX_FUNCTIONS(LXA_RESOLVE)
+#undef LXA_RESOLVE
+#define LXA_RESOLVE_OPT(name, ret, args) \
+  a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));
+  LXA_AMGX_OPTIONAL_FUNCTIONS(LXA_RESOLVE_OPT)
+#undef LXA_RESOLVE_OPT
+  a.amgx_handle = h;
+  a.amgx_path = path;
+  a.load_error.clear();
+}
+
+void ensure_initialized() {
+  Api& a = api();
+  if (!a.amgx_handle)
+    throw Failure(
+        a.load_error.empty()
+            ? "AmgX is not loaded. Set LINEAX_AMGX_LIBRARY to the path of "
+              "libamgxsh.so, or AMGX_DIR to AmgX's install or build directory, or "
+              "put libamgxsh.so on the loader path (LD_LIBRARY_PATH)."
+            : "AmgX is not available: " + a.load_error);
+  load_cuda_driver();
+  if (!a.initialized) {
+    // Register the print callback first so that AmgX's banner is captured, not
+    // printed. AmgX's signal handlers are never installed.
+    LXA_AMGX(AMGX_register_print_callback(&print_callback));
+    LXA_AMGX(AMGX_initialize());
+    take_captured();
+    a.initialized = true;
+  }
+}
+
+// Makes the context of an XLA stream current for the scope (AmgX's runtime and our
+// driver calls then work on the stream's device).
+struct ContextScope {
+  CUcontext ctx = nullptr;
+  CUdevice device = 0;
+  explicit ContextScope(CUstream stream) {
+    LXA_CU(cuStreamGetCtx(stream, &ctx));
+    LXA_CU(cuCtxPushCurrent_v2(ctx));
+    CUresult rc = api().cuCtxGetDevice(&device);
+    if (rc != 0) {
+      CUcontext popped;
+      api().cuCtxPopCurrent_v2(&popped);
+      throw Failure("cuCtxGetDevice failed: " + cuda_error_string(rc));
+    }
+  }
+  ~ContextScope() {
+    CUcontext popped;
+    api().cuCtxPopCurrent_v2(&popped);
+  }
+  ContextScope(const ContextScope&) = delete;
+  ContextScope& operator=(const ContextScope&) = delete;
+};
+
+// ------------------------------------------------------------------------------
+// Patterns registered from Python (host CSR structure, by fingerprint).
+// ------------------------------------------------------------------------------
+
+struct Pattern {
+  std::vector<int32_t> indptr, indices;
+  int64_t block_rows = 0, block_cols = 0;
+  int32_t block_size = 1;
+};
+
+std::map<int64_t, std::shared_ptr<const Pattern>>& patterns() {
+  static std::map<int64_t, std::shared_ptr<const Pattern>> p;
+  return p;
+}
+
+std::shared_ptr<const Pattern> find_pattern(int64_t fingerprint) {
+  auto it = patterns().find(fingerprint);
+  if (it == patterns().end())
+    throw Failure("internal: sparsity pattern " + std::to_string(fingerprint) +
+                  " is not registered with the native core");
+  return it->second;
+}
+
+// ------------------------------------------------------------------------------
+// The value-comparison kernel (PTX, JIT-compiled by the driver once per device).
+// ------------------------------------------------------------------------------
+
+struct DeviceKernels {
+  CUfunction differs = nullptr;
+  CUdeviceptr flag = 0;  // one uint32 scratch word
+};
+
+DeviceKernels& kernels_for(CUdevice device) {
+  static std::map<CUdevice, DeviceKernels> per_device;
+  auto it = per_device.find(device);
+  if (it != per_device.end()) return it->second;
+  DeviceKernels k;
+  CUmodule module;
+  LXA_CU(cuModuleLoadData(&module, kLxaKernelsPtx));
+  LXA_CU(cuModuleGetFunction(&k.differs, module, "lxa_differs"));
+  LXA_CU(cuMemAlloc_v2(&k.flag, sizeof(uint32_t)));
+  return per_device.emplace(device, k).first->second;
+}
+
+// Exact (bitwise) comparison of two device arrays of `bytes` bytes.
+bool device_equal(CUdevice device, CUdeviceptr a, CUdeviceptr b, size_t bytes,
+                  CUstream stream) {
+  DeviceKernels& k = kernels_for(device);
+  LXA_CU(cuMemsetD32Async(k.flag, 0u, 1, stream));
+  unsigned long long n16 = bytes / 16;
+  unsigned long long n4 = (bytes - n16 * 16) / 4;
+  unsigned threads = 256;
+  unsigned long long want = (std::max(n16, n4) + threads - 1) / threads;
+  unsigned blocks = static_cast<unsigned>(std::min<unsigned long long>(
+      std::max<unsigned long long>(want, 1), 132 * 16));
+  CUdeviceptr flag = k.flag;
+  void* params[] = {&a, &b, &n16, &n4, &flag};
+  LXA_CU(cuLaunchKernel(k.differs, blocks, 1, 1, threads, 1, 1, 0, stream, params,
+                        nullptr));
+  uint32_t differs = 1;
+  LXA_CU(cuStreamSynchronize(stream));
+  LXA_CU(cuMemcpyDtoH_v2(&differs, k.flag, sizeof(differs)));
+  return differs == 0;
+}
+
+// ------------------------------------------------------------------------------
+// RAII owners of AmgX handles.
+// ------------------------------------------------------------------------------
+
+template <typename H, AMGX_RC (*Api::*Destroy)(H)>
+struct Owned {
+  H h = nullptr;
+  Owned() = default;
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+  ~Owned() { reset(); }
+  void reset() {
+    if (h && api().initialized) (api().*Destroy)(h);
+    h = nullptr;
+  }
+};
+
+using ConfigOwner = Owned<AMGX_config_handle, &Api::AMGX_config_destroy>;
+using ResourcesOwner = Owned<AMGX_resources_handle, &Api::AMGX_resources_destroy>;
+using MatrixOwner = Owned<AMGX_matrix_handle, &Api::AMGX_matrix_destroy>;
+using VectorOwner = Owned<AMGX_vector_handle, &Api::AMGX_vector_destroy>;
+using SolverOwner = Owned<AMGX_solver_handle, &Api::AMGX_solver_destroy>;
+
+struct DeviceBuffer {
+  CUdeviceptr ptr = 0;
+  size_t bytes = 0;
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+  void allocate(size_t n) {
+    reset();
+    LXA_CU(cuMemAlloc_v2(&ptr, std::max<size_t>(n, 16)));
+    bytes = n;
+  }
+  void reset() {
+    if (ptr && api().cuMemFree_v2) api().cuMemFree_v2(ptr);
+    ptr = 0;
+    bytes = 0;
+  }
+};
+
+// One set of AmgX resources per device (shared by that device's entries).
+struct DeviceResources {
+  ConfigOwner cfg;
+  ResourcesOwner rsrc;
+};
+
+std::map<CUdevice, std::unique_ptr<DeviceResources>>& resources() {
+  static std::map<CUdevice, std::unique_ptr<DeviceResources>> r;
+  return r;
+}
+
+AMGX_resources_handle resources_for(CUdevice device) {
+  auto& all = resources();
+  auto it = all.find(device);
+  if (it != all.end()) return it->second->rsrc.h;
+  auto r = std::make_unique<DeviceResources>();
+  // exception_handling=0: AmgX returns error codes (1 would make it exit()).
+  LXA_AMGX(AMGX_config_create(&r->cfg.h, "config_version=2, exception_handling=0"));
+  int dev = device;
+  LXA_AMGX(AMGX_resources_create(&r->rsrc.h, r->cfg.h, nullptr, 1, &dev));
+  AMGX_resources_handle h = r->rsrc.h;
+  all.emplace(device, std::move(r));
+  return h;
+}
+
+// ------------------------------------------------------------------------------
+// The cache.
+// ------------------------------------------------------------------------------
+
+struct Key {
+  CUdevice device;
+  int64_t fingerprint;
+  int32_t block_size;
+  int32_t mode;
+  std::string config;
+  bool transposed;
+  int64_t comm;  // 0: no communicator (single process)
+  bool operator==(const Key& o) const {
+    return device == o.device && fingerprint == o.fingerprint &&
+           block_size == o.block_size && mode == o.mode && transposed == o.transposed &&
+           comm == o.comm && config == o.config;
+  }
+};
+
+struct Counters {
+  int64_t hits = 0, misses = 0, setups = 0, resetups = 0, solves = 0, evictions = 0;
+};
+
+struct Entry {
+  int32_t id = 0;
+  int32_t generation = 0;
+  Key key;
+  std::shared_ptr<const Pattern> pattern;
+  int n = 0, nnz = 0;
+  size_t value_bytes = 0;
+  // Destroyed in reverse order of declaration: solver, vectors, matrix, config.
+  ConfigOwner cfg;
+  MatrixOwner matrix;
+  VectorOwner rhs, sol;
+  SolverOwner solver;
+  DeviceBuffer values;  // exact copy of the values the setup used
+  Counters counters;
+  double last_setup_seconds = 0, last_solve_seconds = 0;
+  double total_setup_seconds = 0, total_solve_seconds = 0;
+  int64_t gpu_bytes = 0;
+  ~Entry() {
+    // Explicit order: the solver references the matrix and vectors.
+    solver.reset();
+    sol.reset();
+    rhs.reset();
+    matrix.reset();
+    cfg.reset();
+  }
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+enum class ResetupMode { kResetup, kSetup };
+
+class Cache {
+ public:
+  static Cache& get() {
+    static Cache* c = new Cache();  // leaked on purpose: no teardown at exit
+    return *c;
+  }
+
+  size_t capacity = 8;
+  size_t entries_per_key = 1;
+  ResetupMode resetup_mode = ResetupMode::kResetup;
+  Counters totals;
+
+  bool isolated() const { return capacity == 0; }
+
+  Entry* find_token(const Key& key, int32_t id, int32_t generation) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      Entry* e = it->get();
+      if (e->id == id) {
+        if (e->generation == generation && e->key == key) {
+          touch(it);
+          return e;
+        }
+        return nullptr;
+      }
+    }
+    return nullptr;
+  }
+
+  // The entry for `key` holding exactly `values` (setting up or resetting up as
+  // needed). Values are on the device; `stream` is XLA's stream (synchronised).
+  Entry* acquire(const Key& key, std::shared_ptr<const Pattern> pattern,
+                 CUdeviceptr values, size_t value_bytes, CUstream stream) {
+    std::vector<std::list<std::unique_ptr<Entry>>::iterator> same_key;
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if ((*it)->key == key) same_key.push_back(it);
+    for (auto it : same_key) {
+      Entry* e = it->get();
+      if (e->value_bytes == value_bytes &&
+          device_equal(key.device, e->values.ptr, values, value_bytes, stream)) {
+        ++e->counters.hits;
+        ++totals.hits;
+        touch(it);
+        return e;
+      }
+    }
+    ++totals.misses;
+    if (!same_key.empty() && same_key.size() >= entries_per_key) {
+      auto it = same_key.back();  // least recently used of this key
+      Entry* e = it->get();
+      try {
+        resetup(*e, values, stream);
+      } catch (...) {
+        ++totals.evictions;
+        entries_.erase(it);  // unknown AmgX state: drop the entry
+        throw;
+      }
+      touch(it);
+      return e;
+    }
+    std::unique_ptr<Entry> fresh = create(key, std::move(pattern), values, value_bytes,
+                                          stream);
+    ++fresh->counters.misses;
+    entries_.push_front(std::move(fresh));
+    evict_to(capacity == 0 ? 1 : capacity, entries_.front().get());
+    return entries_.front().get();
+  }
+
+  std::unique_ptr<Entry> create(const Key& key, std::shared_ptr<const Pattern> pattern,
+                                CUdeviceptr values, size_t value_bytes,
+                                CUstream stream) {
+    auto e = std::make_unique<Entry>();
+    e->id = next_id_++;
+    e->key = key;
+    e->pattern = std::move(pattern);
+    const Pattern& p = *e->pattern;
+    e->n = static_cast<int>(p.block_rows);
+    e->nnz = static_cast<int>(p.indices.size());
+    e->value_bytes = value_bytes;
+    size_t free_before = 0, total = 0;
+    api().cuMemGetInfo_v2(&free_before, &total);
+    auto t0 = std::chrono::steady_clock::now();
+    AMGX_resources_handle rsrc = resources_for(key.device);
+    LXA_AMGX(AMGX_config_create(&e->cfg.h, key.config.c_str()));
+    LXA_AMGX(AMGX_matrix_create(&e->matrix.h, rsrc, key.mode));
+    LXA_AMGX(AMGX_vector_create(&e->rhs.h, rsrc, key.mode));
+    LXA_AMGX(AMGX_vector_create(&e->sol.h, rsrc, key.mode));
+    LXA_AMGX(AMGX_solver_create(&e->solver.h, rsrc, key.mode, e->cfg.h));
+    LXA_AMGX(AMGX_matrix_upload_all(e->matrix.h, e->n, e->nnz, p.block_size,
+                                    p.block_size, p.indptr.data(), p.indices.data(),
+                                    reinterpret_cast<const void*>(values), nullptr));
+    LXA_AMGX(AMGX_vector_bind(e->rhs.h, e->matrix.h));
+    LXA_AMGX(AMGX_vector_bind(e->sol.h, e->matrix.h));
+    LXA_AMGX(AMGX_solver_setup(e->solver.h, e->matrix.h));
+    LXA_CU(cuCtxSynchronize());
+    e->last_setup_seconds = seconds_since(t0);
+    e->total_setup_seconds += e->last_setup_seconds;
+    e->values.allocate(value_bytes);
+    LXA_CU(cuMemcpyDtoDAsync_v2(e->values.ptr, values, value_bytes, stream));
+    LXA_CU(cuStreamSynchronize(stream));
+    size_t free_after = 0;
+    api().cuMemGetInfo_v2(&free_after, &total);
+    e->gpu_bytes = static_cast<int64_t>(free_before) - static_cast<int64_t>(free_after);
+    ++e->counters.setups;
+    ++totals.setups;
+    take_captured();
+    return e;
+  }
+
+  void resetup(Entry& e, CUdeviceptr values, CUstream stream) {
+    auto t0 = std::chrono::steady_clock::now();
+    LXA_AMGX(AMGX_matrix_replace_coefficients(
+        e.matrix.h, e.n, e.nnz, reinterpret_cast<const void*>(values), nullptr));
+    if (resetup_mode == ResetupMode::kResetup && api().AMGX_solver_resetup) {
+      LXA_AMGX(AMGX_solver_resetup(e.solver.h, e.matrix.h));
+    } else {
+      LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
+    }
+    LXA_CU(cuCtxSynchronize());
+    e.last_setup_seconds = seconds_since(t0);
+    e.total_setup_seconds += e.last_setup_seconds;
+    LXA_CU(cuMemcpyDtoDAsync_v2(e.values.ptr, values, e.value_bytes, stream));
+    LXA_CU(cuStreamSynchronize(stream));
+    ++e.generation;
+    ++e.counters.resetups;
+    ++totals.resetups;
+    take_captured();
+  }
+
+  void solve(Entry& e, CUdeviceptr b, CUdeviceptr x0, bool has_x0, CUdeviceptr x,
+             int32_t* status, int32_t* iterations, double* residual) {
+    const int bs = e.pattern->block_size;
+    auto t0 = std::chrono::steady_clock::now();
+    LXA_AMGX(AMGX_vector_upload(e.rhs.h, e.n, bs, reinterpret_cast<const void*>(b)));
+    if (has_x0) {
+      LXA_AMGX(AMGX_vector_upload(e.sol.h, e.n, bs, reinterpret_cast<const void*>(x0)));
+      LXA_AMGX(AMGX_solver_solve(e.solver.h, e.rhs.h, e.sol.h));
+    } else {
+      LXA_AMGX(AMGX_vector_set_zero(e.sol.h, e.n, bs));
+      LXA_AMGX(AMGX_solver_solve_with_0_initial_guess(e.solver.h, e.rhs.h, e.sol.h));
+    }
+    int st = 0, its = 0;
+    LXA_AMGX(AMGX_solver_get_status(e.solver.h, &st));
+    LXA_AMGX(AMGX_solver_get_iterations_number(e.solver.h, &its));
+    double res = -1.0;
+    if (api().AMGX_solver_get_iteration_residual(e.solver.h, std::max(its, 0), 0,
+                                                 &res) != AMGX_RC_OK) {
+      res = -1.0;  // residual history unavailable (e.g. monitoring off)
+    }
+    LXA_AMGX(AMGX_vector_download(e.sol.h, reinterpret_cast<void*>(x)));
+    LXA_CU(cuCtxSynchronize());
+    e.last_solve_seconds = seconds_since(t0);
+    e.total_solve_seconds += e.last_solve_seconds;
+    *status = st;
+    *iterations = its;
+    *residual = res;
+    ++e.counters.solves;
+    ++totals.solves;
+    take_captured();
+  }
+
+  void remove(Entry* e) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if (it->get() == e) {
+        entries_.erase(it);
+        return;
+      }
+  }
+
+  void evict_to(size_t n, Entry* keep = nullptr) {
+    while (entries_.size() > n) {
+      auto it = std::prev(entries_.end());
+      if (it->get() == keep) {
+        if (entries_.size() == 1) break;
+        it = std::prev(it);
+      }
+      entries_.erase(it);
+      ++totals.evictions;
+    }
+  }
+
+  void clear() {
+    entries_.clear();
+    resources().clear();
+  }
+
+  const std::list<std::unique_ptr<Entry>>& entries() const { return entries_; }
+
+ private:
+  void touch(std::list<std::unique_ptr<Entry>>::iterator it) {
+    entries_.splice(entries_.begin(), entries_, it);
+  }
+  std::list<std::unique_ptr<Entry>> entries_;  // most recently used first
+  int32_t next_id_ = 1;
+};
+
+// ------------------------------------------------------------------------------
+// FFI handlers.
+// ------------------------------------------------------------------------------
+
+Key make_key(CUdevice device, int64_t fingerprint, int32_t block_size, int32_t mode,
+             std::string_view config, int32_t transposed) {
+  return Key{device, fingerprint, block_size, mode, std::string(config),
+             transposed != 0, 0};
+}
+
+size_t element_size(int32_t mode, bool matrix) {
+  // dDDI: double/double, dDFI: double vectors / float matrix, dFFI: float/float.
+  if (mode == 8193) return 8;
+  if (mode == 8449) return matrix ? 4 : 8;
+  if (mode == 8465) return 4;
+  throw Failure("unsupported AmgX mode " + std::to_string(mode));
+}
+
+void check_values(const ffi::AnyBuffer& values, const Pattern& p, int32_t mode) {
+  size_t per = element_size(mode, true);
+  size_t bs = static_cast<size_t>(p.block_size);
+  size_t want = p.indices.size() * bs * bs * per;
+  if (values.size_bytes() != want)
+    throw Failure("values buffer has " + std::to_string(values.size_bytes()) +
+                  " bytes, expected " + std::to_string(want));
+}
+
+ffi::Error to_ffi_error(const std::exception& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+}
+
+template <typename T>
+void write_host(CUdeviceptr dst, const T* src, size_t count) {
+  LXA_CU(cuMemcpyHtoD_v2(dst, src, sizeof(T) * count));
+}
+
+ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
+                     ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t fingerprint,
+                     std::string_view config, int32_t mode, int32_t transposed,
+                     int32_t verbose) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  print_state().verbose = verbose != 0;
+  try {
+    ensure_initialized();
+    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
+    ContextScope scope(stream);
+    LXA_CU(cuStreamSynchronize(stream));
+    auto pattern = find_pattern(fingerprint);
+    check_values(values, *pattern, mode);
+    int32_t ok_host = 0;
+    LXA_CU(cuMemcpyDtoH_v2(&ok_host, reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+                           sizeof(int32_t)));
+    int32_t out[2] = {-1, -1};
+    Cache& cache = Cache::get();
+    if (ok_host != 0 && !cache.isolated()) {
+      Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
+                         transposed);
+      Entry* e = cache.acquire(key, pattern,
+                               reinterpret_cast<CUdeviceptr>(values.untyped_data()),
+                               values.size_bytes(), stream);
+      out[0] = e->id;
+      out[1] = e->generation;
+    }
+    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2);
+    print_state().verbose = false;
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    print_state().verbose = false;
+    return to_ffi_error(e);
+  }
+}
+
+ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> token,
+                     ffi::AnyBuffer b, ffi::AnyBuffer x0, ffi::Buffer<ffi::S32> ok,
+                     ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::Buffer<ffi::S32>> info,
+                     ffi::Result<ffi::AnyBuffer> residual, int64_t fingerprint,
+                     std::string_view config, int32_t mode, int32_t transposed,
+                     int32_t verbose, int32_t has_x0) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  print_state().verbose = verbose != 0;
+  try {
+    ensure_initialized();
+    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
+    ContextScope scope(stream);
+    LXA_CU(cuStreamSynchronize(stream));
+    auto pattern = find_pattern(fingerprint);
+    check_values(values, *pattern, mode);
+    size_t vec_bytes = static_cast<size_t>(pattern->block_rows) * pattern->block_size *
+                       element_size(mode, false);
+    if (b.size_bytes() != vec_bytes || x->size_bytes() != vec_bytes ||
+        (has_x0 && x0.size_bytes() != vec_bytes))
+      throw Failure("vector buffers do not match the operator's size");
+    int32_t host[3] = {0, -1, -1};  // ok, token id, token generation
+    LXA_CU(cuMemcpyDtoH_v2(&host[0], reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+                           sizeof(int32_t)));
+    LXA_CU(cuMemcpyDtoH_v2(&host[1], reinterpret_cast<CUdeviceptr>(token.typed_data()),
+                           2 * sizeof(int32_t)));
+    int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
+    double res = std::numeric_limits<double>::quiet_NaN();
+    CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
+    if (host[0] == 0) {
+      // NaN/Inf input: AmgX is not called; the output is NaN, flagged by status.
+      LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+      LXA_CU(cuStreamSynchronize(stream));
+    } else {
+      Cache& cache = Cache::get();
+      Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
+                         transposed);
+      CUdeviceptr v = reinterpret_cast<CUdeviceptr>(values.untyped_data());
+      std::unique_ptr<Entry> isolated;
+      Entry* e = nullptr;
+      if (cache.isolated()) {
+        isolated = cache.create(key, pattern, v, values.size_bytes(), stream);
+        e = isolated.get();
+      } else {
+        e = cache.find_token(key, host[1], host[2]);
+        if (e == nullptr) e = cache.acquire(key, pattern, v, values.size_bytes(), stream);
+      }
+      int32_t st = 0, its = 0;
+      try {
+        cache.solve(*e, reinterpret_cast<CUdeviceptr>(b.untyped_data()),
+                    reinterpret_cast<CUdeviceptr>(x0.untyped_data()), has_x0 != 0, x_ptr,
+                    &st, &its, &res);
+      } catch (...) {
+        if (!isolated) cache.remove(e);  // unknown AmgX state: drop the entry
+        throw;
+      }
+      info_host[0] = st;
+      info_host[1] = its;
+    }
+    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2);
+    CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual->untyped_data());
+    if (residual->element_type() == ffi::DataType::F64) {
+      write_host(r_ptr, &res, 1);
+    } else {
+      float r = static_cast<float>(res);
+      write_host(r_ptr, &r, 1);
+    }
+    print_state().verbose = false;
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    print_state().verbose = false;
+    return to_ffi_error(e);
+  }
+}
+
+}  // namespace
+}  // namespace lxa
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSetup, lxa::SetupImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()           // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // token
+                                  .Attr<int64_t>("fingerprint")
+                                  .Attr<std::string_view>("config")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("verbose"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSolve, lxa::SolveImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()           // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // token
+                                  .Arg<ffi::AnyBuffer>()           // b
+                                  .Arg<ffi::AnyBuffer>()           // x0 (b if absent)
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
+                                  .Ret<ffi::AnyBuffer>()           // x
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // info
+                                  .Ret<ffi::AnyBuffer>()           // residual
+                                  .Attr<int64_t>("fingerprint")
+                                  .Attr<std::string_view>("config")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("verbose")
+                                  .Attr<int32_t>("has_x0"));
+
+// ------------------------------------------------------------------------------
+// Python module.
+// ------------------------------------------------------------------------------
+
+namespace {
+
+template <typename T>
+nb::capsule make_capsule(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict counters_dict(const lxa::Counters& c) {
+  nb::dict d;
+  d["hits"] = c.hits;
+  d["misses"] = c.misses;
+  d["setups"] = c.setups;
+  d["resetups"] = c.resetups;
+  d["solves"] = c.solves;
+  d["evictions"] = c.evictions;
+  return d;
+}
+
+std::string mode_name(int32_t mode) {
+  switch (mode) {
+    case 8193: return "dDDI";
+    case 8449: return "dDFI";
+    case 8465: return "dFFI";
+    default: return std::to_string(mode);
+  }
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  using namespace lxa;
+  m.doc() = "Native core of lineax-amgx (AmgX loaded at run time).";
+
+  m.def("registrations", []() {
+    nb::dict d;
+    d["lineax_amgx_setup"] = make_capsule(LxaSetup);
+    d["lineax_amgx_solve"] = make_capsule(LxaSolve);
+    return d;
+  });
+
+  m.def(
+      "register_pattern",
+      [](int64_t fingerprint, nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig> indptr,
+         nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig> indices, int64_t block_rows,
+         int64_t block_cols, int32_t block_size) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        if (patterns().count(fingerprint)) return;
+        auto p = std::make_shared<Pattern>();
+        p->indptr.assign(indptr.data(), indptr.data() + indptr.shape(0));
+        p->indices.assign(indices.data(), indices.data() + indices.shape(0));
+        p->block_rows = block_rows;
+        p->block_cols = block_cols;
+        p->block_size = block_size;
+        patterns().emplace(fingerprint, std::move(p));
+      },
+      nb::arg("fingerprint"), nb::arg("indptr"), nb::arg("indices"), nb::arg("block_rows"),
+      nb::arg("block_cols"), nb::arg("block_size"));
+
+  m.def("unregister_pattern", [](int64_t fingerprint) {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    patterns().erase(fingerprint);  // entries keep their own reference
+  });
+
+  m.def("num_patterns", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    return patterns().size();
+  });
+
+  m.def("load", [](const std::string& path) {
+    try {
+      load_amgx(path);
+    } catch (const Failure& e) {
+      throw std::runtime_error(e.what());
+    }
+  });
+
+  m.def("is_loaded", []() { return api().amgx_handle != nullptr; });
+
+  m.def("library_info", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    nb::dict d;
+    Api& a = api();
+    d["loaded"] = a.amgx_handle != nullptr;
+    d["path"] = a.amgx_path;
+    d["error"] = a.load_error;
+    d["initialized"] = a.initialized;
+    d["resetup_available"] = a.AMGX_solver_resetup != nullptr;
+    if (a.amgx_handle) {
+      int major = 0, minor = 0;
+      a.AMGX_get_api_version(&major, &minor);
+      d["api_version"] = std::to_string(major) + "." + std::to_string(minor);
+      char *version = nullptr, *date = nullptr, *time = nullptr;
+      if (a.AMGX_get_build_info_strings(&version, &date, &time) == AMGX_RC_OK) {
+        d["version"] = version ? std::string(version) : std::string();
+        d["build_date"] = std::string(date ? date : "") + " " + (time ? time : "");
+      }
+    }
+    return d;
+  });
+
+  m.def("cuda_devices", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    nb::list out;
+    try {
+      load_cuda_driver();
+    } catch (const Failure& e) {
+      throw std::runtime_error(e.what());
+    }
+    int count = 0;
+    if (api().cuDeviceGetCount(&count) != 0) count = 0;
+    for (int i = 0; i < count; ++i) {
+      CUdevice dev;
+      char name[256] = {0};
+      if (api().cuDeviceGet(&dev, i) == 0) api().cuDeviceGetName(name, sizeof(name), dev);
+      out.append(nb::str(name));
+    }
+    return out;
+  });
+
+  m.def("cache_info", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    Cache& c = Cache::get();
+    nb::dict d;
+    d["capacity"] = c.capacity;
+    d["entries_per_key"] = c.entries_per_key;
+    d["isolated"] = c.isolated();
+    d["size"] = c.entries().size();
+    d["resetup_mode"] = c.resetup_mode == ResetupMode::kResetup ? "resetup" : "setup";
+    nb::dict totals = counters_dict(c.totals);
+    for (auto item : totals) d[item.first] = item.second;
+    nb::list entries;
+    for (const auto& e : c.entries()) {
+      nb::dict s;
+      s["id"] = e->id;
+      s["generation"] = e->generation;
+      s["device"] = e->key.device;
+      s["fingerprint"] = e->key.fingerprint;
+      s["shape"] = nb::make_tuple(e->pattern->block_rows * e->pattern->block_size,
+                                  e->pattern->block_cols * e->pattern->block_size);
+      s["nnz"] = e->nnz;
+      s["block_size"] = e->pattern->block_size;
+      s["mode"] = mode_name(e->key.mode);
+      s["transposed"] = e->key.transposed;
+      s["config_digest"] = std::hash<std::string>{}(e->key.config);
+      s["gpu_bytes"] = e->gpu_bytes;
+      s["last_setup_seconds"] = e->last_setup_seconds;
+      s["last_solve_seconds"] = e->last_solve_seconds;
+      s["total_setup_seconds"] = e->total_setup_seconds;
+      s["total_solve_seconds"] = e->total_solve_seconds;
+      nb::dict counters = counters_dict(e->counters);
+      for (auto item : counters) s[item.first] = item.second;
+      entries.append(s);
+    }
+    d["entries"] = entries;
+    return d;
+  });
+
+  m.def("reset_counters", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    Cache::get().totals = Counters{};
+  });
+
+  m.def("clear_cache", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    Cache::get().clear();
+  });
+
+  m.def(
+      "set_cache_size",
+      [](int64_t capacity, int64_t entries_per_key) {
+        if (capacity < 0) throw std::invalid_argument("cache size must be >= 0");
+        if (entries_per_key < 1)
+          throw std::invalid_argument("entries_per_key must be >= 1");
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        Cache& c = Cache::get();
+        c.capacity = static_cast<size_t>(capacity);
+        c.entries_per_key = static_cast<size_t>(entries_per_key);
+        c.evict_to(c.capacity);
+      },
+      nb::arg("capacity"), nb::arg("entries_per_key") = 1);
+
+  m.def("set_resetup_mode", [](const std::string& mode) {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    if (mode == "resetup")
+      Cache::get().resetup_mode = ResetupMode::kResetup;
+    else if (mode == "setup")
+      Cache::get().resetup_mode = ResetupMode::kSetup;
+    else
+      throw std::invalid_argument("resetup mode must be 'resetup' or 'setup'");
+  });
+
+  m.def("finalize", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    Cache::get().clear();
+    Api& a = api();
+    if (a.initialized) {
+      a.initialized = false;
+      AMGX_RC rc = a.AMGX_finalize();
+      take_captured();
+      if (rc != AMGX_RC_OK) throw std::runtime_error(amgx_error("AMGX_finalize", rc));
+    }
+  });
+
+  m.def("free_device_memory", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    try {
+      load_cuda_driver();
+    } catch (const Failure& e) {
+      throw std::runtime_error(e.what());
+    }
+    size_t free = 0, total = 0;
+    // Needs a current context: use device 0's primary context.
+    CUdevice dev;
+    CUcontext ctx;
+    if (api().cuDeviceGet(&dev, 0) != 0 || api().cuDevicePrimaryCtxRetain(&ctx, dev) != 0)
+      throw std::runtime_error("no CUDA device");
+    api().cuCtxPushCurrent_v2(ctx);
+    api().cuMemGetInfo_v2(&free, &total);
+    CUcontext popped;
+    api().cuCtxPopCurrent_v2(&popped);
+    return nb::make_tuple(free, total);
+  });
+}

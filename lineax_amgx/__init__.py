@@ -1,0 +1,42 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""NVIDIA AmgX as a Lineax linear solver.
+
+```python
+import lineax as lx, lineax_amgx as lxa
+A = lxa.CSROperator.from_scipy(K, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag))
+x = lx.linear_solve(A, b, solver=lxa.AMGX()).value
+```
+"""
+
+import importlib.metadata
+
+from ._cache import (
+    cache_info as cache_info,
+    clear_cache as clear_cache,
+    finalize as finalize,
+    reset_counters as reset_counters,
+    set_cache_size as set_cache_size,
+)
+from ._config import ConfigError as ConfigError, configs as configs
+from ._info import info as info
+from ._library import AmgXNotFoundError as AmgXNotFoundError
+from ._operator import CSROperator as CSROperator
+from ._pattern import SparsityPattern as SparsityPattern
+from ._solver import AMGX as AMGX
+
+try:
+    from ._coloring import Coloring as Coloring, color_columns as color_columns
+    from ._sparsify import sparsify as sparsify
+    from ._sparsity import detect_sparsity as detect_sparsity
+except ImportError:  # pragma: no cover - while the matrix-free modules are built
+    pass
+
+try:
+    __version__ = importlib.metadata.version("lineax-amgx")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+    __version__ = "0.0.0"
+
+from ._cache import _apply_environment
+
+_apply_environment()
+del _apply_environment

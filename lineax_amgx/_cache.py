@@ -1,0 +1,115 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""Public cache controls: one view over the native AmgX cache and the CPU cache."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import _library
+
+
+def _cpu():
+    from . import _cpu
+
+    return _cpu
+
+
+def _native_or_none():
+    try:
+        return _library.native()
+    except ImportError:  # pragma: no cover
+        return None
+
+
+_COUNTERS = ("hits", "misses", "setups", "resetups", "solves", "evictions")
+
+
+def cache_info(backend: str | None = None) -> dict[str, Any]:
+    """Counters and entries of the setup caches.
+
+    With `backend=None` (default) the two caches are summed: `"amgx"` (the native
+    AmgX cache, GPU) and `"pyamg"` (the CPU hierarchy cache); pass a name to get one.
+
+    **Returns:** a dict with `capacity`, `size`, `isolated`, the totals `hits`,
+    `misses`, `setups`, `resetups`, `solves`, `evictions`, and `entries`: one summary
+    per resident setup (shape, nnz, block size, mode, config digest, fingerprint,
+    its own counters, and for AmgX the GPU bytes and last setup/solve seconds).
+    """
+    infos = {}
+    n = _native_or_none()
+    if n is not None and backend in (None, "amgx"):
+        infos["amgx"] = dict(n.cache_info(), backend="amgx")
+    if backend in (None, "pyamg"):
+        infos["pyamg"] = dict(_cpu().cache_info(), backend="pyamg")
+    if backend is not None:
+        if backend not in infos:
+            raise ValueError(f"backend must be 'amgx', 'pyamg' or None, got {backend!r}.")
+        return infos[backend]
+    out: dict[str, Any] = {
+        "capacity": infos.get("amgx", infos["pyamg"])["capacity"],
+        "isolated": infos.get("amgx", infos["pyamg"])["isolated"],
+        "size": sum(i["size"] for i in infos.values()),
+        "entries": [e | {"backend": name} for name, i in infos.items()
+                    for e in i["entries"]],
+    }
+    for c in _COUNTERS:
+        out[c] = sum(i.get(c, 0) for i in infos.values())
+    out["backends"] = infos
+    return out
+
+
+def clear_cache() -> None:
+    """Free every cached setup (AmgX objects and their GPU memory; pyamg
+    hierarchies). Counters are kept."""
+    n = _native_or_none()
+    if n is not None:
+        n.clear_cache()
+    _cpu().clear_cache()
+
+
+def set_cache_size(n: int, *, entries_per_key: int = 1) -> None:
+    """Set the capacity of the setup caches (entries beyond it are evicted, least
+    recently used first). `0` is isolated mode: every solve creates and destroys its
+    own AmgX objects (for debugging). `entries_per_key > 1` keeps several setups of
+    one pattern and config resident (operators that alternate on one mesh)."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"cache size must be >= 0, got {n}.")
+    if entries_per_key < 1:
+        raise ValueError(f"entries_per_key must be >= 1, got {entries_per_key}.")
+    native = _native_or_none()
+    if native is not None:
+        native.set_cache_size(n, entries_per_key)
+    _cpu().set_cache_size(n)
+
+
+def reset_counters() -> None:
+    """Zero the total counters (entries keep theirs)."""
+    native = _native_or_none()
+    if native is not None:
+        native.reset_counters()
+    cpu = _cpu()
+    if hasattr(cpu, "reset_counters"):
+        cpu.reset_counters()
+
+
+def finalize() -> None:
+    """Free every cached setup and shut AmgX down (`AMGX_finalize`). Idempotent;
+    the next solve initialises AmgX again."""
+    native = _native_or_none()
+    if native is not None:
+        native.finalize()
+    _cpu().clear_cache()
+
+
+def _apply_environment() -> None:
+    size = os.environ.get("LINEAX_AMGX_CACHE_SIZE")
+    if size is not None and size.strip():
+        try:
+            value = int(size)
+        except ValueError:
+            raise ValueError(
+                f"LINEAX_AMGX_CACHE_SIZE must be an integer, got {size!r}."
+            ) from None
+        set_cache_size(value)

@@ -1,0 +1,398 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""AmgX configurations: presets, parsing, validation and the overrides we apply."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import types
+from collections.abc import Mapping
+from typing import Any
+
+# Every parameter AmgX registers (read off AmgX's sources, `registerParameter`).
+_AMGX_PARAMETERS = frozenset({
+    'GS_L1_variant', 'affinity_iterations', 'affinity_vectors', 'aggregate_size',
+    'aggregation_edge_weight_component', 'aggregation_passes',
+    'aggressive_interpolator', 'aggressive_levels', 'aggressive_selector',
+    'algorithm', 'alt_rel_tolerance', 'amg_consolidation_flag',
+    'amg_host_levels_rows', 'block_convert', 'block_format', 'boundary_coloring',
+    'cf_smoothing_mode', 'cheby_max_lambda', 'cheby_min_lambda',
+    'chebyshev_lambda_estimate_mode', 'chebyshev_polynomial_order',
+    'coarseAgenerator', 'coarseAgenerator_coarse', 'coarse_smoother',
+    'coarse_solver', 'coarsen_threshold', 'coarsest_sweeps', 'coloring_custom_arg',
+    'coloring_level', 'coloring_try_remove_last_colors', 'communicator',
+    'complex_conversion', 'convergence', 'convergence_analysis',
+    'cusparse_spgemm_alg', 'cusparse_spgemm_fraction', 'cycle', 'cycle_iters',
+    'dense_lu_max_rows', 'dense_lu_num_rows', 'determinism_flag',
+    'device_alloc_scaling_factor', 'device_alloc_scaling_threshold',
+    'device_consolidation_pool_size', 'device_mem_pool_max_alloc_size',
+    'device_mem_pool_size', 'device_mem_pool_size_limit',
+    'eig_convergence_check_freq', 'eig_damping_factor', 'eig_eigenvector',
+    'eig_eigenvector_solver', 'eig_max_iters', 'eig_shift', 'eig_solver',
+    'eig_subspace_size', 'eig_tolerance', 'eig_wanted_count', 'eig_which',
+    'energymin_interpolator', 'energymin_selector', 'error_scaling',
+    'exact_coarse_solve', 'exception_handling', 'filter_weights',
+    'filter_weights_alpha', 'fine_level_consolidation', 'fine_levels',
+    'fine_smoother', 'finest_sweeps', 'full_ghost_level', 'geometric_dim',
+    'ghost_offdiag_limit', 'gmres_krylov_dim', 'gmres_n_restart', 'halo_coloring',
+    'handshaking_phases', 'high_priority_stream', 'ilu_sparsity_level',
+    'initial_color', 'insert_diag_while_reordering', 'intensive_smoothing',
+    'interp_max_elements', 'interp_truncation_factor', 'interpolator',
+    'jacobi_iters', 'kaczmarz_coloring_needed', 'kpz_mu', 'kpz_order',
+    'late_rejection', 'matrix_coloring_scheme',
+    'matrix_consolidation_lower_threshold', 'matrix_consolidation_upper_threshold',
+    'matrix_halo_exchange', 'matrix_writer', 'max_coarse_iters', 'max_iters',
+    'max_levels', 'max_matching_iterations', 'max_num_hash', 'max_row_sum',
+    'max_unassigned_percentage', 'max_uncolored_percentage', 'merge_singletons',
+    'min_coarse_rows', 'min_fine_rows', 'min_rows_latency_hiding',
+    'modified_handshake', 'monitor_residual', 'norm', 'notay_weights', 'num_colors',
+    'num_streams', 'obtain_timings', 'postsweeps', 'preconditioner', 'presweeps',
+    'print_aggregation_info', 'print_coloring_info', 'print_config',
+    'print_grid_stats', 'print_solve_stats', 'print_vis_data', 'rel_div_tolerance',
+    'relaxation_factor', 'reorder_cols_by_color', 'reuse_scale', 'rhs_from_a',
+    'scaling', 'scaling_smoother_steps', 'selector', 'separation_exterior',
+    'separation_interior', 'serial_matching', 'serialize_threads', 'smoother',
+    'smoother_amg_list', 'solver', 'solver_verbose', 'spmm_gmem_size',
+    'spmm_max_attempts', 'spmm_no_sort', 'spmm_verbose', 'store_res_history',
+    'strength', 'strength_threshold', 'structure_reuse_levels', 'subspace_dim_s',
+    'symmetric_GS', 'tolerance', 'use_bsrxmv', 'use_cuda_ipc_consolidation',
+    'use_cusparse_spgemm', 'use_opt_kernels', 'use_scalar_norm',
+    'use_sum_stopping_criteria', 'verbosity_level', 'weakness_bound',
+    'weight_formula',})
+# Keys that are structural rather than parameters.
+_STRUCTURAL_KEYS = frozenset({"config_version", "scope"})
+# Parameters whose value is a solver: a name or a nested (scoped) solver dict.
+_SOLVER_KEYS = frozenset({
+    "solver", "preconditioner", "smoother", "coarse_solver", "fine_smoother",
+    "coarse_smoother", "eig_solver", "eig_eigenvector_solver",
+})
+_SOLVER_NAMES = frozenset({
+    "AMG", "ARNOLDI", "BICGSTAB", "BLOCK_JACOBI", "CF_JACOBI", "CG", "CHEBYSHEV",
+    "CHEBYSHEV_POLY", "DENSE_LU_SOLVER", "FGMRES", "FIXCOLOR_GS", "GMRES", "GS", "IDR",
+    "IDRMSYNC", "JACOBI_L1", "KACZMARZ", "KPZ_POLYNOMIAL", "MULTICOLOR_DILU",
+    "MULTICOLOR_GS", "MULTICOLOR_ILU", "NOSOLVER", "PBICGSTAB", "PCG", "PCGF",
+    "POLYNOMIAL",
+})
+# String-valued parameters with a closed set of choices.
+_CHOICES: dict[str, frozenset[str]] = {
+    "algorithm": frozenset({"AGGREGATION", "CLASSICAL", "ENERGYMIN"}),
+    "cycle": frozenset({"V", "W", "F", "CG", "CGF"}),
+    "convergence": frozenset({
+        "ABSOLUTE", "RELATIVE_INI", "RELATIVE_INI_CORE", "RELATIVE_MAX",
+        "RELATIVE_MAX_CORE", "COMBINED_REL_INI_ABS",
+    }),
+    "norm": frozenset({"L1", "L1_SCALED", "L2", "LMAX"}),
+    "selector": frozenset({
+        "SIZE_2", "SIZE_4", "SIZE_8", "MULTI_PAIRWISE", "PMIS", "HMIS",
+        "AGGRESSIVE_PMIS", "AGGRESSIVE_HMIS", "CR", "DUMMY", "GEO", "PARALLEL_GREEDY_SELECTOR",
+    }),
+}
+# Solvers whose iteration needs a symmetric positive definite preconditioner.
+_CG_LIKE = frozenset({"CG", "PCG", "PCGF"})
+# Smoothers that keep a V-cycle symmetric when presweeps == postsweeps.
+_SYMMETRIC_SMOOTHERS = frozenset({
+    "BLOCK_JACOBI", "JACOBI_L1", "CHEBYSHEV", "CHEBYSHEV_POLY", "POLYNOMIAL",
+})
+
+
+def _amg(**overrides: Any) -> dict[str, Any]:
+    amg: dict[str, Any] = {
+        "scope": "amg",
+        "solver": "AMG",
+        "algorithm": "AGGREGATION",
+        "selector": "SIZE_8",
+        "cycle": "V",
+        "max_iters": 1,
+        "max_levels": 25,
+        "min_coarse_rows": 32,
+        "coarse_solver": "DENSE_LU_SOLVER",
+        "dense_lu_num_rows": 256,
+        "presweeps": 2,
+        "postsweeps": 2,
+        "smoother": {
+            "scope": "jacobi",
+            "solver": "BLOCK_JACOBI",
+            "relaxation_factor": 0.8,
+            "monitor_residual": 0,
+            "print_solve_stats": 0,
+        },
+        "monitor_residual": 0,
+        "store_res_history": 0,
+        "print_grid_stats": 0,
+        "print_solve_stats": 0,
+    }
+    amg.update(overrides)
+    return amg
+
+
+def _krylov(name: str, precond: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    solver = {
+        "scope": "main",
+        "solver": name,
+        "preconditioner": precond,
+        "max_iters": 1000,
+        "convergence": "RELATIVE_INI_CORE",
+        "tolerance": 1e-8,
+        "norm": "L2",
+        "use_scalar_norm": 1,
+        "monitor_residual": 1,
+    }
+    solver.update(extra)
+    return {"config_version": 2, "solver": solver}
+
+
+_DILU = {"scope": "dilu", "solver": "MULTICOLOR_DILU", "monitor_residual": 0}
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Symmetric positive definite: CG with a symmetric aggregation V-cycle
+    # (Jacobi smoothing, equal pre/post sweeps), the default for SPD-tagged operators.
+    "PCG_AGGREGATION": _krylov("PCG", _amg()),
+    # Non-symmetric: flexible GMRES around an aggregation cycle smoothed by DILU.
+    "FGMRES_AGGREGATION": _krylov(
+        "FGMRES",
+        _amg(smoother=_DILU, presweeps=0, postsweeps=3),
+        gmres_n_restart=30,
+    ),
+    "PBICGSTAB_AGGREGATION": _krylov(
+        "PBICGSTAB", _amg(smoother=_DILU, presweeps=0, postsweeps=3)
+    ),
+    "GMRES_AGGREGATION": _krylov(
+        "GMRES", _amg(presweeps=1, postsweeps=1), gmres_n_restart=30
+    ),
+    # Classical (Ruge-Stueben style) AMG. Fails in setup on CUDA 13 builds of AmgX
+    # (NVIDIA/AMGX#380): that failure surfaces as a clear error.
+    "PCG_CLASSICAL": _krylov(
+        "PCG",
+        _amg(algorithm="CLASSICAL", selector="PMIS", interpolator="D2",
+             strength_threshold=0.25, max_row_sum=0.9),
+    ),
+    # AMG as the solver itself (no Krylov wrapper): V-cycles until converged.
+    "AMG_AGGREGATION": {
+        "config_version": 2,
+        "solver": {**_amg(), "scope": "main", "max_iters": 200,
+                   "convergence": "RELATIVE_INI_CORE", "tolerance": 1e-8,
+                   "norm": "L2", "use_scalar_norm": 1, "monitor_residual": 1},
+    },
+    # Block systems (elasticity, several unknowns per node): block Jacobi smoothing
+    # works on the b x b blocks; pairwise aggregation of block rows.
+    "PCG_AGGREGATION_BLOCK": _krylov("PCG", _amg(selector="SIZE_2")),
+    "FGMRES_AGGREGATION_BLOCK": _krylov(
+        "FGMRES", _amg(selector="SIZE_2", presweeps=1, postsweeps=1), gmres_n_restart=30
+    ),
+    # One symmetric V-cycle: for AMGXPreconditioner.
+    "AMG_VCYCLE": {
+        "config_version": 2,
+        "solver": {**_amg(), "scope": "main", "max_iters": 1, "monitor_residual": 0},
+    },
+}
+
+
+
+class _Presets(Mapping):
+    """Read-only mapping of preset name -> AmgX config dict (each lookup returns a
+    fresh copy, so editing it never changes the preset)."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(_PRESETS[name])
+
+    def __iter__(self):
+        return iter(_PRESETS)
+
+    def __len__(self):
+        return len(_PRESETS)
+
+    def __repr__(self):
+        return f"lineax_amgx.configs({sorted(_PRESETS)})"
+
+
+configs: Mapping[str, dict[str, Any]] = _Presets()
+
+
+class ConfigError(ValueError):
+    """An AmgX configuration that is malformed or names unknown keys or values."""
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _validate_scope(d: Mapping[str, Any], where: str) -> None:
+    for key, value in d.items():
+        path = f"{where}.{key}" if where else key
+        if key in _STRUCTURAL_KEYS:
+            continue
+        if key not in _AMGX_PARAMETERS:
+            raise ConfigError(
+                f"Unknown AmgX config key {key!r} at {path!r}."
+                + _suggest(key, _AMGX_PARAMETERS | _STRUCTURAL_KEYS)
+            )
+        if key in _SOLVER_KEYS:
+            if isinstance(value, Mapping):
+                if "solver" not in value:
+                    raise ConfigError(
+                        f"The nested solver at {path!r} needs a 'solver' entry."
+                    )
+                _validate_scope(value, path)
+            elif isinstance(value, str):
+                if value not in _SOLVER_NAMES:
+                    raise ConfigError(
+                        f"Unknown AmgX solver {value!r} at {path!r}."
+                        + _suggest(value, _SOLVER_NAMES)
+                    )
+            else:
+                raise ConfigError(
+                    f"{path!r} must be a solver name or a nested dict, got {value!r}."
+                )
+        elif key in _CHOICES:
+            if not isinstance(value, str) or value not in _CHOICES[key]:
+                raise ConfigError(
+                    f"Invalid value {value!r} for {path!r}; expected one of "
+                    f"{sorted(_CHOICES[key])}."
+                    + (_suggest(value, _CHOICES[key]) if isinstance(value, str) else "")
+                )
+        elif isinstance(value, Mapping):
+            raise ConfigError(f"{path!r} does not take a nested dict.")
+
+
+def parse_config(config: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Turn a preset name, a JSON string or a dict into a validated AmgX config dict
+    (`config_version` 2, the outer solver under `"solver"`)."""
+    if isinstance(config, str):
+        text = config.strip()
+        if text in _PRESETS:
+            return copy.deepcopy(_PRESETS[text])
+        if not text.startswith("{"):
+            raise ConfigError(
+                f"Unknown AmgX preset {config!r}. Presets: {sorted(_PRESETS)}."
+                + _suggest(text, _PRESETS)
+            )
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"The AmgX config is not valid JSON: {e}") from None
+    elif isinstance(config, Mapping):
+        cfg = json.loads(json.dumps(config))  # a deep, JSON-clean copy
+    else:
+        raise ConfigError(
+            "config must be a preset name, a JSON string or a dict, got "
+            f"{type(config).__name__}."
+        )
+    if not isinstance(cfg, dict):
+        raise ConfigError("The AmgX config must be a JSON object.")
+    version = cfg.get("config_version", 2)
+    if version != 2:
+        raise ConfigError(
+            f"Only AmgX config_version 2 is supported, got {version!r}."
+        )
+    cfg["config_version"] = 2
+    if "solver" not in cfg:
+        raise ConfigError("The AmgX config needs an outer 'solver' entry.")
+    if isinstance(cfg["solver"], str):
+        # A flat config: the top level is the solver's scope (AmgX allows this).
+        top = {k: cfg.pop(k) for k in list(cfg) if k not in ("config_version",
+               "exception_handling", "determinism_flag")}
+        cfg["solver"] = top
+    _validate_scope(cfg, "")
+    return cfg
+
+
+def outer_solver(cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    return cfg["solver"]
+
+
+def _walk_solvers(scope: Mapping[str, Any]):
+    yield scope
+    for key in _SOLVER_KEYS - {"solver"}:
+        v = scope.get(key)
+        if isinstance(v, Mapping):
+            yield from _walk_solvers(v)
+
+
+def uses_classical(cfg: Mapping[str, Any]) -> bool:
+    return any(s.get("algorithm") == "CLASSICAL" for s in _walk_solvers(cfg["solver"]))
+
+
+def has_explicit_tolerance(cfg: Mapping[str, Any]) -> bool:
+    return "tolerance" in cfg["solver"]
+
+
+def default_preset(*, symmetric: bool, positive_definite: bool, block_size: int) -> str:
+    """The preset chosen from an operator's tags when no config is given."""
+    spd = symmetric and positive_definite
+    if block_size > 1:
+        return "PCG_AGGREGATION_BLOCK" if spd else "FGMRES_AGGREGATION_BLOCK"
+    return "PCG_AGGREGATION" if spd else "FGMRES_AGGREGATION"
+
+
+_PRINT_KEYS = (
+    "print_solve_stats", "print_grid_stats", "print_config", "print_vis_data",
+    "obtain_timings",
+)
+
+
+def finalise(
+    cfg: Mapping[str, Any],
+    *,
+    tolerance_mode: str,
+    max_steps: int | None,
+    verbose: bool,
+) -> str:
+    """Apply the overrides every solve needs and return canonical JSON.
+
+    - `tolerance_mode="scaled"`: the caller scales the system so that convergence
+      means `||r|| <= 1` (this is how `rtol`/`atol` are implemented): ABSOLUTE
+      convergence at tolerance 1.
+    - `tolerance_mode="native"`: keep the config's own convergence criterion.
+    - residual monitoring on (it gives `stats["residual_norm"]`), AmgX's exception
+      handling on (internal failures become error codes), printing off unless
+      `verbose`.
+    """
+    cfg = copy.deepcopy(dict(cfg))
+    solver = cfg["solver"]
+    if tolerance_mode == "scaled":
+        solver["convergence"] = "ABSOLUTE"
+        solver["tolerance"] = 1.0
+    if max_steps is not None:
+        solver["max_iters"] = int(max_steps)
+    solver["monitor_residual"] = 1
+    solver["store_res_history"] = 1
+    solver.setdefault("norm", "L2")
+    solver["use_scalar_norm"] = 1
+    # AmgX's `exception_handling=1` makes it print and exit() the process on an
+    # error; 0 (its default) returns error codes, which the native core turns into
+    # Python exceptions. So it is always 0 here.
+    cfg["exception_handling"] = 0
+    for scope in _walk_solvers(solver):
+        for key in _PRINT_KEYS:
+            scope[key] = 0
+    if verbose:
+        solver["print_solve_stats"] = 1
+        solver["obtain_timings"] = 1
+    return json.dumps(cfg, sort_keys=True)
+
+
+def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the outer solver, used as a preconditioner, is a symmetric operator
+    (so that CG may use it). Returns (ok, reason-if-not)."""
+    for scope in _walk_solvers(cfg["solver"]):
+        if scope.get("solver") == "AMG":
+            pre = scope.get("presweeps", 1)
+            post = scope.get("postsweeps", 1)
+            if pre != post:
+                return False, (
+                    f"the AMG cycle has presweeps={pre} != postsweeps={post}"
+                )
+            sm = scope.get("smoother", "BLOCK_JACOBI")
+            name = sm.get("solver") if isinstance(sm, Mapping) else sm
+            if name not in _SYMMETRIC_SMOOTHERS:
+                return False, f"the smoother {name!r} is not symmetric"
+        elif scope.get("solver") not in ("AMG",) and scope is cfg["solver"]:
+            if scope.get("solver") not in _SYMMETRIC_SMOOTHERS | {"AMG"}:
+                return False, f"the outer solver {scope.get('solver')!r} is not a fixed symmetric operator"
+    return True, ""
+
+
+def cycle_kind(cfg: Mapping[str, Any]) -> str:
+    return str(cfg["solver"].get("solver"))

@@ -1,0 +1,58 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""The GPU backend: AmgX through XLA FFI handlers of the native core."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _library
+from ._dispatch import MODES, SolveKey
+from ._pattern import SparsityPattern
+
+
+def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:
+    return dict(
+        fingerprint=np.int64(pattern.fingerprint),
+        config=key.config,
+        mode=np.int32(MODES[key.mode]),
+        transposed=np.int32(key.transposed),
+        verbose=np.int32(key.verbose),
+    )
+
+
+def _prepare(pattern: SparsityPattern) -> None:
+    # `lax.platform_dependent` traces this branch on CPU-only machines too: there
+    # the structure need not reach the native core (the branch never runs).
+    if _library.has_cuda_backend():
+        _library.register_ffi_targets()
+        _library.register_pattern(pattern)
+
+
+def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
+    _prepare(pattern)
+    call = jax.ffi.ffi_call(
+        "lineax_amgx_setup",
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        vmap_method="sequential",
+    )
+    return call(values, ok, **_attrs(pattern, key))
+
+
+def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):
+    _prepare(pattern)
+    call = jax.ffi.ffi_call(
+        "lineax_amgx_solve",
+        (
+            jax.ShapeDtypeStruct(b.shape, b.dtype),
+            jax.ShapeDtypeStruct((2,), jnp.int32),
+            jax.ShapeDtypeStruct((), b.dtype),
+        ),
+        vmap_method="sequential",
+    )
+    has_x0 = x0 is not None
+    return call(
+        values, token, b, x0 if has_x0 else b, ok,
+        has_x0=np.int32(has_x0), **_attrs(pattern, key),
+    )

@@ -1,0 +1,346 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""`CSROperator`: a sparse (block) CSR matrix as a Lineax linear operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Inexact
+
+from ._pattern import SparsityPattern
+
+
+def _frozenset(tags: object) -> frozenset[object]:
+    if isinstance(tags, (list, tuple, set, frozenset)):
+        return frozenset(tags)
+    return frozenset([tags])
+
+
+def _check_values(values, pattern: SparsityPattern):
+    if not isinstance(values, jax.core.Tracer):
+        values = jnp.asarray(values)
+    if values.shape != pattern.value_shape:
+        raise ValueError(
+            f"values has shape {values.shape}, expected {pattern.value_shape} for "
+            f"{pattern}."
+        )
+    dtype = values.dtype
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"Complex values ({dtype}) are not supported by lineax-amgx; AmgX's "
+            "complex modes are not exposed. Split the system into real and "
+            "imaginary parts."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"values must have a floating dtype (float32 or float64), got {dtype}."
+        )
+    if dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(
+            f"values must be float32 or float64, got {dtype}; cast them first."
+        )
+    return values
+
+
+class CSROperator(lx.AbstractLinearOperator):
+    """A sparse matrix in (block) CSR format, as a Lineax linear operator.
+
+    The structure is a static [`lineax_amgx.SparsityPattern`][] (host arrays,
+    fingerprinted once); only `values` is traced, so it can be the output of a
+    jitted, differentiated computation. `mv`, `transpose`, `as_matrix` and every
+    Lineax query (`lx.is_symmetric`, `lx.diagonal`, ...) work on it, and gradients
+    flow to `values`.
+
+    Build one with [`lineax_amgx.CSROperator.from_scipy`][],
+    [`lineax_amgx.CSROperator.from_bcoo`][],
+    [`lineax_amgx.CSROperator.from_arrays`][] or
+    [`lineax_amgx.CSROperator.from_dense`][], or directly from a pattern and values.
+
+    **Arguments:**
+
+    - `pattern`: the [`lineax_amgx.SparsityPattern`][].
+    - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns).
+    - `tags`: Lineax tags such as `lx.symmetric_tag` or
+        `lx.positive_semidefinite_tag`. They are trusted, not checked, and choose
+        the default AmgX configuration (CG for symmetric positive definite).
+    """
+
+    pattern: SparsityPattern = eqx.field(static=True)
+    values: Inexact[Array, "nnz *block"]
+    tags: frozenset[object] = eqx.field(static=True)
+
+    def __init__(self, pattern: SparsityPattern, values, tags: object = ()):
+        if not isinstance(pattern, SparsityPattern):
+            raise TypeError(
+                f"pattern must be a SparsityPattern, got {type(pattern).__name__}."
+            )
+        self.pattern = pattern
+        self.values = _check_values(values, pattern)
+        self.tags = _frozenset(tags)
+
+    # -- constructors ------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls,
+        indptr,
+        indices,
+        values,
+        shape: tuple[int, int],
+        *,
+        block_size: int = 1,
+        tags: object = (),
+        sum_duplicates: bool = False,
+    ) -> CSROperator:
+        """From CSR arrays. `indptr`/`indices` are host (NumPy-convertible) arrays;
+        `values` may be a JAX array (traced too). Column indices must be sorted
+        and unique within each row unless `sum_duplicates=True`, which sorts and
+        sums them on the host (then `values` must be concrete)."""
+        if sum_duplicates:
+            import scipy.sparse as sp
+
+            indptr = np.asarray(indptr)
+            indices = np.asarray(indices)
+            vals = np.asarray(values)
+            if block_size == 1:
+                m = sp.csr_array((vals, indices, indptr), shape=shape)
+            else:
+                m = sp.bsr_array(
+                    (vals, indices, indptr),
+                    shape=shape,
+                    blocksize=(block_size, block_size),
+                )
+            m.sum_duplicates()
+            m.sort_indices()
+            indptr, indices, values = m.indptr, m.indices, m.data
+        pattern = SparsityPattern(indptr, indices, shape, block_size)
+        return cls(pattern, values, tags)
+
+    @classmethod
+    def from_scipy(
+        cls, matrix, *, tags: object = (), block_size: int | None = None, dtype=None
+    ) -> CSROperator:
+        """From any scipy sparse matrix or array. A BSR input keeps its square
+        blocks; `block_size=b` blocks a scalar matrix into `b x b` blocks (every
+        block that holds a nonzero is stored whole). Duplicates are summed and
+        indices sorted on the host. Explicitly stored zeros are kept."""
+        import scipy.sparse as sp
+
+        if not sp.issparse(matrix):
+            raise TypeError(
+                f"from_scipy expects a scipy sparse matrix, got {type(matrix).__name__}."
+            )
+        if matrix.ndim != 2:
+            raise ValueError("from_scipy expects a 2-D matrix.")
+        if matrix.format == "bsr" and block_size is None:
+            r, c = matrix.blocksize
+            if r != c:
+                raise ValueError(
+                    f"BSR blocks must be square for AmgX, got {matrix.blocksize}."
+                )
+            m = matrix.copy()
+            m.sum_duplicates()
+            m.sort_indices()
+            b = r
+        elif block_size is not None and block_size > 1:
+            b = int(block_size)
+            if matrix.shape[0] % b or matrix.shape[1] % b:
+                raise ValueError(
+                    f"Cannot block a matrix of shape {matrix.shape} into {b}x{b} "
+                    "blocks: the shape is not a multiple of the block size."
+                )
+            m = sp.bsr_array(sp.csr_array(matrix), blocksize=(b, b))
+            m.sum_duplicates()
+            m.sort_indices()
+        else:
+            b = 1
+            m = sp.csr_array(matrix)
+            m = m.copy() if m is matrix else m
+            m.sum_duplicates()
+            m.sort_indices()
+        data = m.data
+        if dtype is not None:
+            data = data.astype(dtype)
+        elif not np.issubdtype(data.dtype, np.floating):
+            data = data.astype(jnp.result_type(float))
+        if b > 1:
+            data = data.reshape(-1, b, b)
+        pattern = SparsityPattern(m.indptr, m.indices, m.shape, b)
+        return cls(pattern, jnp.asarray(data), tags)
+
+    @classmethod
+    def from_bcoo(cls, matrix, *, tags: object = ()) -> CSROperator:
+        """From a `jax.experimental.sparse.BCOO` matrix with concrete indices.
+        The values may be traced: their order is mapped to CSR on the host."""
+        from jax.experimental import sparse as jsparse
+
+        if not isinstance(matrix, jsparse.BCOO):
+            raise TypeError(f"from_bcoo expects a BCOO matrix, got {type(matrix)}.")
+        if matrix.n_batch or matrix.n_dense or matrix.ndim != 2:
+            raise ValueError("from_bcoo supports 2-D BCOO without batch/dense dims.")
+        idx = np.asarray(matrix.indices)
+        rows, cols = idx[:, 0].astype(np.int64), idx[:, 1].astype(np.int64)
+        n_rows, n_cols = matrix.shape
+        # BCOO pads with out-of-range indices: drop them.
+        keep = (rows < n_rows) & (cols < n_cols)
+        key = rows * n_cols + cols
+        key_kept = key[keep]
+        uniq, inverse = np.unique(key_kept, return_inverse=True)
+        urows, ucols = uniq // n_cols, uniq % n_cols
+        indptr = np.concatenate(
+            [[0], np.cumsum(np.bincount(urows, minlength=n_rows))]
+        )
+        pattern = SparsityPattern(indptr, ucols, matrix.shape)
+        data = matrix.data
+        if not jnp.issubdtype(data.dtype, jnp.inexact):
+            data = data.astype(jnp.result_type(float))
+        values = jnp.zeros(len(uniq), data.dtype).at[inverse].add(data[keep])
+        return cls(pattern, values, tags)
+
+    @classmethod
+    def from_dense(
+        cls, matrix, *, tags: object = (), block_size: int = 1
+    ) -> CSROperator:
+        """From a concrete dense matrix: its nonzeros become the pattern. With
+        `block_size=b`, every `b x b` block that holds a nonzero is stored."""
+        if isinstance(matrix, jax.core.Tracer):
+            raise ValueError(
+                "from_dense needs a concrete matrix (its nonzeros define the static "
+                "pattern). Inside jit, build the pattern outside and pass traced "
+                "values to CSROperator(pattern, values)."
+            )
+        import scipy.sparse as sp
+
+        m = np.asarray(matrix)
+        if m.ndim != 2:
+            raise ValueError(f"from_dense expects a 2-D matrix, got shape {m.shape}.")
+        dtype = m.dtype if np.issubdtype(m.dtype, np.inexact) else None
+        return cls.from_scipy(
+            sp.csr_array(m), tags=tags, block_size=block_size if block_size > 1 else None,
+            dtype=dtype,
+        )
+
+    # -- Lineax operator interface ----------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.pattern.block_size
+
+    def mv(self, vector):
+        p = self.pattern
+        b = p.block_size
+        cols = jnp.asarray(p.indices)
+        rows = jnp.asarray(p.row_ids)
+        if b == 1:
+            prod = self.values * vector[cols]
+        else:
+            xb = vector.reshape(p.block_cols, b)
+            prod = jnp.einsum(
+                "kij,kj->ki", self.values, xb[cols], precision=jax.lax.Precision.HIGHEST
+            )
+        out = jax.ops.segment_sum(
+            prod, rows, num_segments=p.block_rows, indices_are_sorted=True
+        )
+        return out.reshape(p.shape[0])
+
+    def as_matrix(self):
+        p = self.pattern
+        b = p.block_size
+        if b == 1:
+            dense = jnp.zeros(p.shape, self.values.dtype)
+            return dense.at[p.row_ids, p.indices].add(self.values)
+        dense = jnp.zeros((p.block_rows, p.block_cols, b, b), self.values.dtype)
+        dense = dense.at[p.row_ids, p.indices].add(self.values)
+        return dense.transpose(0, 2, 1, 3).reshape(p.shape)
+
+    def transpose(self):
+        if lx.symmetric_tag in self.tags:
+            return self
+        pat_t, perm = self.pattern.transpose()
+        vals = self.values[perm]
+        if self.pattern.block_size > 1:
+            vals = jnp.swapaxes(vals, -1, -2)
+        return CSROperator(pat_t, vals, lx.transpose_tags(self.tags))
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.pattern.shape[1],), self.values.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.pattern.shape[0],), self.values.dtype)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def to_scipy(self):
+        """A host scipy copy (requires concrete values)."""
+        return self.pattern.to_scipy(np.asarray(self.values))
+
+    def with_values(self, values) -> CSROperator:
+        """The same pattern and tags with new values."""
+        return CSROperator(self.pattern, values, self.tags)
+
+
+# ---- Lineax's singledispatch queries -------------------------------------------
+
+
+def _diag(op: CSROperator):
+    p = op.pattern
+    pos = p.diagonal_positions
+    b = p.block_size
+    present = pos >= 0
+    safe = np.where(present, pos, 0)
+    if b == 1:
+        d = jnp.where(jnp.asarray(present), op.values[safe], 0)
+    else:
+        blocks = op.values[safe]  # (m, b, b)
+        d = jnp.diagonal(blocks, axis1=1, axis2=2)
+        d = jnp.where(jnp.asarray(present)[:, None], d, 0).reshape(-1)
+    return d
+
+
+def _register():
+    tag_queries: dict[str, Any] = {
+        "is_symmetric": lambda op: lx.symmetric_tag in op.tags
+        or lx.is_diagonal(op),
+        "is_diagonal": lambda op: lx.diagonal_tag in op.tags
+        or (op.pattern.bandwidth == (0, 0) and op.pattern.block_size == 1),
+        "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
+        or lx.diagonal_tag in op.tags
+        or (
+            op.pattern.block_size == 1
+            and op.pattern.bandwidth[0] <= 1
+            and op.pattern.bandwidth[1] <= 1
+        ),
+        "has_unit_diagonal": lambda op: lx.unit_diagonal_tag in op.tags,
+        "is_lower_triangular": lambda op: lx.lower_triangular_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "is_upper_triangular": lambda op: lx.upper_triangular_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "is_positive_semidefinite": lambda op: lx.positive_semidefinite_tag
+        in op.tags,
+        "is_negative_semidefinite": lambda op: lx.negative_semidefinite_tag
+        in op.tags,
+    }
+    for name, fn in tag_queries.items():
+        getattr(lx, name).register(CSROperator)(fn)
+
+    lx.linearise.register(CSROperator)(lambda op: op)
+    lx.materialise.register(CSROperator)(lambda op: op)
+    lx.diagonal.register(CSROperator)(_diag)
+    lx.conj.register(CSROperator)(
+        lambda op: CSROperator(op.pattern, op.values.conj(), op.tags)
+    )
+
+    @lx.tridiagonal.register(CSROperator)
+    def _(op):
+        if op.pattern.shape[0] != op.pattern.shape[1]:
+            raise ValueError("tridiagonal requires a square operator.")
+        m = op.as_matrix()
+        return jnp.diagonal(m, -1), jnp.diagonal(m), jnp.diagonal(m, 1)
+
+
+_register()

@@ -1,0 +1,296 @@
+# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+"""`AMGX`: a Lineax linear solver backed by NVIDIA AmgX (pyamg on the CPU)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, Int
+
+from . import _config, _dispatch
+from ._dispatch import SolveKey
+from ._operator import CSROperator
+
+
+_PRECISIONS = (None, "double", "single", "mixed")
+_BACKENDS = ("auto", "amgx", "pyamg")
+
+
+def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
+    """The CSR form of any Lineax operator (matrix-free ones are sparsified)."""
+    if isinstance(operator, CSROperator):
+        return operator
+    from ._sparsify import as_csr_operator
+
+    return as_csr_operator(operator)
+
+
+class _AMGXState(eqx.Module):
+    operator: CSROperator
+    token: Int[Array, "2"]
+    key: SolveKey = eqx.field(static=True)
+    symmetric: bool = eqx.field(static=True)
+    scaled: bool = eqx.field(static=True)
+
+
+class AMGX(lx.AbstractLinearSolver[_AMGXState]):
+    """Solve sparse linear systems with NVIDIA AmgX: algebraic multigrid and
+    Krylov methods on the GPU; the same configuration runs through pyamg when the
+    arrays live on the CPU.
+
+    Use it for large sparse systems (discretised PDEs, graph Laplacians, Newton
+    steps of such problems) where a direct solve is too expensive and plain Krylov
+    methods need too many iterations. Accepts a [`lineax_amgx.CSROperator`][] or
+    any Lineax operator (matrix-free operators are sparsified: their sparsity is
+    traced, columns colored, values assembled with one JVP per color).
+
+    `init` is AmgX's setup, `compute` its solve: reusing a state (or calling
+    `lx.linear_solve` again with unchanged values) skips the setup, and the
+    backward pass of a symmetric operator reuses the forward setup.
+
+    **Arguments:**
+
+    - `config`: a preset name from `lineax_amgx.configs`, an AmgX config dict or a
+        JSON string (AmgX's `config_version` 2 format). `None` picks a preset from
+        the operator's tags: symmetric positive (or negative) definite operators get
+        `"PCG_AGGREGATION"` (CG with an aggregation-AMG V-cycle), anything else
+        `"FGMRES_AGGREGATION"` (block systems: the `*_BLOCK` variants).
+    - `rtol`, `atol`: stop when `||b - Ax||_2 <= atol + rtol * ||b||_2`, as in
+        Lineax, whatever the initial guess (so a warm start `options["y0"]` saves
+        iterations). Implemented by solving the scaled system
+        `A (x/s) = b/s`, `s = atol + rtol ||b||`, with AmgX's `ABSOLUTE` criterion
+        at tolerance 1. They override the config's own tolerance. If both are
+        `None` and the config sets its own `tolerance`, AmgX's own criterion is
+        used unchanged; otherwise `rtol` defaults to `1e-8` (float64) or `1e-5`
+        (float32) and `atol` to 0.
+    - `max_steps`: maximum outer iterations (overrides the config's `max_iters`;
+        default: the config's, 1000 for presets).
+    - `precision`: `None` follows the dtype (float64: AmgX mode `dDDI`, float32:
+        `dFFI`); `"mixed"` keeps float64 vectors with a float32 matrix and
+        hierarchy (`dDFI`); `"double"`/`"single"` force one.
+    - `verbose`: print AmgX's own output (solve statistics, timings).
+    - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
+        the CPU: the choice follows where the data lives), `"amgx"` or `"pyamg"`.
+    """
+
+    config: str | None = eqx.field(static=True, default=None)
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
+    max_steps: int | None = eqx.field(static=True, default=None)
+    precision: Literal["double", "single", "mixed"] | None = eqx.field(
+        static=True, default=None
+    )
+    verbose: bool = eqx.field(static=True, default=False)
+    backend: Literal["auto", "amgx", "pyamg"] = eqx.field(static=True, default="auto")
+
+    def __init__(
+        self,
+        config: str | Mapping[str, Any] | None = None,
+        *,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int | None = None,
+        precision: Literal["double", "single", "mixed"] | None = None,
+        verbose: bool = False,
+        backend: Literal["auto", "amgx", "pyamg"] = "auto",
+    ):
+        if config is not None:
+            # Validate now (clear errors at construction) and keep a hashable form.
+            parsed = _config.parse_config(config)
+            if isinstance(config, str) and config.strip() in _config.configs:
+                self.config = config.strip()
+            else:
+                self.config = json.dumps(parsed, sort_keys=True)
+        else:
+            self.config = None
+        self.rtol = None if rtol is None else float(rtol)
+        self.atol = None if atol is None else float(atol)
+        self.max_steps = None if max_steps is None else int(max_steps)
+        self.precision = precision
+        self.verbose = bool(verbose)
+        self.backend = backend
+
+    def __check_init__(self):
+        if self.rtol is not None and not self.rtol >= 0:
+            raise ValueError(f"rtol must be >= 0, got {self.rtol}.")
+        if self.atol is not None and not self.atol >= 0:
+            raise ValueError(f"atol must be >= 0, got {self.atol}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {_PRECISIONS}, got {self.precision!r}."
+            )
+        if self.backend not in _BACKENDS:
+            raise ValueError(
+                f"backend must be one of {_BACKENDS}, got {self.backend!r}."
+            )
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _mode(self, dtype) -> str:
+        if self.precision == "mixed":
+            return "dDFI"
+        if self.precision == "double":
+            return "dDDI"
+        if self.precision == "single":
+            return "dFFI"
+        return "dDDI" if dtype == jnp.float64 else "dFFI"
+
+    def _resolve(self, operator, csr: CSROperator) -> tuple[dict, str]:
+        symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
+        definite = (
+            lx.is_positive_semidefinite(operator)
+            or lx.is_negative_semidefinite(operator)
+            or lx.is_positive_semidefinite(csr)
+            or lx.is_negative_semidefinite(csr)
+        )
+        if self.config is None:
+            name = _config.default_preset(
+                symmetric=symmetric,
+                positive_definite=definite,
+                block_size=csr.pattern.block_size,
+            )
+        else:
+            name = self.config
+        return _config.parse_config(name), name
+
+    def _tolerance_mode(self, cfg) -> str:
+        if (
+            self.rtol is None
+            and self.atol is None
+            and self.config is not None
+            and self.config not in _config.configs
+            and _config.has_explicit_tolerance(cfg)
+        ):
+            return "native"
+        return "scaled"
+
+    def _tolerances(self, dtype) -> tuple[float, float]:
+        rtol = self.rtol
+        if rtol is None:
+            rtol = 1e-8 if dtype == jnp.float64 else 1e-5
+        return rtol, (0.0 if self.atol is None else self.atol)
+
+    # -- Lineax interface ------------------------------------------------------------
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        del options
+        csr = as_csr(operator)
+        p = csr.pattern
+        if p.shape[0] != p.shape[1]:
+            raise ValueError(
+                f"AMGX needs a square operator, got shape {p.shape}. For least "
+                "squares use lx.NormalCG or lx.LSMR."
+            )
+        if p.shape[0] == 0:
+            raise ValueError("AMGX got an empty (0 x 0) operator.")
+        cfg, name = self._resolve(operator, csr)
+        if p.block_size > 1 and _config.uses_classical(cfg):
+            raise ValueError(
+                f"Classical AMG (config {name!r}) does not support block systems "
+                f"(block_size={p.block_size}); use an aggregation config such as "
+                "'PCG_AGGREGATION_BLOCK'."
+            )
+        mode = self._mode(csr.values.dtype)
+        tol_mode = self._tolerance_mode(cfg)
+        key = SolveKey(
+            config=_config.finalise(
+                cfg, tolerance_mode=tol_mode, max_steps=self.max_steps,
+                verbose=self.verbose,
+            ),
+            mode=mode,
+            transposed=False,
+            verbose=self.verbose,
+            backend=self.backend,
+        )
+        values = csr.values.astype(_matrix_dtype(mode))
+        token = _dispatch.setup(p, values, key)
+        symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
+        return _AMGXState(csr, token, key, symmetric, tol_mode == "scaled")
+
+    def compute(self, state: _AMGXState, vector, options: dict[str, Any]):
+        csr, key = state.operator, state.key
+        n = csr.pattern.shape[0]
+        b, unravel = jfu.ravel_pytree(vector)
+        if b.shape != (n,):
+            raise ValueError(
+                f"The right-hand side has {b.size} entries; the operator has {n} rows."
+            )
+        vec_dtype = _vector_dtype(key.mode)
+        out_dtype = b.dtype
+        b = b.astype(vec_dtype)
+        y0 = options.get("y0")
+        x0 = None
+        if y0 is not None:
+            x0, _ = jfu.ravel_pytree(y0)
+            if x0.shape != (n,):
+                raise ValueError(
+                    f"options['y0'] has {x0.size} entries; the operator has {n} "
+                    "columns."
+                )
+            x0 = x0.astype(vec_dtype)
+        if state.scaled:
+            rtol, atol = self._tolerances(out_dtype)
+            s = atol + rtol * jnp.linalg.norm(b)
+            s = jnp.where(s > 0, s, jnp.ones_like(s))
+        else:
+            s = jnp.ones((), vec_dtype)
+        values = csr.values.astype(_matrix_dtype(key.mode))
+        x, info, resid = _dispatch.solve(
+            csr.pattern, values, state.token, b / s,
+            None if x0 is None else x0 / s, key,
+        )
+        x = (x * s).astype(out_dtype)
+        resid = resid * s
+        status, steps = info[0], info[1]
+        R = lx.RESULTS
+        result = R.where(
+            status == _dispatch.STATUS_SUCCESS,
+            R.successful,
+            R.where(
+                status == _dispatch.STATUS_NOT_CONVERGED,
+                R.max_steps_reached,
+                R.where(
+                    status == _dispatch.STATUS_NONFINITE,
+                    R.nonfinite_input,
+                    R.breakdown,
+                ),
+            ),
+        )
+        stats = {"num_steps": steps, "residual_norm": resid}
+        return unravel(x), result, stats
+
+    def transpose(self, state: _AMGXState, options: dict[str, Any]):
+        if state.symmetric:
+            return state, options
+        op_t = state.operator.transpose()
+        key_t = state.key._replace(transposed=not state.key.transposed)
+        # No setup here: the first solve with the transpose sets it up (its own
+        # cache entry), so a forward-only computation never pays for it.
+        state_t = _AMGXState(
+            op_t, _dispatch.invalid_token(), key_t, False, state.scaled
+        )
+        return state_t, options
+
+    def conj(self, state: _AMGXState, options: dict[str, Any]):
+        # Real values only: conjugation is the identity.
+        return state, options
+
+    def assume_full_rank(self):
+        return True
+
+
+def _matrix_dtype(mode: str):
+    return jnp.float64 if mode == "dDDI" else jnp.float32
+
+
+def _vector_dtype(mode: str):
+    return jnp.float32 if mode == "dFFI" else jnp.float64

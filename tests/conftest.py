@@ -1,0 +1,43 @@
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+
+jax.config.update("jax_enable_x64", True)
+
+# Tests run with --import-mode=importlib against the *installed* package (the
+# repository root is not put on sys.path); shared helpers live beside this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def getkey():
+    counter = iter(range(10**6))
+
+    def _getkey():
+        return jax.random.PRNGKey(next(counter) + 1234)
+
+    return _getkey
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(int(os.environ.get("LXA_TEST_SEED", "20261128")))
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_selected = "gpu" in (config.getoption("-m") or "")
+    if not gpu_selected:
+        return
+    try:
+        has_gpu = len(jax.devices("cuda")) > 0
+    except RuntimeError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="no CUDA device visible to JAX")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
