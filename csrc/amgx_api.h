@@ -105,6 +105,7 @@ using CUfunction = struct CUfunc_opaque*;
     (CUdeviceptr dst, unsigned int value, size_t n, CUstream stream))                \
   X(cuModuleLoadData, CUresult, (CUmodule * module, const void* image))              \
   X(cuModuleGetFunction, CUresult, (CUfunction * fn, CUmodule module, const char* name)) \
+  X(cuModuleUnload, CUresult, (CUmodule module))                                     \
   X(cuLaunchKernel, CUresult,                                                        \
     (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,  \
      unsigned bz, unsigned shmem, CUstream stream, void** params, void** extra))

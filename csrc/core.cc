@@ -58,15 +58,18 @@ struct Api {
   bool initialized = false;  // AMGX_initialize has run (and finalize has not)
 };
 
+// Process-lifetime state is heap-allocated and never destroyed: at interpreter exit
+// no destructor may call into AmgX or CUDA (either may already be torn down). The
+// Python side calls finalize() from an atexit hook instead.
 Api& api() {
-  static Api a;
-  return a;
+  static Api* a = new Api();
+  return *a;
 }
 
 // Everything below that touches the cache, AmgX or the api table holds this lock.
 std::recursive_mutex& core_mutex() {
-  static std::recursive_mutex m;
-  return m;
+  static std::recursive_mutex* m = new std::recursive_mutex();
+  return *m;
 }
 
 // AmgX prints through this callback: captured (for error messages) and shown only
@@ -76,8 +79,8 @@ struct PrintState {
   std::string captured;
 };
 PrintState& print_state() {
-  static PrintState s;
-  return s;
+  static PrintState* s = new PrintState();
+  return *s;
 }
 
 void print_callback(const char* msg, int length) {
@@ -239,8 +242,8 @@ struct Pattern {
 };
 
 std::map<int64_t, std::shared_ptr<const Pattern>>& patterns() {
-  static std::map<int64_t, std::shared_ptr<const Pattern>> p;
-  return p;
+  static auto* p = new std::map<int64_t, std::shared_ptr<const Pattern>>();
+  return *p;
 }
 
 std::shared_ptr<const Pattern> find_pattern(int64_t fingerprint) {
@@ -256,20 +259,40 @@ std::shared_ptr<const Pattern> find_pattern(int64_t fingerprint) {
 // ------------------------------------------------------------------------------
 
 struct DeviceKernels {
+  CUmodule module = nullptr;
   CUfunction differs = nullptr;
   CUdeviceptr flag = 0;  // one uint32 scratch word
 };
 
+std::map<CUdevice, DeviceKernels>& device_kernels() {
+  static auto* k = new std::map<CUdevice, DeviceKernels>();
+  return *k;
+}
+
+// Call with the device's context current.
 DeviceKernels& kernels_for(CUdevice device) {
-  static std::map<CUdevice, DeviceKernels> per_device;
+  auto& per_device = device_kernels();
   auto it = per_device.find(device);
   if (it != per_device.end()) return it->second;
   DeviceKernels k;
-  CUmodule module;
-  LXA_CU(cuModuleLoadData(&module, kLxaKernelsPtx));
-  LXA_CU(cuModuleGetFunction(&k.differs, module, "lxa_differs"));
+  LXA_CU(cuModuleLoadData(&k.module, kLxaKernelsPtx));
+  LXA_CU(cuModuleGetFunction(&k.differs, k.module, "lxa_differs"));
   LXA_CU(cuMemAlloc_v2(&k.flag, sizeof(uint32_t)));
   return per_device.emplace(device, k).first->second;
+}
+
+// Frees the kernels' modules and scratch memory (finalize).
+void release_kernels() {
+  for (auto& [device, k] : device_kernels()) {
+    CUcontext ctx;
+    if (api().cuDevicePrimaryCtxRetain(&ctx, device) != 0) continue;
+    api().cuCtxPushCurrent_v2(ctx);
+    if (k.flag) api().cuMemFree_v2(k.flag);
+    if (k.module && api().cuModuleUnload) api().cuModuleUnload(k.module);
+    CUcontext popped;
+    api().cuCtxPopCurrent_v2(&popped);
+  }
+  device_kernels().clear();
 }
 
 // Exact (bitwise) comparison of two device arrays of `bytes` bytes.
@@ -342,8 +365,8 @@ struct DeviceResources {
 };
 
 std::map<CUdevice, std::unique_ptr<DeviceResources>>& resources() {
-  static std::map<CUdevice, std::unique_ptr<DeviceResources>> r;
-  return r;
+  static auto* r = new std::map<CUdevice, std::unique_ptr<DeviceResources>>();
+  return *r;
 }
 
 AMGX_resources_handle resources_for(CUdevice device) {
@@ -871,6 +894,7 @@ NB_MODULE(_native, m) {
   });
 
   m.def("is_loaded", []() { return api().amgx_handle != nullptr; });
+  m.def("is_initialized", []() { return api().initialized; });
 
   m.def("library_info", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
@@ -989,6 +1013,7 @@ NB_MODULE(_native, m) {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
     Cache::get().clear();
     Api& a = api();
+    if (a.cuda_handle) release_kernels();
     if (a.initialized) {
       a.initialized = false;
       AMGX_RC rc = a.AMGX_finalize();

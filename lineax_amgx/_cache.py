@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """Public cache controls: one view over the native AmgX cache and the CPU cache."""
 
 from __future__ import annotations
@@ -68,20 +68,22 @@ def clear_cache() -> None:
     _cpu().clear_cache()
 
 
-def set_cache_size(n: int, *, entries_per_key: int = 1) -> None:
+def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
     """Set the capacity of the setup caches (entries beyond it are evicted, least
     recently used first). `0` is isolated mode: every solve creates and destroys its
     own AmgX objects (for debugging). `entries_per_key > 1` keeps several setups of
-    one pattern and config resident (operators that alternate on one mesh)."""
+    one pattern and config resident (operators that alternate on one mesh); by
+    default the AmgX cache keeps one (new values reset it up) and the CPU cache four
+    (its rebuilds are cheap to keep)."""
     n = int(n)
     if n < 0:
         raise ValueError(f"cache size must be >= 0, got {n}.")
-    if entries_per_key < 1:
+    if entries_per_key is not None and entries_per_key < 1:
         raise ValueError(f"entries_per_key must be >= 1, got {entries_per_key}.")
     native = _native_or_none()
     if native is not None:
-        native.set_cache_size(n, entries_per_key)
-    _cpu().set_cache_size(n)
+        native.set_cache_size(n, 1 if entries_per_key is None else entries_per_key)
+    _cpu().set_cache_size(n, entries_per_key)
 
 
 def reset_counters() -> None:

@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """AmgX configurations: presets, parsing, validation and the overrides we apply."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -358,7 +357,10 @@ def finalise(
         solver["max_iters"] = int(max_steps)
     solver["monitor_residual"] = 1
     solver["store_res_history"] = 1
-    solver.setdefault("norm", "L2")
+    if tolerance_mode == "scaled":
+        solver["norm"] = "L2"  # rtol/atol are defined on ||r||_2
+    else:
+        solver.setdefault("norm", "L2")
     solver["use_scalar_norm"] = 1
     # AmgX's `exception_handling=1` makes it print and exit() the process on an
     # error; 0 (its default) returns error codes, which the native core turns into

@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """Backend dispatch: AmgX through XLA FFI on CUDA devices, pyamg on the host.
 
 Both backends implement the same two calls, with the same shapes and meaning:
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from ._pattern import SparsityPattern
-
 
 STATUS_SUCCESS = 0
 STATUS_FAILED = 1

@@ -1,8 +1,9 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """Finding and loading AmgX at run time; registering FFI targets and patterns."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import glob
 import os
@@ -11,7 +12,6 @@ import threading
 import weakref
 
 from ._pattern import SparsityPattern
-
 
 _LIB_NAME = "libamgxsh.so"
 # Libraries AmgX links against; preloaded from known CUDA locations when the loader
@@ -139,9 +139,21 @@ def register_ffi_targets() -> None:
         for name, capsule in native().registrations().items():
             jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
         _state["registered"] = True
+        # Shut AmgX down before the interpreter (and CUDA) tear down. Registered
+        # after JAX's own hooks, so it runs before them.
+        atexit.register(_finalize_at_exit)
         # Try to load AmgX now so that the handler finds it; a failure is kept
         # and reported by the handler (and by `info()`).
         try_load()
+
+
+def _finalize_at_exit() -> None:
+    try:
+        n = native()
+        if n.is_initialized():
+            n.finalize()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
 
 
 def _release_pattern(fingerprint: int) -> None:

@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """`CSROperator`: a sparse (block) CSR matrix as a Lineax linear operator."""
 
 from __future__ import annotations

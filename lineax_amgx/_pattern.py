@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """Static sparsity patterns: host CSR structure, fingerprinted once."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import hashlib
 from typing import Literal
 
 import numpy as np
-
 
 _INT32_MAX = np.iinfo(np.int32).max
 

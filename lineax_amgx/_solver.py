@@ -1,4 +1,4 @@
-# Copyright 2026 The lineax-amgx authors. Licensed under the Apache License, Version 2.0.
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """`AMGX`: a Lineax linear solver backed by NVIDIA AmgX (pyamg on the CPU)."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import equinox as eqx
-import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
@@ -17,7 +16,6 @@ from jaxtyping import Array, Int
 from . import _config, _dispatch
 from ._dispatch import SolveKey
 from ._operator import CSROperator
-
 
 _PRECISIONS = (None, "double", "single", "mixed")
 _BACKENDS = ("auto", "amgx", "pyamg")
@@ -34,7 +32,7 @@ def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
 
 class _AMGXState(eqx.Module):
     operator: CSROperator
-    token: Int[Array, "2"]
+    token: Int[Array, " 2"]
     key: SolveKey = eqx.field(static=True)
     symmetric: bool = eqx.field(static=True)
     scaled: bool = eqx.field(static=True)

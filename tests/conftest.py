@@ -5,7 +5,6 @@ import jax
 import numpy as np
 import pytest
 
-
 jax.config.update("jax_enable_x64", True)
 
 # Tests run with --import-mode=importlib against the *installed* package (the

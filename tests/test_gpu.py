@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-
-import lineax_amgx as lxa
-
 from helpers import (
     anisotropic2d,
     convection_diffusion2d,
@@ -24,6 +21,7 @@ from helpers import (
     rel_residual,
 )
 
+import lineax_amgx as lxa
 
 pytestmark = pytest.mark.gpu
 
@@ -195,8 +193,9 @@ def test_process_exits_cleanly(tmp_path):
                 lxa.finalize()
             print("done")
         """)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         r = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "done" in r.stdout
 
@@ -345,6 +344,13 @@ def test_same_indptr_different_indices_no_wrong_reuse(rng):
 
 
 def test_memory_returns_after_clear_and_finalize():
+    """GPU memory held by cached setups is freed by clear_cache() and finalize().
+
+    The first solve in a process also loads CUDA modules (cuBLAS, cuSPARSE, AmgX's
+    kernels) into the context; that one-time cost stays until the process exits
+    and is printed, not asserted. The assertions compare with the memory after a
+    warm-up solve that was cleared and finalized.
+    """
     script = textwrap.dedent("""
         import os
         os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -352,22 +358,33 @@ def test_memory_returns_after_clear_and_finalize():
         jax.config.update("jax_enable_x64", True)
         import lineax_amgx as lxa, pyamg
         from lineax_amgx import _library
+        MiB = 2**20
+        free = lambda: _library.native().free_device_memory()[0]
         jnp.ones(1).block_until_ready()
-        free0 = _library.native().free_device_memory()[0]
+        free0 = free()
+        tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+        small = lxa.CSROperator.from_scipy(pyamg.gallery.poisson((20, 20), format="csr"), tags=tags)
+        lx.linear_solve(small, jnp.ones(400), solver=lxa.AMGX()).value.block_until_ready()
+        lxa.finalize()
+        free_w = free()
         a = pyamg.gallery.poisson((300, 300), format="csr")
-        op = lxa.CSROperator.from_scipy(a, tags=(lx.symmetric_tag, lx.positive_semidefinite_tag))
+        op = lxa.CSROperator.from_scipy(a, tags=tags)
         b = jnp.ones(a.shape[0])
         for k in range(3):
             x = lx.linear_solve(op.with_values(op.values * (k + 1)), b, solver=lxa.AMGX()).value
         x.block_until_ready()
         del x
+        free_used = free()
         lxa.clear_cache()
-        free1 = _library.native().free_device_memory()[0]
+        free1 = free()
         lxa.finalize()
-        free2 = _library.native().free_device_memory()[0]
-        print("MiB lost after clear:", (free0 - free1) / 2**20, "after finalize:", (free0 - free2) / 2**20)
-        assert free0 - free1 < 64 * 2**20, (free0, free1)
-        assert free0 - free2 < 64 * 2**20, (free0, free2)
+        free2 = free()
+        print(f"one-time CUDA module load: {(free0 - free_w) / MiB:.0f} MiB; "
+              f"held while cached: {(free_w - free_used) / MiB:.0f} MiB; "
+              f"after clear_cache: {(free_w - free1) / MiB:.0f} MiB; "
+              f"after finalize: {(free_w - free2) / MiB:.0f} MiB")
+        assert free_w - free1 < 64 * MiB, (free_w, free1)
+        assert free_w - free2 < 64 * MiB, (free_w, free2)
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300)

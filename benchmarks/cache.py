@@ -1,0 +1,102 @@
+"""What the setup cache saves: four ways to call a jitted AMGX solve, each next to
+the time AmgX itself spent in the C calls that call needed (measured by the native
+core around them), plus a symmetric gradient step.
+
+(a)  unchanged values through a reused `state`       vs AmgX solve
+(a') unchanged values through a fresh linear_solve    vs AmgX solve
+(b)  changed values                                   vs AmgX resetup + solve
+(c)  cold (cache cleared)                             vs AmgX setup + solve
+(g)  jax.grad of a symmetric solve (forward+backward) vs AmgX setup + 2 solves
+
+    python benchmarks/cache.py --sizes 100 200 --out docs/results/cache.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from _common import amgx_entry, poisson3d, record
+
+import lineax_amgx as lxa
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--config", default="PCG_AGGREGATION")
+    parser.add_argument("--rtol", type=float, default=1e-6)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)
+    tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    for n in args.sizes:
+        a = poisson3d(n)
+        op = lxa.CSROperator.from_scipy(a, tags=tags)
+        b = jnp.ones(a.shape[0])
+        solver = lxa.AMGX(args.config, rtol=args.rtol)
+        solve = jax.jit(lambda o, v: lx.linear_solve(o, v, solver=solver).value)
+        init = jax.jit(lambda o: solver.init(o, {}))
+        with_state = jax.jit(
+            lambda o, v, s: lx.linear_solve(o, v, solver=solver, state=s).value
+        )
+
+        def loss(values, v):
+            return jnp.sum(lx.linear_solve(op.with_values(values), v, solver=solver).value)
+
+        grad = jax.jit(jax.grad(loss))
+        values = [op.values * (1.0 + 1e-3 * k) for k in range(2 * args.repeats + 4)]
+        jax.block_until_ready(values)
+        # Compile everything once.
+        state = init(op)
+        jax.block_until_ready((solve(op, b), with_state(op, b, state), grad(op.values, b)))
+        results = {"a": [], "a'": [], "b": [], "c": [], "g": []}
+        for k in range(args.repeats):
+            results["a"].append((timed(lambda: with_state(op, b, state)),
+                                 amgx_entry()["last_solve_seconds"]))
+            solve(op, b).block_until_ready()
+            results["a'"].append((timed(lambda: solve(op, b)),
+                                  amgx_entry()["last_solve_seconds"]))
+            o = op.with_values(values[2 * k + 1])
+            wall = timed(lambda: solve(o, b))
+            e = amgx_entry()
+            results["b"].append((wall, e["last_setup_seconds"] + e["last_solve_seconds"]))
+            lxa.clear_cache()
+            o = op.with_values(values[2 * k + 2])
+            wall = timed(lambda: solve(o, b))
+            e = amgx_entry()
+            results["c"].append((wall, e["last_setup_seconds"] + e["last_solve_seconds"]))
+            lxa.clear_cache()
+            lxa.reset_counters()
+            wall = timed(lambda: grad(values[2 * k + 3], b))
+            info = lxa.cache_info("amgx")
+            e = amgx_entry()
+            assert (info["setups"], info["solves"]) == (1, 2), info
+            results["g"].append((wall, e["total_setup_seconds"] + e["total_solve_seconds"]))
+            # Leave the grad's entry resident for the next (a) with op's values.
+            solve(op, b).block_until_ready()
+            state = init(op)
+        row = {"benchmark": "cache", "n": a.shape[0], "nnz": a.nnz,
+               "config": args.config, "rtol": args.rtol}
+        for name, pairs in results.items():
+            wall = statistics.median(p[0] for p in pairs)
+            amgx = statistics.median(p[1] for p in pairs)
+            row[f"{name}_wall_s"] = wall
+            row[f"{name}_amgx_s"] = amgx
+            row[f"{name}_ratio"] = wall / amgx
+        record(args.out, row)
+
+
+if __name__ == "__main__":
+    main()
