@@ -56,6 +56,7 @@ struct Api {
   std::string amgx_path;
   std::string load_error;  // why AmgX could not be loaded (empty when loaded)
   bool initialized = false;  // AMGX_initialize has run (and finalize has not)
+  bool error_output_hooked = false;  // AmgX's error printer routed to us
 };
 
 // Process-lifetime state is heap-allocated and never destroyed: at interpreter exit
@@ -108,6 +109,11 @@ std::string amgx_error(const char* what, AMGX_RC rc) {
   std::string msg = std::string("AmgX ") + what + " failed (error " +
                     std::to_string(rc) + ": " + buf + ")";
   std::string printed = take_captured();
+  // Keep AmgX's message, drop its (long, mangled) stack trace.
+  size_t cut = printed.find("Stack trace:");
+  if (cut != std::string::npos) printed.erase(cut);
+  while (!printed.empty() && (printed.back() == '\n' || printed.back() == ' '))
+    printed.pop_back();
   if (!printed.empty()) msg += "\nAmgX said:\n" + printed;
   return msg;
 }
@@ -183,6 +189,14 @@ void load_amgx(const std::string& path) {
   a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));
   LXA_AMGX_OPTIONAL_FUNCTIONS(LXA_RESOLVE_OPT)
 #undef LXA_RESOLVE_OPT
+  // AmgX prints its error messages ("Caught amgx exception: ...") through a
+  // second, internal callback that AMGX_register_print_callback does not reach
+  // and that defaults to stdout. Where the build exports it, route it through the
+  // same capturing callback so that the messages end up in our exceptions.
+  if (void* sym = dlsym(h, "_ZN4amgx12error_outputE")) {
+    *reinterpret_cast<AMGX_print_callback*>(sym) = &print_callback;
+    a.error_output_hooked = true;
+  }
   a.amgx_handle = h;
   a.amgx_path = path;
   a.load_error.clear();
@@ -905,6 +919,7 @@ NB_MODULE(_native, m) {
     d["error"] = a.load_error;
     d["initialized"] = a.initialized;
     d["resetup_available"] = a.AMGX_solver_resetup != nullptr;
+    d["error_output_captured"] = a.error_output_hooked;
     if (a.amgx_handle) {
       int major = 0, minor = 0;
       a.AMGX_get_api_version(&major, &minor);

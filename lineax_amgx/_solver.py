@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
@@ -71,8 +72,12 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     - `max_steps`: maximum outer iterations (overrides the config's `max_iters`;
         default: the config's, 1000 for presets).
     - `precision`: `None` follows the dtype (float64: AmgX mode `dDDI`, float32:
-        `dFFI`); `"mixed"` keeps float64 vectors with a float32 matrix and
-        hierarchy (`dDFI`); `"double"`/`"single"` force one.
+        `dFFI`); `"double"`/`"single"` force one. `"mixed"` runs AmgX entirely in
+        float32 (half the memory traffic of the hierarchy and Krylov vectors) inside
+        a float64 iterative refinement, so float64 operators still get float64
+        accuracy (`rtol`/`atol` hold in float64); `num_steps` counts the inner
+        iterations. AmgX's own mixed mode (`dDFI`) is not used: its cuSPARSE path
+        does not support it on CUDA >= 10.1.
     - `verbose`: print AmgX's own output (solve statistics, timings).
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
         the CPU: the choice follows where the data lives), `"amgx"` or `"pyamg"`.
@@ -135,7 +140,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
     def _mode(self, dtype) -> str:
         if self.precision == "mixed":
-            return "dDFI"
+            return "dFFI"  # float32 AmgX inside float64 refinement (see _refine)
         if self.precision == "double":
             return "dDDI"
         if self.precision == "single":
@@ -222,7 +227,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             raise ValueError(
                 f"The right-hand side has {b.size} entries; the operator has {n} rows."
             )
-        vec_dtype = _vector_dtype(key.mode)
+        vec_dtype = (
+            jnp.float64 if self.precision == "mixed" else _vector_dtype(key.mode)
+        )
         out_dtype = b.dtype
         b = b.astype(vec_dtype)
         y0 = options.get("y0")
@@ -235,20 +242,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                     "columns."
                 )
             x0 = x0.astype(vec_dtype)
-        if state.scaled:
-            rtol, atol = self._tolerances(out_dtype)
-            s = atol + rtol * jnp.linalg.norm(b)
-            s = jnp.where(s > 0, s, jnp.ones_like(s))
+        if self.precision == "mixed":
+            x, status, steps, resid = self._refine(state, b, x0)
         else:
-            s = jnp.ones((), vec_dtype)
-        values = csr.values.astype(_matrix_dtype(key.mode))
-        x, info, resid = _dispatch.solve(
-            csr.pattern, values, state.token, b / s,
-            None if x0 is None else x0 / s, key,
-        )
-        x = (x * s).astype(out_dtype)
-        resid = resid * s
-        status, steps = info[0], info[1]
+            x, status, steps, resid = self._solve_once(state, b, x0, out_dtype)
+        x = x.astype(out_dtype)
         R = lx.RESULTS
         result = R.where(
             status == _dispatch.STATUS_SUCCESS,
@@ -265,6 +263,70 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         )
         stats = {"num_steps": steps, "residual_norm": resid}
         return unravel(x), result, stats
+
+    def _solve_once(self, state: _AMGXState, b, x0, out_dtype):
+        """One backend solve of the scaled system (see the class docstring)."""
+        csr, key = state.operator, state.key
+        if state.scaled:
+            rtol, atol = self._tolerances(out_dtype)
+            s = atol + rtol * jnp.linalg.norm(b)
+            s = jnp.where(s > 0, s, jnp.ones_like(s))
+        else:
+            s = jnp.ones((), b.dtype)
+        values = csr.values.astype(_matrix_dtype(key.mode))
+        x, info, resid = _dispatch.solve(
+            csr.pattern, values, state.token, b / s,
+            None if x0 is None else x0 / s, key,
+        )
+        return x * s, info[0], info[1], resid * s
+
+    def _refine(self, state: _AMGXState, b, x0):
+        """`precision="mixed"`: float32 AmgX solves (matrix, hierarchy and Krylov
+        vectors in float32) inside float64 iterative refinement, so the answer meets
+        the float64 tolerance. (AmgX's own mixed mode, dDFI, is not supported by its
+        cuSPARSE path on CUDA >= 10.1.)"""
+        csr, key = state.operator, state.key
+        matrix = csr.with_values(csr.values.astype(jnp.float64))
+        rtol, atol = self._tolerances(jnp.float64)
+        target = atol + rtol * jnp.linalg.norm(b)
+        values = csr.values.astype(jnp.float32)
+        x = jnp.zeros_like(b) if x0 is None else x0
+        r = b - matrix.mv(x)
+        rnorm = jnp.linalg.norm(r)
+        max_refinements = 30
+
+        def cond(carry):
+            _, _, rnorm, status, k, _ = carry
+            return (rnorm > target) & (status == _dispatch.STATUS_SUCCESS) & (
+                k < max_refinements
+            )
+
+        def body(carry):
+            x, r, _, _, k, steps = carry
+            # Inner float32 solve to a relative accuracy float32 can deliver.
+            scale = jnp.linalg.norm(r) * _INNER_RTOL
+            scale = jnp.where(scale > 0, scale, 1.0)
+            d, info, _ = _dispatch.solve(
+                csr.pattern, values, state.token, (r / scale).astype(jnp.float32),
+                None, key,
+            )
+            inner = info[0]
+            # An inner "not converged" still improves x; only hard failures stop.
+            inner = jnp.where(inner == _dispatch.STATUS_NOT_CONVERGED,
+                              _dispatch.STATUS_SUCCESS, inner)
+            x = x + d.astype(jnp.float64) * scale
+            r = b - matrix.mv(x)
+            return x, r, jnp.linalg.norm(r), inner, k + 1, steps + info[1]
+
+        init = (x, r, rnorm, jnp.int32(_dispatch.STATUS_SUCCESS), jnp.int32(0),
+                jnp.int32(0))
+        x, r, rnorm, status, k, steps = jax.lax.while_loop(cond, body, init)
+        status = jnp.where(
+            (status == _dispatch.STATUS_SUCCESS) & (rnorm > target),
+            _dispatch.STATUS_NOT_CONVERGED, status,
+        )
+        status = jnp.where(jnp.isfinite(rnorm), status, _dispatch.STATUS_NONFINITE)
+        return x, status, steps, rnorm
 
     def transpose(self, state: _AMGXState, options: dict[str, Any]):
         if state.symmetric:
@@ -284,6 +346,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
     def assume_full_rank(self):
         return True
+
+
+_INNER_RTOL = 1e-4
 
 
 def _matrix_dtype(mode: str):
