@@ -31,6 +31,10 @@ from ._info import info as info
 from ._library import AmgXNotFoundError as AmgXNotFoundError
 from ._operator import CSROperator as CSROperator
 from ._pattern import SparsityPattern as SparsityPattern
+from ._preconditioner import (
+    AMGXPreconditioned as AMGXPreconditioned,
+    AMGXPreconditioner as AMGXPreconditioner,
+)
 from ._solver import AMGX as AMGX
 
 try:

@@ -1,0 +1,653 @@
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
+"""AmgX's multigrid cycle as a preconditioner for Lineax's own Krylov solvers.
+
+- [`lineax_amgx.AMGXPreconditioner`][]: a Lineax linear operator whose `mv` applies
+  one AMG cycle (or a fixed number of cycles, or an inner AmgX solve) built once
+  on a sparse matrix. Pass it as `options={"preconditioner": P}` to `lx.CG`,
+  `lx.GMRES`, `lx.BiCGStab` or `lx.NormalCG`.
+- [`lineax_amgx.AMGXPreconditioned`][]: a linear solver wrapping one of those
+  Krylov solvers, which builds the preconditioner in its `init` (for Optimistix,
+  whose solvers pass no `options`).
+
+The setup (AmgX's hierarchy, or pyamg's on the CPU) runs once, when the
+preconditioner is built; every application is a solve without setup, because the
+setup token it carries names the resident setup.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, Inexact, Int, PyTree
+
+from . import _config, _dispatch
+from ._dispatch import SolveKey
+from ._pattern import SparsityPattern
+
+_PRECISIONS = (None, "double", "single", "mixed")
+_BACKENDS = ("auto", "amgx", "pyamg")
+_DEFAULT_CONFIG = "AMG_VCYCLE"
+# Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
+# inner solve (a non-linear operator), not a fixed cycle.
+_KRYLOV_SOLVERS = frozenset({
+    "CG", "PCG", "PCGF", "GMRES", "FGMRES", "BICGSTAB", "PBICGSTAB", "IDR",
+    "IDRMSYNC",
+})
+_SYMMETRY_TAGS = frozenset({
+    lx.symmetric_tag, lx.positive_semidefinite_tag, lx.negative_semidefinite_tag,
+})
+
+
+def _tag_names(tags) -> str:
+    names = {
+        lx.symmetric_tag: "lx.symmetric_tag",
+        lx.positive_semidefinite_tag: "lx.positive_semidefinite_tag",
+        lx.negative_semidefinite_tag: "lx.negative_semidefinite_tag",
+    }
+    return ", ".join(sorted(names.get(t, repr(t)) for t in tags))
+
+
+def _as_tag_set(tags: object) -> frozenset[object]:
+    if isinstance(tags, (list, tuple, set, frozenset)):
+        return frozenset(tags)
+    return frozenset([tags])
+
+
+def _canonical_config(config: str | Mapping[str, Any] | None) -> str:
+    """A hashable form of a config: the preset name, or canonical JSON."""
+    if config is None:
+        return _DEFAULT_CONFIG
+    parsed = _config.parse_config(config)  # clear errors now
+    if isinstance(config, str) and config.strip() in _config.configs:
+        return config.strip()
+    return json.dumps(parsed, sort_keys=True)
+
+
+def _mode(precision, dtype) -> str:
+    if precision == "mixed":
+        return "dDFI"
+    if precision == "double":
+        return "dDDI"
+    if precision == "single":
+        return "dFFI"
+    return "dDDI" if dtype == jnp.float64 else "dFFI"
+
+
+def _matrix_dtype(mode: str):
+    return jnp.float64 if mode == "dDDI" else jnp.float32
+
+
+def _vector_dtype(mode: str):
+    return jnp.float32 if mode == "dFFI" else jnp.float64
+
+
+def _check_options(cycles, backend, precision):
+    if cycles is not None:
+        if isinstance(cycles, bool) or int(cycles) != cycles or cycles < 1:
+            raise ValueError(f"cycles must be an integer >= 1, got {cycles!r}.")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}.")
+
+
+def _preconditioner_key(
+    cfg: dict, *, cycles: int | None, mode: str, verbose: bool, backend: str
+) -> tuple[SolveKey, bool]:
+    """The finalised config as a `SolveKey`, and whether it is a fixed cycle."""
+    outer = _config.outer_solver(cfg)
+    fixed = outer.get("solver") not in _KRYLOV_SOLVERS
+    if fixed and cycles is None:
+        cycles = 1
+    final = json.loads(
+        _config.finalise(
+            cfg, tolerance_mode="native", max_steps=cycles, verbose=verbose
+        )
+    )
+    if fixed:
+        # A fixed number of cycles whatever the residual, so that the
+        # preconditioner is a fixed linear operator (P(c r) = c P(r) at any scale):
+        # AmgX's ABSOLUTE test is `||r|| < tolerance`, never true for 0 (pyamg's
+        # `<=` holds only for an exactly zero input, whose image is zero). The
+        # residual stays monitored: AmgX refuses a residual history without it,
+        # and without the history the native core's residual query would make
+        # AmgX throw (and build a stack trace) on every application.
+        solver = final["solver"]
+        solver["convergence"] = "ABSOLUTE"
+        solver["tolerance"] = 0.0
+    key = SolveKey(
+        config=json.dumps(final, sort_keys=True),
+        mode=mode,
+        transposed=False,
+        verbose=bool(verbose),
+        backend=backend,
+    )
+    return key, fixed
+
+
+class AMGXPreconditioner(lx.AbstractLinearOperator):
+    """An algebraic-multigrid cycle of NVIDIA AmgX (pyamg on the CPU), as a Lineax
+    linear operator: the preconditioner `M ≈ A⁻¹` for Lineax's own Krylov solvers.
+
+    Use it when you keep your own Krylov method — because the operator is
+    matrix-free and cheaper to apply than to assemble, because the system is a
+    nested solve, or in a Jacobian-free Newton–Krylov loop — and only want AmgX's
+    multigrid to make it converge in a few iterations. The matrix it is built on
+    may be the operator itself or a cheaper approximation of it (a Picard or
+    lower-order matrix, a Jacobian from an earlier Newton step).
+
+    ```python
+    P = lxa.AMGXPreconditioner(A)                        # one setup, here
+    sol = lx.linear_solve(A, b, lx.CG(rtol=1e-8, atol=1e-8),
+                          options={"preconditioner": P})  # one cycle per iteration
+    ```
+
+    The setup runs once, when `P` is built; `P.mv(r)` is a solve without setup
+    (on the GPU through AmgX's resident setup, on the CPU through pyamg's cached
+    hierarchy). It works under `jax.jit` and `jax.vmap` (for example `vmap` over
+    the right-hand sides of the outer solve: one setup, one cycle per member and
+    iteration). No gradient flows through it: a preconditioner changes how fast a
+    Krylov method converges, not its answer.
+
+    **Tags.** With the default config (`"AMG_VCYCLE"`: one V-cycle of aggregation
+    AMG with damped Jacobi smoothing, as many pre- as post-sweeps) the cycle of a
+    symmetric positive definite matrix is a symmetric positive definite operator.
+    It is then tagged `lx.symmetric_tag` and `lx.positive_semidefinite_tag`
+    automatically when the matrix carries those tags, so that `lx.CG` accepts it.
+    Pass `tags=` to tag it yourself (for a matrix you know to be SPD but did not
+    tag); tags that the configured cycle cannot honour (a Gauss–Seidel or DILU
+    smoother, unequal pre- and post-sweeps, a Krylov config) raise a `ValueError`.
+
+    **Transpose.** For a symmetric cycle `P.transpose()` is `P`. Otherwise it is
+    the same cycle built on the transposed matrix (its own setup, made when
+    `transpose()` is called): a preconditioner for `Aᵀ`, which is what Lineax's
+    transposed solves (reverse-mode autodiff) need, though not the exact adjoint
+    of `P`.
+
+    **Arguments:**
+
+    - `operator`: the matrix to build the cycle on: a
+        [`lineax_amgx.CSROperator`][], or any square Lineax operator (a
+        matrix-free one is sparsified: its sparsity traced, its values
+        assembled by coloring).
+    - `config`: an AmgX config (preset name, dict or JSON string). Default
+        `"AMG_VCYCLE"`. An AMG (or smoother) config is applied as a fixed number
+        of cycles from a zero initial guess, with no convergence test, so the
+        preconditioner is a fixed linear operator. A Krylov config (`"PCG_..."`,
+        `"FGMRES_..."`) is an inner solve to its own tolerance: the preconditioner
+        then changes from one application to the next, which only flexible outer
+        methods tolerate — prefer AMG configs with Lineax's solvers.
+    - `cycles`: cycles per application for an AMG config (default 1); the
+        maximum number of inner iterations for a Krylov config (default: the
+        config's own `max_iters`).
+    - `tags`: `None` (default) tags the preconditioner from the matrix's tags
+        when the cycle is symmetric (see above); otherwise any of
+        `lx.symmetric_tag`, `lx.positive_semidefinite_tag`,
+        `lx.negative_semidefinite_tag`.
+    - `structure`: the pytree of `jax.ShapeDtypeStruct`s the preconditioner acts
+        on (its input and output structure). Default: `operator.in_structure()`.
+        Give the outer operator's `in_structure()` when the preconditioner is
+        built on a flat sparse matrix but the Krylov solve works on pytrees (for
+        example a 2-D grid of unknowns): vectors are flattened in
+        `jax.tree_util` leaf order, C order within each leaf.
+    - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
+        the CPU), `"amgx"` or `"pyamg"`.
+    - `precision`: as for [`lineax_amgx.AMGX`][]: `None` follows the dtype;
+        `"mixed"` is a float32 hierarchy with float64 vectors (often the best
+        choice for a preconditioner on the GPU); `"double"`, `"single"`.
+    - `verbose`: print AmgX's own output.
+    """
+
+    values: Inexact[Array, " nnz"] | Inexact[Array, " nnz b b"]
+    token: Int[Array, " 2"]
+    pattern: SparsityPattern = eqx.field(static=True)
+    key: SolveKey = eqx.field(static=True)
+    tags: frozenset[object] = eqx.field(static=True)
+    symmetric_cycle: bool = eqx.field(static=True)
+    fixed: bool = eqx.field(static=True)
+    structure_leaves: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
+    structure_treedef: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        operator: lx.AbstractLinearOperator,
+        config: str | Mapping[str, Any] | None = None,
+        *,
+        cycles: int | None = None,
+        tags: object = None,
+        structure: PyTree[jax.ShapeDtypeStruct] | None = None,
+        backend: Literal["auto", "amgx", "pyamg"] = "auto",
+        precision: Literal["double", "single", "mixed"] | None = None,
+        verbose: bool = False,
+    ):
+        from ._solver import as_csr
+
+        _check_options(cycles, backend, precision)
+        if not isinstance(operator, lx.AbstractLinearOperator):
+            raise TypeError(
+                "AMGXPreconditioner needs a Lineax operator (for example a "
+                f"lineax_amgx.CSROperator), got {type(operator).__name__}."
+            )
+        csr = as_csr(operator)
+        p = csr.pattern
+        if p.shape[0] != p.shape[1]:
+            raise ValueError(
+                f"AMGXPreconditioner needs a square matrix, got shape {p.shape}."
+            )
+        if p.shape[0] == 0:
+            raise ValueError("AMGXPreconditioner got an empty (0 x 0) matrix.")
+        cfg = _config.parse_config(_canonical_config(config))
+        if p.block_size > 1 and _config.uses_classical(cfg):
+            raise ValueError(
+                "Classical AMG does not support block systems "
+                f"(block_size={p.block_size}); use an aggregation config."
+            )
+        symmetric_cycle, reason = _config.is_symmetric_cycle(cfg)
+        matrix_symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
+        matrix_psd = lx.is_positive_semidefinite(operator) or (
+            lx.is_positive_semidefinite(csr)
+        )
+        matrix_nsd = lx.is_negative_semidefinite(operator) or (
+            lx.is_negative_semidefinite(csr)
+        )
+        if tags is None:
+            tag_set: frozenset[object] = frozenset()
+            if symmetric_cycle and matrix_symmetric:
+                tag_set = frozenset(
+                    [lx.symmetric_tag]
+                    + ([lx.positive_semidefinite_tag] if matrix_psd else [])
+                    + ([lx.negative_semidefinite_tag] if matrix_nsd else [])
+                )
+        else:
+            tag_set = _as_tag_set(tags)
+            unknown = tag_set - _SYMMETRY_TAGS
+            if unknown:
+                raise ValueError(
+                    f"AMGXPreconditioner does not take the tags {unknown}; only "
+                    f"{_tag_names(_SYMMETRY_TAGS)} apply to a multigrid cycle."
+                )
+            if tag_set and not symmetric_cycle:
+                raise ValueError(
+                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
+                    f"{reason}, so the preconditioner is not a symmetric operator "
+                    "(lx.CG needs a symmetric positive definite one). Use a "
+                    "symmetric cycle — a BLOCK_JACOBI, JACOBI_L1 or CHEBYSHEV_POLY "
+                    "smoother with presweeps == postsweeps, such as the preset "
+                    "'AMG_VCYCLE' — or a solver that takes any preconditioner "
+                    "(lx.GMRES, lx.BiCGStab)."
+                )
+            if tag_set and not p.is_structurally_symmetric:
+                raise ValueError(
+                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
+                    "the matrix it is built on is not even structurally "
+                    "symmetric, so its multigrid cycle is not a symmetric operator."
+                )
+            if tag_set & {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}:
+                tag_set = tag_set | {lx.symmetric_tag}
+        if structure is None:
+            structure = operator.in_structure()
+            if not _structure_equal(structure, operator.out_structure()):
+                raise ValueError(
+                    "AMGXPreconditioner needs an operator whose input and output "
+                    "structures match."
+                )
+        leaves, treedef = jtu.tree_flatten(structure)
+        leaves = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+        size = sum(int(np.prod(x.shape)) for x in leaves)
+        if size != p.shape[0]:
+            raise ValueError(
+                f"The structure has {size} entries in all; the matrix has "
+                f"{p.shape[0]} rows."
+            )
+        for x in leaves:
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(
+                    f"AMGXPreconditioner acts on real floating vectors, got {x.dtype}."
+                )
+        mode = _mode(precision, csr.values.dtype)
+        key, fixed = _preconditioner_key(
+            cfg, cycles=cycles, mode=mode, verbose=verbose, backend=backend
+        )
+        values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
+        self.values = values
+        self.token = _dispatch.setup(p, values, key)
+        self.pattern = p
+        self.key = key
+        self.tags = tag_set
+        self.symmetric_cycle = bool(symmetric_cycle and lx.symmetric_tag in tag_set)
+        self.fixed = fixed
+        self.structure_leaves = leaves
+        self.structure_treedef = treedef
+
+    # -- applying the cycle --------------------------------------------------------
+
+    def _flatten(self, vector) -> Array:
+        leaves, treedef = jtu.tree_flatten(vector)
+        if treedef != self.structure_treedef or len(leaves) != len(
+            self.structure_leaves
+        ):
+            raise ValueError(
+                "The vector's structure does not match the preconditioner's: got "
+                f"{treedef}, expected {self.structure_treedef}."
+            )
+        for leaf, struct in zip(leaves, self.structure_leaves):
+            if jnp.shape(leaf) != struct.shape:
+                raise ValueError(
+                    f"The vector has a leaf of shape {jnp.shape(leaf)}; the "
+                    f"preconditioner expects {struct.shape}."
+                )
+        dtype = _vector_dtype(self.key.mode)
+        flat = [jnp.ravel(jnp.asarray(leaf)).astype(dtype) for leaf in leaves]
+        return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+
+    def _unflatten(self, x: Array):
+        out = []
+        start = 0
+        for struct in self.structure_leaves:
+            size = int(np.prod(struct.shape))
+            leaf = x[start : start + size].reshape(struct.shape)
+            out.append(leaf.astype(struct.dtype))
+            start += size
+        return jtu.tree_unflatten(self.structure_treedef, out)
+
+    def _apply(self, r: Array) -> Array:
+        x, info, _ = _dispatch.solve(self.pattern, self.values, self.token, r, None,
+                                     self.key)
+        # A fixed number of cycles reports "not converged" (or "success" when no
+        # residual is monitored): both are fine. A non-finite input, or a cycle
+        # that blew up, must never come back as a silent finite answer.
+        status = info[0]
+        bad = (status == _dispatch.STATUS_NONFINITE) | (
+            status == _dispatch.STATUS_DIVERGED
+        )
+        return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+    def mv(self, vector):
+        return self._unflatten(self._apply(self._flatten(vector)))
+
+    def as_matrix(self) -> Array:
+        """The dense matrix of the preconditioner, by applying it to every column of
+        the identity (one cycle per column): for small problems and tests only."""
+        n = self.pattern.shape[0]
+        eye = jnp.eye(n, dtype=_vector_dtype(self.key.mode))
+        cols = jax.vmap(self._apply)(eye)
+        dtype = jnp.result_type(*[s.dtype for s in self.structure_leaves])
+        return cols.T.astype(dtype)
+
+    def transpose(self) -> AMGXPreconditioner:
+        if self.symmetric_cycle:
+            return self
+        pattern_t, perm = self.pattern.transpose()
+        values_t = self.values[perm]
+        if self.pattern.block_size > 1:
+            values_t = jnp.swapaxes(values_t, -1, -2)
+        key_t = self.key._replace(transposed=not self.key.transposed)
+        fields = dict(
+            values=values_t,
+            token=_dispatch.setup(pattern_t, values_t, key_t),
+            pattern=pattern_t,
+            key=key_t,
+            tags=lx.transpose_tags(self.tags),
+            symmetric_cycle=False,
+            fixed=self.fixed,
+            structure_leaves=self.structure_leaves,
+            structure_treedef=self.structure_treedef,
+        )
+        return _assemble(fields)
+
+    def in_structure(self):
+        return jtu.tree_unflatten(self.structure_treedef, list(self.structure_leaves))
+
+    def out_structure(self):
+        return self.in_structure()
+
+
+def _assemble(fields: dict[str, Any]) -> AMGXPreconditioner:
+    """An `AMGXPreconditioner` from its fields (as Equinox's own unflattening
+    does), for the transpose, whose setup differs from the public constructor's."""
+    obj = object.__new__(AMGXPreconditioner)
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def _structure_equal(a, b) -> bool:
+    la, ta = jtu.tree_flatten(a)
+    lb, tb = jtu.tree_flatten(b)
+    return ta == tb and all(
+        x.shape == y.shape and x.dtype == y.dtype for x, y in zip(la, lb)
+    )
+
+
+# ---- Lineax's singledispatch queries -------------------------------------------
+
+
+def _register():
+    P = AMGXPreconditioner
+    # A multigrid cycle has no cheap entries: it is never diagonal, tridiagonal or
+    # triangular, and its symmetry is what its tags say.
+    lx.linearise.register(P)(lambda op: op)
+    # Materialising would take one cycle per column: keep the operator (Lineax's
+    # solvers only ever apply it).
+    lx.materialise.register(P)(lambda op: op)
+
+    @lx.diagonal.register(P)
+    def _(op):
+        raise NotImplementedError(
+            "The diagonal of an AMGXPreconditioner is not available: a multigrid "
+            "cycle has no cheap entries. For a small problem use "
+            "jnp.diagonal(P.as_matrix()) (one cycle per column)."
+        )
+
+    @lx.tridiagonal.register(P)
+    def _(op):
+        raise NotImplementedError(
+            "The tridiagonal of an AMGXPreconditioner is not available: a "
+            "multigrid cycle has no cheap entries. For a small problem use "
+            "P.as_matrix() (one cycle per column)."
+        )
+
+    lx.is_symmetric.register(P)(lambda op: lx.symmetric_tag in op.tags)
+    lx.is_positive_semidefinite.register(P)(
+        lambda op: lx.positive_semidefinite_tag in op.tags
+    )
+    lx.is_negative_semidefinite.register(P)(
+        lambda op: lx.negative_semidefinite_tag in op.tags
+    )
+    for query in (
+        lx.is_diagonal,
+        lx.is_tridiagonal,
+        lx.has_unit_diagonal,
+        lx.is_lower_triangular,
+        lx.is_upper_triangular,
+    ):
+        query.register(P)(lambda op: False)
+    # Real values only: conjugation is the identity.
+    lx.conj.register(P)(lambda op: op)
+
+
+_register()
+
+
+# ---- The solver wrapper (for Optimistix) -----------------------------------------
+
+
+class _PreconditionedState(eqx.Module):
+    inner: Any
+    preconditioner: AMGXPreconditioner
+
+
+class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
+    """A Lineax Krylov solver preconditioned by an AmgX multigrid cycle, as one
+    linear solver.
+
+    Use it where you cannot pass `options={"preconditioner": ...}` yourself, above
+    all in Optimistix (`optx.Newton(..., linear_solver=...)`, `optx.Chord`), whose
+    solvers call `lx.linear_solve` without options:
+
+    ```python
+    solver = lxa.AMGXPreconditioned(lx.GMRES(rtol=1e-10, atol=1e-10, restart=30))
+    newton = optx.Newton(rtol=1e-8, atol=1e-8, linear_solver=solver)
+    ```
+
+    `init(operator, options)` builds an [`lineax_amgx.AMGXPreconditioner`][] —
+    one AmgX setup — and the inner solver's state; `compute` runs the inner solver
+    with `options={"preconditioner": P}`. A Newton step is then one setup and one
+    cycle per Krylov iteration, while the Jacobian itself stays matrix-free.
+
+    **Arguments:**
+
+    - `inner`: the Krylov solver: `lx.GMRES`, `lx.BiCGStab`, `lx.CG` (needs a
+        symmetric positive definite cycle: see the tags of
+        [`lineax_amgx.AMGXPreconditioner`][]) or `lx.NormalCG`.
+    - `config`, `cycles`, `tags`, `backend`, `precision`, `verbose`: passed to
+        [`lineax_amgx.AMGXPreconditioner`][].
+    - `lagged_operator`: the matrix the cycle is built on. `None` (default): the
+        operator being solved, sparsified if it is matrix-free (a Newton
+        Jacobian: its sparsity is detected once per compile and its values
+        assembled with one JVP per color). A Lineax operator (typically a
+        [`lineax_amgx.CSROperator`][]): that fixed matrix, for every solve — a
+        cheaper approximation such as a Picard or a lower-order matrix, or the
+        Jacobian at the initial guess; its setup is made once and found again in
+        the cache at every later `init`. A callable: called as
+        `lagged_operator(operator)` in every `init`, returning the matrix to build
+        the cycle on (for example from the `x` and `args` of a
+        `lx.JacobianLinearOperator`).
+    """
+
+    inner: lx.AbstractLinearSolver
+    config: str = eqx.field(static=True)
+    lagged_operator: Any = None
+    cycles: int | None = eqx.field(static=True, default=None)
+    tags: Any = eqx.field(static=True, default=None)
+    backend: Literal["auto", "amgx", "pyamg"] = eqx.field(static=True, default="auto")
+    precision: Literal["double", "single", "mixed"] | None = eqx.field(
+        static=True, default=None
+    )
+    verbose: bool = eqx.field(static=True, default=False)
+
+    def __init__(
+        self,
+        inner: lx.AbstractLinearSolver,
+        config: str | Mapping[str, Any] | None = None,
+        *,
+        lagged_operator: lx.AbstractLinearOperator
+        | Callable[[lx.AbstractLinearOperator], lx.AbstractLinearOperator]
+        | None = None,
+        cycles: int | None = None,
+        tags: object = None,
+        backend: Literal["auto", "amgx", "pyamg"] = "auto",
+        precision: Literal["double", "single", "mixed"] | None = None,
+        verbose: bool = False,
+    ):
+        if not isinstance(inner, lx.AbstractLinearSolver):
+            raise TypeError(
+                "AMGXPreconditioned wraps a Lineax linear solver (lx.GMRES, "
+                f"lx.BiCGStab, lx.CG, lx.NormalCG), got {type(inner).__name__}."
+            )
+        from ._solver import AMGX
+
+        if isinstance(inner, (AMGX, AMGXPreconditioned)):
+            raise TypeError(
+                f"AMGXPreconditioned wraps one of Lineax's Krylov solvers, not "
+                f"{type(inner).__name__} (which takes no preconditioner)."
+            )
+        if lagged_operator is not None and not (
+            isinstance(lagged_operator, lx.AbstractLinearOperator)
+            or callable(lagged_operator)
+        ):
+            raise TypeError(
+                "lagged_operator must be None, a Lineax operator or a callable "
+                f"returning one, got {type(lagged_operator).__name__}."
+            )
+        _check_options(cycles, backend, precision)
+        if tags is not None:
+            tags = _as_tag_set(tags)
+        self.inner = inner
+        self.config = _canonical_config(config)
+        self.lagged_operator = lagged_operator
+        self.cycles = None if cycles is None else int(cycles)
+        self.tags = tags
+        self.backend = backend
+        self.precision = precision
+        self.verbose = bool(verbose)
+
+    def _matrix(self, operator: lx.AbstractLinearOperator):
+        lagged = self.lagged_operator
+        if lagged is None:
+            return operator
+        if isinstance(lagged, lx.AbstractLinearOperator):
+            return lagged
+        matrix = lagged(operator)
+        if not isinstance(matrix, lx.AbstractLinearOperator):
+            raise TypeError(
+                "lagged_operator(operator) must return a Lineax operator (for "
+                f"example a lineax_amgx.CSROperator), got {type(matrix).__name__}."
+            )
+        return matrix
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        if "preconditioner" in options:
+            raise ValueError(
+                "AMGXPreconditioned builds its own preconditioner: do not pass "
+                "options['preconditioner'] (or call the inner solver directly with "
+                "yours)."
+            )
+        preconditioner = AMGXPreconditioner(
+            self._matrix(operator),
+            self.config,
+            cycles=self.cycles,
+            tags=self.tags,
+            structure=operator.in_structure(),
+            backend=self.backend,
+            precision=self.precision,
+            verbose=self.verbose,
+        )
+        if isinstance(self.inner, lx.CG) and not lx.is_positive_semidefinite(
+            preconditioner
+        ):
+            raise ValueError(
+                "lx.CG needs a symmetric positive definite preconditioner, and this "
+                "AmgX cycle is not tagged as one: build it on a matrix tagged "
+                "lx.symmetric_tag and lx.positive_semidefinite_tag with a "
+                "symmetric cycle (the default 'AMG_VCYCLE'), pass "
+                "tags=lx.positive_semidefinite_tag if you know it is, or use "
+                "lx.GMRES / lx.BiCGStab."
+            )
+        inner_state = self.inner.init(operator, options)
+        return _PreconditionedState(inner_state, preconditioner)
+
+    def compute(
+        self, state: _PreconditionedState, vector, options: dict[str, Any]
+    ):
+        options = dict(options, preconditioner=state.preconditioner)
+        return self.inner.compute(state.inner, vector, options)
+
+    def transpose(self, state: _PreconditionedState, options: dict[str, Any]):
+        options = dict(options, preconditioner=state.preconditioner)
+        inner_t, options_t = self.inner.transpose(state.inner, options)
+        options_t = dict(options_t)
+        p_t = options_t.pop("preconditioner", None)
+        if not isinstance(p_t, AMGXPreconditioner):
+            p_t = state.preconditioner.transpose()
+        return _PreconditionedState(inner_t, p_t), options_t
+
+    def conj(self, state: _PreconditionedState, options: dict[str, Any]):
+        options = dict(options, preconditioner=state.preconditioner)
+        inner_c, options_c = self.inner.conj(state.inner, options)
+        options_c = dict(options_c)
+        p_c = options_c.pop("preconditioner", None)
+        if not isinstance(p_c, AMGXPreconditioner):
+            p_c = state.preconditioner
+        return _PreconditionedState(inner_c, p_c), options_c
+
+    def assume_full_rank(self):
+        return self.inner.assume_full_rank()

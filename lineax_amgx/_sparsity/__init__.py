@@ -1,0 +1,23 @@
+# Copyright 2026 The lineax-amgx authors.
+# Licensed under the Apache License, Version 2.0.
+"""Jacobian sparsity detection by index-set propagation through jaxprs."""
+
+from ._api import (
+    clear_detection_cache as clear_detection_cache,
+)
+from ._api import (
+    detect_closed_jaxpr as detect_closed_jaxpr,
+)
+from ._api import (
+    detect_sparsity as detect_sparsity,
+)
+from ._api import (
+    detection_count as detection_count,
+)
+from ._api import (
+    probe_closed_jaxpr as probe_closed_jaxpr,
+)
+from ._api import (
+    trace_closed_jaxpr as trace_closed_jaxpr,
+)
+from ._interpret import Unsupported as Unsupported

@@ -1,0 +1,1025 @@
+# Copyright 2026 The lineax-amgx authors.
+# Licensed under the Apache License, Version 2.0.
+"""Propagate index sets through a jaxpr, one rule per primitive.
+
+Every jaxpr variable becomes a `_Val`: either a *known* NumPy value (literals,
+concrete constants, and anything computed only from them, e.g. `iota`, masks,
+loop counters) or an *unknown* value with an `IndexSets` of input dependencies.
+Known values make the analysis exact where a global analysis is not: a product
+with an exact zero of a constant drops the dependency, `select_n` with a constant
+mask picks per element, gathers/scatters/dynamic slices with constant indices
+move dependencies exactly, and loops with known trip counts are unrolled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _sets as S
+
+try:
+    from jax.extend.core import Literal as _Literal
+except ImportError:  # pragma: no cover
+    from jax.core import Literal as _Literal
+
+
+class Unsupported(Exception):
+    """Raised for a primitive (or a use of one) that tracing cannot handle."""
+
+
+# Work budget for unrolling loops: iterations x body equations.
+_UNROLL_BUDGET = 200_000
+
+
+class _Val:
+    __slots__ = ("shape", "dtype", "known", "sets", "roots", "direct")
+
+    def __init__(self, shape, dtype, known=None, sets=None, roots=frozenset(),
+                 direct=False):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.known = known
+        self.sets = sets
+        self.roots = roots
+        self.direct = direct
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def is_known(self) -> bool:
+        return self.known is not None
+
+    def get_sets(self) -> S.IndexSets:
+        if self.sets is None:
+            return S.empty(self.size)
+        return self.sets
+
+    @property
+    def has_deps(self) -> bool:
+        return self.sets is not None and self.sets.nnz > 0
+
+
+def _unknown(aval, sets=None):
+    if sets is not None and sets.nnz == 0:
+        sets = None
+    return _Val(aval.shape, aval.dtype, sets=sets)
+
+
+class Context:
+    """Records which constants' values shaped the pattern (for memoisation)."""
+
+    def __init__(self):
+        self.consulted: dict[int, str] = {}
+
+    def consult(self, val: _Val, kind: str = "value"):
+        for r in val.roots:
+            if kind == "zero" and val.direct:
+                self.consulted.setdefault(r, "zero")
+            else:
+                self.consulted[r] = "value"
+
+
+def _is_float(dtype) -> bool:
+    try:
+        return bool(jnp.issubdtype(dtype, jnp.inexact))
+    except TypeError:
+        return False
+
+
+def _to_numpy(x):
+    try:
+        return np.asarray(x)
+    except Exception:  # e.g. PRNG key arrays
+        return None
+
+
+def _bind(eqn, args, params=None):
+    bp = eqn.primitive.get_bind_params(eqn.params if params is None else params)
+    subfuns = ()
+    if isinstance(bp, tuple):
+        subfuns, bp = bp
+    with jax.ensure_compile_time_eval():
+        return eqn.primitive.bind(*subfuns, *args, **bp)
+
+
+def _np_dot_general(a, b, dimension_numbers, **_):
+    (lc, rc), (lb, rb) = dimension_numbers
+    lf = [d for d in range(a.ndim) if d not in tuple(lc) + tuple(lb)]
+    rf = [d for d in range(b.ndim) if d not in tuple(rc) + tuple(rb)]
+    A = a.transpose(tuple(lb) + tuple(lf) + tuple(lc))
+    B = b.transpose(tuple(rb) + tuple(rc) + tuple(rf))
+    bs = A.shape[: len(lb)]
+    fa, fb = A.shape[len(lb): len(lb) + len(lf)], B.shape[len(rb) + len(rc):]
+    K = int(np.prod(A.shape[len(lb) + len(lf):], dtype=np.int64))
+    A = A.reshape(bs + (int(np.prod(fa, dtype=np.int64)), K))
+    B = B.reshape(bs + (K, int(np.prod(fb, dtype=np.int64))))
+    return (A @ B).reshape(bs + fa + fb)
+
+
+def _np_int_div(a, b):
+    if np.issubdtype(np.result_type(a, b), np.integer):
+        q = np.abs(a) // np.where(b == 0, 1, np.abs(b))
+        return np.sign(a) * np.sign(b) * q
+    return np.true_divide(a, b)
+
+
+def _np_iota(dtype, shape, dimension, **_):
+    a = np.arange(shape[dimension], dtype=dtype)
+    sh = [1] * len(shape)
+    sh[dimension] = shape[dimension]
+    return np.broadcast_to(a.reshape(sh), shape)
+
+
+def _np_reduce(fn):
+    return lambda x, axes, **_: fn(x, axis=tuple(axes))
+
+
+_NP_ELEMENTWISE = {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": _np_int_div,
+    "neg": np.negative, "sin": np.sin, "cos": np.cos, "tan": np.tan,
+    "exp": np.exp, "log": np.log, "sqrt": np.sqrt, "abs": np.abs,
+    "tanh": np.tanh, "max": np.maximum, "min": np.minimum, "eq": np.equal,
+    "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+    "ge": np.greater_equal, "and": np.bitwise_and, "or": np.bitwise_or,
+    "not": np.invert, "xor": np.bitwise_xor, "sign": np.sign, "floor": np.floor,
+    "ceil": np.ceil, "rem": np.fmod, "pow": np.power, "square": np.square,
+    "atan2": np.arctan2, "log1p": np.log1p, "expm1": np.expm1,
+}
+
+
+def _np_eval(eqn, args):
+    """Evaluate a primitive on known NumPy values without compiling anything."""
+    name = eqn.primitive.name
+    p = eqn.params
+    if name in _NP_ELEMENTWISE:
+        with np.errstate(all="ignore"):
+            return _NP_ELEMENTWISE[name](*args)
+    if name == "convert_element_type":
+        return args[0].astype(p["new_dtype"])
+    if name == "integer_pow":
+        return args[0] ** p["y"]
+    if name == "iota":
+        return _np_iota(p["dtype"], p["shape"], p["dimension"])
+    if name == "dot_general":
+        return _np_dot_general(*args, p["dimension_numbers"])
+    if name == "reduce_sum":
+        return _np_reduce(np.sum)(args[0], **p)
+    if name == "reduce_max":
+        return _np_reduce(np.max)(args[0], **p)
+    if name == "reduce_min":
+        return _np_reduce(np.min)(args[0], **p)
+    if name in _STRUCTURAL:
+        outs = _structural_numpy(name, p, list(args), list(args))
+        if outs is not None and len(outs) == 1:
+            return outs[0]
+    return None
+
+
+def _eval_known(eqn, invals):
+    out = None
+    if not eqn.primitive.multiple_results:
+        try:
+            out = _np_eval(eqn, [v.known for v in invals])
+        except Exception:
+            out = None
+        if out is not None:
+            aval = eqn.outvars[0].aval
+            out = np.asarray(out).astype(aval.dtype, copy=False).reshape(aval.shape)
+    if out is None:
+        out = _bind(eqn, [v.known for v in invals])
+    outs = out if eqn.primitive.multiple_results else [out]
+    roots = frozenset().union(*[v.roots for v in invals]) if invals else frozenset()
+    res = []
+    for var, o in zip(eqn.outvars, outs):
+        k = _to_numpy(o)
+        aval = var.aval
+        if k is None:
+            res.append(_unknown(aval))
+        else:
+            res.append(_Val(aval.shape, aval.dtype, known=k, roots=roots))
+    return res
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _index_dtype(total):
+    return np.int32 if total < np.iinfo(np.int32).max else np.int64
+
+
+def _data_indices(vals):
+    """Index arrays that encode each element of the data operands (-1: no deps),
+    and the concatenated sets they index into."""
+    total = sum(v.size for v in vals if v.has_deps)
+    dt = _index_dtype(total)
+    arrays, sets, off = [], [], 0
+    for v in vals:
+        if v.has_deps:
+            arrays.append((np.arange(v.size, dtype=dt) + dt(off)).reshape(v.shape))
+            sets.append(v.sets)
+            off += v.size
+        else:
+            arrays.append(np.full(v.shape, -1, dt))
+    return arrays, (S.concat(sets) if sets else None)
+
+
+def _bcast_index(v: _Val, shape) -> np.ndarray:
+    a = np.arange(v.size, dtype=np.int64).reshape(v.shape)
+    return np.broadcast_to(a, shape)
+
+
+def _elementwise(out_aval, parts):
+    """Union of operands' sets per element. `parts`: list of (val, drop_mask|None)."""
+    shape = out_aval.shape
+    n = int(np.prod(shape, dtype=np.int64))
+    pieces = []
+    for v, drop in parts:
+        if not v.has_deps:
+            continue
+        if v.shape == tuple(shape) and drop is None:
+            pieces.append(v.sets)
+            continue
+        m = _bcast_index(v, shape)
+        if drop is not None:
+            m = np.where(np.broadcast_to(drop, shape), -1, m)
+        pieces.append(S.gather(v.sets, m))
+    if not pieces:
+        return _unknown(out_aval)
+    if len(pieces) == 1:
+        return _unknown(out_aval, pieces[0])
+    return _unknown(out_aval, S.union(pieces)) if n else _unknown(out_aval)
+
+
+# -- structural primitives on index arrays --------------------------------------------
+
+
+def _np_pad(a, pv, config):
+    shape = []
+    for size, (lo, hi, interior) in zip(a.shape, config):
+        full = lo + hi + size + max(size - 1, 0) * interior
+        shape.append(max(full, 0))
+    out = np.full(shape, pv, dtype=a.dtype)
+    srcs, dsts = [], []
+    for size, d, (lo, _, interior) in zip(a.shape, shape, config):
+        pos = lo + np.arange(size) * (interior + 1)
+        ok = (pos >= 0) & (pos < d)
+        srcs.append(np.nonzero(ok)[0])
+        dsts.append(pos[ok])
+    out[np.ix_(*dsts)] = a[np.ix_(*srcs)]
+    return out
+
+
+def _clamp_starts(starts, shape, sizes):
+    return [
+        int(min(max(int(s), 0), d - z)) for s, d, z in zip(starts, shape, sizes)
+    ]
+
+
+def _structural_numpy(name, params, arrs, known):
+    """NumPy versions of common structural primitives (no XLA compile)."""
+    if name == "slice":
+        strides = params["strides"] or (1,) * arrs[0].ndim
+        sl = tuple(
+            slice(s, e, st)
+            for s, e, st in zip(params["start_indices"], params["limit_indices"],
+                                strides)
+        )
+        return [arrs[0][sl]]
+    if name == "pad":
+        return [_np_pad(arrs[0], arrs[1].reshape(()), params["padding_config"])]
+    if name == "reshape" and params.get("dimensions") is None:
+        return [arrs[0].reshape(params["new_sizes"])]
+    if name == "transpose":
+        return [arrs[0].transpose(params["permutation"])]
+    if name == "broadcast_in_dim":
+        if len(arrs) != 1:
+            return None
+        shape = params["shape"]
+        tmp = [1] * len(shape)
+        for i, d in enumerate(params["broadcast_dimensions"]):
+            tmp[d] = arrs[0].shape[i]
+        return [np.broadcast_to(arrs[0].reshape(tmp), shape)]
+    if name == "squeeze":
+        return [np.squeeze(arrs[0], axis=tuple(params["dimensions"]))]
+    if name == "expand_dims":
+        return [np.expand_dims(arrs[0], tuple(params["dimensions"]))]
+    if name == "rev":
+        return [np.flip(arrs[0], tuple(params["dimensions"]))]
+    if name == "concatenate":
+        return [np.concatenate(arrs, axis=params["dimension"])]
+    if name in ("copy", "copy_p"):
+        return [arrs[0]]
+    if name == "dynamic_slice":
+        a = arrs[0]
+        sizes = params["slice_sizes"]
+        st = _clamp_starts([k.reshape(()) for k in known[1:]], a.shape, sizes)
+        return [a[tuple(slice(s, s + z) for s, z in zip(st, sizes))]]
+    if name == "dynamic_update_slice":
+        a, u = arrs[0].copy(), arrs[1]
+        st = _clamp_starts([k.reshape(()) for k in known[2:]], a.shape, u.shape)
+        a[tuple(slice(s, s + z) for s, z in zip(st, u.shape))] = u
+        return [a]
+    if name == "select_n":
+        pred = known[0]
+        cases = arrs[1:]
+        if pred.dtype == bool:
+            return [np.where(np.broadcast_to(pred, cases[0].shape), cases[1],
+                             cases[0])]
+        p = np.broadcast_to(pred.astype(np.int64), cases[0].shape)
+        return [np.choose(p, cases)]
+    return None
+
+
+# primitive -> positions of operands that carry data (others must be known)
+_STRUCTURAL = {
+    "slice": None,
+    "pad": None,
+    "reshape": None,
+    "transpose": None,
+    "broadcast_in_dim": (0,),
+    "squeeze": None,
+    "expand_dims": None,
+    "rev": None,
+    "concatenate": None,
+    "copy": None,
+    "copy_p": None,
+    "dynamic_slice": (0,),
+    "dynamic_update_slice": (0, 1),
+    "gather": (0,),
+    "select_n": "select",
+    "split": None,
+}
+
+
+def _rule_structural(eqn, invals, ctx):
+    name = eqn.primitive.name
+    spec = _STRUCTURAL[name]
+    n_ops = len(invals)
+    if spec is None:
+        data_pos = tuple(range(n_ops))
+    elif spec == "select":
+        data_pos = tuple(range(1, n_ops))
+    else:
+        data_pos = spec
+    others = [i for i in range(n_ops) if i not in data_pos]
+    for i in others:
+        if not invals[i].is_known:
+            return _rule_index_unknown(eqn, invals, data_pos)
+        ctx.consult(invals[i], "value")
+    data = [invals[i] for i in data_pos]
+    arrays, cat = _data_indices(data)
+    if cat is None:
+        return [_unknown(v.aval) for v in eqn.outvars]
+    arrs = [None] * n_ops
+    for i, a in zip(data_pos, arrays):
+        arrs[i] = a
+    known = [v.known if v.is_known else None for v in invals]
+    outs = _structural_numpy(name, eqn.params, arrs, known)
+    if outs is None:
+        ops = [arrs[i] if i in data_pos else known[i] for i in range(n_ops)]
+        params = dict(eqn.params)
+        if name == "gather" and params.get("fill_value") is None:
+            params["fill_value"] = -1
+        o = _bind(eqn, ops, params)
+        outs = [np.asarray(x) for x in (o if eqn.primitive.multiple_results else [o])]
+    return [
+        _unknown(var.aval, S.gather(cat, np.asarray(o)))
+        for var, o in zip(eqn.outvars, outs)
+    ]
+
+
+def _rule_index_unknown(eqn, invals, data_pos):
+    name = eqn.primitive.name
+    if name == "select_n":
+        # Data-dependent mask: union of all cases per element.
+        return [_elementwise(eqn.outvars[0].aval, [(invals[i], None)
+                                                   for i in data_pos])]
+    # Unknown indices: every output element may depend on any data element.
+    return [_dense(var.aval, [invals[i] for i in data_pos]) for var in eqn.outvars]
+
+
+def _dense(aval, vals):
+    pieces = [v.sets for v in vals if v.has_deps]
+    n = int(np.prod(aval.shape, dtype=np.int64))
+    if not pieces:
+        return _unknown(aval)
+    allsets = S.dedup(S.concat(pieces))
+    # one row holding every dependency, then broadcast
+    one = S.IndexSets(np.array([0, allsets.nnz], np.int64),
+                      np.unique(allsets.idx), clean=True)
+    one = S.IndexSets(np.array([0, one.idx.shape[0]], np.int64), one.idx, clean=True)
+    return _unknown(aval, S.gather(one, np.zeros(n, np.int64)))
+
+
+# -- elementwise -------------------------------------------------------------------
+
+_ZERO_DERIV = {
+    "sign", "floor", "ceil", "round", "is_finite", "stop_gradient", "eq", "ne",
+    "lt", "le", "gt", "ge", "and", "or", "not", "xor", "argmax", "argmin", "iota",
+    "population_count", "clz", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "random_bits", "random_seed", "random_wrap",
+    "random_unwrap", "random_fold_in", "random_split", "threefry2x32",
+    "rng_bit_generator", "rng_uniform", "nextafter",
+}
+
+_UNARY = {
+    "neg", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh",
+    "asinh", "acosh", "atanh", "exp", "exp2", "log", "log1p", "expm1", "logistic",
+    "sqrt", "rsqrt", "cbrt", "abs", "square", "erf", "erfc", "erf_inv", "lgamma",
+    "digamma", "reduce_precision", "convert_element_type", "real", "imag", "conj",
+    "integer_pow", "bessel_i0e", "bessel_i1e", "polygamma", "tan", "sort_p",
+}
+
+_NARY = {
+    "add", "sub", "add_any", "max", "min", "pow", "atan2", "rem", "clamp",
+    "igamma", "igammac", "complex", "polygamma", "zeta", "regularized_incomplete_beta",
+}
+
+
+def _rule_unary(eqn, invals, ctx):
+    if eqn.primitive.name == "integer_pow" and eqn.params.get("y") == 0:
+        return [_unknown(eqn.outvars[0].aval)]
+    return [_elementwise(eqn.outvars[0].aval, [(invals[0], None)])]
+
+
+def _rule_nary(eqn, invals, ctx):
+    return [_elementwise(eqn.outvars[0].aval, [(v, None) for v in invals])]
+
+
+def _rule_mul(eqn, invals, ctx):
+    a, b = invals
+    parts = []
+    for this, other in ((a, b), (b, a)):
+        if not this.has_deps:
+            continue
+        drop = None
+        if other.is_known:
+            ctx.consult(other, "zero")
+            drop = other.known == 0
+        parts.append((this, drop))
+    return [_elementwise(eqn.outvars[0].aval, parts)]
+
+
+def _rule_div(eqn, invals, ctx):
+    a, b = invals
+    parts = [(a, None)]
+    if b.has_deps:
+        drop = None
+        if a.is_known:
+            ctx.consult(a, "zero")
+            drop = a.known == 0
+        parts.append((b, drop))
+    return [_elementwise(eqn.outvars[0].aval, parts)]
+
+
+def _rule_zero(eqn, invals, ctx):
+    return [_unknown(v.aval) for v in eqn.outvars]
+
+
+def _rule_identity_multi(eqn, invals, ctx):
+    # e.g. optimization_barrier: outputs are the inputs.
+    return [
+        _Val(v.shape, v.dtype, known=v.known, sets=v.sets, roots=v.roots)
+        for v in invals
+    ]
+
+
+# -- reductions and scans -------------------------------------------------------------
+
+
+def _rule_reduce(eqn, invals, ctx):
+    (x,) = invals[:1]
+    out_aval = eqn.outvars[0].aval
+    if not x.has_deps:
+        return [_unknown(v.aval) for v in eqn.outvars]
+    axes = tuple(eqn.params["axes"])
+    n_out = int(np.prod(out_aval.shape, dtype=np.int64))
+    seg = np.arange(n_out, dtype=np.int64).reshape(out_aval.shape)
+    seg = np.broadcast_to(np.expand_dims(seg, tuple(sorted(axes))), x.shape)
+    src = np.arange(x.size, dtype=np.int64)
+    res = _unknown(out_aval, S.combine_pairs(x.sets, seg.reshape(-1), src, n_out))
+    return [res] + [_unknown(v.aval) for v in eqn.outvars[1:]]
+
+
+def _rule_reduce_generic(eqn, invals, ctx):
+    # `reduce` with a custom computation: union over the reduced axes of all
+    # operands, for every output.
+    nops = len(invals) // 2
+    ops = invals[:nops]
+    axes = tuple(eqn.params["dimensions"])
+    out_aval = eqn.outvars[0].aval
+    n_out = int(np.prod(out_aval.shape, dtype=np.int64))
+    pieces = []
+    for x in ops:
+        if not x.has_deps:
+            continue
+        seg = np.arange(n_out, dtype=np.int64).reshape(out_aval.shape)
+        seg = np.broadcast_to(np.expand_dims(seg, tuple(sorted(axes))), x.shape)
+        pieces.append(S.combine_pairs(x.sets, seg.reshape(-1),
+                                      np.arange(x.size), n_out))
+    sets = S.union(pieces) if pieces else None
+    return [_unknown(v.aval, sets) for v in eqn.outvars]
+
+
+def _rule_cumulative(eqn, invals, ctx):
+    (x,) = invals
+    out_aval = eqn.outvars[0].aval
+    if not x.has_deps:
+        return [_unknown(out_aval)]
+    axis = eqn.params["axis"]
+    rev = eqn.params.get("reverse", False)
+    idx = np.moveaxis(np.arange(x.size, dtype=np.int64).reshape(x.shape), axis, -1)
+    L = idx.shape[-1]
+    idx = idx.reshape(-1, L)
+    j, k = np.triu_indices(L) if rev else np.tril_indices(L)
+    out = idx[:, j].reshape(-1)
+    src = idx[:, k].reshape(-1)
+    return [_unknown(out_aval, S.combine_pairs(x.sets, out, src, x.size))]
+
+
+def _rule_sort(eqn, invals, ctx):
+    dim = eqn.params["dimension"]
+    shape = invals[0].shape
+    n = invals[0].size
+    pieces = []
+    idx = np.moveaxis(np.arange(n, dtype=np.int64).reshape(shape), dim, -1)
+    L = idx.shape[-1]
+    idx = idx.reshape(-1, L)
+    out = np.repeat(idx, L, axis=1).reshape(-1)
+    src = np.tile(idx, (1, L)).reshape(-1)
+    for x in invals:
+        if x.has_deps:
+            pieces.append(S.combine_pairs(x.sets, out, src, n))
+    sets = S.union(pieces) if pieces else None
+    return [_unknown(v.aval, sets) for v in eqn.outvars]
+
+
+# -- linear algebra ------------------------------------------------------------------
+
+
+def _nonzero_mask(v: _Val, ctx) -> np.ndarray:
+    if v.is_known:
+        ctx.consult(v, "zero")
+        return v.known != 0
+    return np.ones(v.shape, bool)
+
+
+def _rule_dot_general(eqn, invals, ctx):
+    lhs, rhs = invals
+    out_aval = eqn.outvars[0].aval
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
+    lf = tuple(d for d in range(len(lhs.shape)) if d not in lc + lb)
+    rf = tuple(d for d in range(len(rhs.shape)) if d not in rc + rb)
+    B = int(np.prod([lhs.shape[d] for d in lb], dtype=np.int64))
+    nI = int(np.prod([lhs.shape[d] for d in lf], dtype=np.int64))
+    K = int(np.prod([lhs.shape[d] for d in lc], dtype=np.int64))
+    J = int(np.prod([rhs.shape[d] for d in rf], dtype=np.int64))
+    n_out = B * nI * J
+    pieces = []
+    if lhs.has_deps:
+        xi = np.arange(lhs.size).reshape(lhs.shape).transpose(lb + lf + lc)
+        xi = xi.reshape(B, nI, K)
+        m = _nonzero_mask(rhs, ctx).transpose(rb + rc + rf).reshape(B, K, J)
+        bb, kk, jj = np.nonzero(m)
+        ii = np.arange(nI, dtype=np.int64)[:, None]
+        out = (bb[None, :] * nI + ii) * J + jj[None, :]
+        src = xi[bb[None, :], ii, kk[None, :]]
+        pieces.append(S.combine_pairs(lhs.sets, out, src, n_out))
+    if rhs.has_deps:
+        xi = np.arange(rhs.size).reshape(rhs.shape).transpose(rb + rc + rf)
+        xi = xi.reshape(B, K, J)
+        m = _nonzero_mask(lhs, ctx).transpose(lb + lf + lc).reshape(B, nI, K)
+        bb, ii, kk = np.nonzero(m)
+        jj = np.arange(J, dtype=np.int64)[None, :]
+        out = (bb[:, None] * nI + ii[:, None]) * J + jj
+        src = xi[bb[:, None], kk[:, None], jj]
+        pieces.append(S.combine_pairs(rhs.sets, out, src, n_out))
+    if not pieces:
+        return [_unknown(out_aval)]
+    return [_unknown(out_aval, S.union(pieces))]
+
+
+def _rule_conv(eqn, invals, ctx):
+    lhs, rhs = invals
+    out_aval = eqn.outvars[0].aval
+    p = eqn.params
+    if p.get("batch_group_count", 1) != 1 or rhs.has_deps:
+        raise Unsupported("conv_general_dilated with a traced kernel")
+    if not lhs.has_deps or int(np.prod(out_aval.shape)) == 0:
+        return [_unknown(out_aval)]
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    n_lhs = lhs.size
+    if n_lhs >= 2**53:
+        raise Unsupported("conv too large")
+    fdt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    if fdt == jnp.float32 and n_lhs >= 2**24:
+        raise Unsupported("conv index encoding needs x64")
+    lidx = (np.arange(n_lhs, dtype=np.float64) + 1).reshape(lhs.shape)
+    lidx = lidx.transpose(lhs_spec)  # (N, C, spatial...)
+    w = _nonzero_mask(rhs, ctx).transpose(rhs_spec)  # (O, I, k...)
+    nO, Ig = w.shape[:2]
+    ksp = w.shape[2:]
+    with jax.ensure_compile_time_eval():
+        patches = jax.lax.conv_general_dilated_patches(
+            jnp.asarray(lidx, fdt),
+            filter_shape=ksp,
+            window_strides=p["window_strides"],
+            padding=p["padding"],
+            lhs_dilation=p["lhs_dilation"],
+            rhs_dilation=p["rhs_dilation"],
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    patches = np.asarray(patches).astype(np.int64) - 1  # (N, C*prod(k), out...)
+    N = patches.shape[0]
+    out_sp = patches.shape[2:]
+    P = int(np.prod(out_sp, dtype=np.int64))
+    patches = patches.reshape(N, -1, P)
+    G = p["feature_group_count"]
+    Kp = int(np.prod(ksp, dtype=np.int64))
+    oo, ii, kk = np.nonzero(w.reshape(nO, Ig, Kp))
+    g = oo // (nO // G)
+    chan = (g * Ig + ii) * Kp + kk  # row of patches
+    # canonical out index (n, o, pos) -> actual flat index
+    oshape = out_aval.shape
+    ocan = np.arange(int(np.prod(oshape))).reshape(oshape).transpose(out_spec)
+    ocan = ocan.reshape(N, nO, P)
+    out = ocan[:, oo, :]  # (N, Q, P)
+    src = patches[:, chan, :]
+    return [_unknown(out_aval, S.combine_pairs(lhs.sets, out, src, ocan.size))]
+
+
+# -- scatter -----------------------------------------------------------------------
+
+
+def _scatter_dest(eqn, operand_shape, updates_shape, indices):
+    dn = eqn.params["dimension_numbers"]
+    from jax.lax import GatherDimensionNumbers, GatherScatterMode
+
+    slice_sizes = []
+    uw = iter(dn.update_window_dims)
+    skip = set(dn.inserted_window_dims) | set(
+        getattr(dn, "operand_batching_dims", ())
+    )
+    for d in range(len(operand_shape)):
+        if d in skip:
+            slice_sizes.append(1)
+        else:
+            slice_sizes.append(updates_shape[next(uw)])
+    gdn = GatherDimensionNumbers(
+        offset_dims=tuple(dn.update_window_dims),
+        collapsed_slice_dims=tuple(dn.inserted_window_dims),
+        start_index_map=tuple(dn.scatter_dims_to_operand_dims),
+        operand_batching_dims=tuple(getattr(dn, "operand_batching_dims", ())),
+        start_indices_batching_dims=tuple(
+            getattr(dn, "scatter_indices_batching_dims", ())
+        ),
+    )
+    mode = eqn.params.get("mode")
+    gmode = (
+        GatherScatterMode.CLIP
+        if mode == GatherScatterMode.CLIP
+        else GatherScatterMode.FILL_OR_DROP
+    )
+    n = int(np.prod(operand_shape, dtype=np.int64))
+    ar = np.arange(n, dtype=_index_dtype(n)).reshape(operand_shape)
+    with jax.ensure_compile_time_eval():
+        dest = jax.lax.gather(
+            ar, indices, gdn, tuple(slice_sizes), mode=gmode, fill_value=-1
+        )
+    dest = np.asarray(dest).astype(np.int64)
+    assert dest.shape == tuple(updates_shape)
+    return dest.reshape(-1)
+
+
+def _rule_scatter(eqn, invals, ctx):
+    operand, indices, updates = invals[:3]
+    out_aval = eqn.outvars[0].aval
+    name = eqn.primitive.name.replace("_", "-")
+    n = operand.size
+    if not indices.is_known:
+        return [_dense(out_aval, [operand, updates])]
+    ctx.consult(indices, "value")
+    dest = _scatter_dest(eqn, operand.shape, updates.shape, indices.known)
+    ok = dest >= 0
+    pieces = []
+    if name == "scatter":
+        unique = eqn.params.get("unique_indices", False)
+        written = np.zeros(n, bool)
+        written[dest[ok]] = True
+        if operand.has_deps:
+            keep = np.where(written, -1, np.arange(n))
+            pieces.append(S.gather(operand.sets, keep))
+        if updates.has_deps:
+            if not unique:
+                # Duplicate targets: the winner is unspecified, take the union.
+                pass
+            pieces.append(
+                S.combine_pairs(updates.sets, dest[ok],
+                                np.nonzero(ok)[0], n)
+            )
+    else:
+        if operand.has_deps:
+            pieces.append(operand.sets)
+        if updates.has_deps:
+            src = np.nonzero(ok)[0]
+            dst = dest[ok]
+            if name == "scatter-mul" and operand.is_known:
+                pass
+            pieces.append(S.combine_pairs(updates.sets, dst, src, n))
+    if not pieces:
+        return [_unknown(out_aval)]
+    return [_unknown(out_aval, S.union(pieces))]
+
+
+# -- control flow and calls ------------------------------------------------------
+
+
+def _closed(jaxpr_like):
+    """(jaxpr, consts) for a ClosedJaxpr or an open Jaxpr."""
+    if hasattr(jaxpr_like, "jaxpr") and hasattr(jaxpr_like, "consts"):
+        return jaxpr_like.jaxpr, list(jaxpr_like.consts)
+    return jaxpr_like, []
+
+
+def _const_val(c, aval=None):
+    if isinstance(c, jax.core.Tracer):
+        return _Val(c.shape, c.dtype)
+    k = _to_numpy(c)
+    if k is None:
+        shape = getattr(c, "shape", ())
+        return _Val(shape, getattr(c, "dtype", None))
+    return _Val(k.shape, k.dtype, known=k)
+
+
+def _call(jaxpr_like, invals, ctx):
+    jaxpr, consts = _closed(jaxpr_like)
+    return eval_jaxpr(jaxpr, [_const_val(c) for c in consts], invals, ctx)
+
+
+def _rule_call(key):
+    def rule(eqn, invals, ctx):
+        sub = eqn.params[key]
+        outs = _call(sub, invals, ctx)
+        return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
+
+    return rule
+
+
+def _retag(o: _Val, aval):
+    return _Val(aval.shape, aval.dtype, known=o.known, sets=o.sets, roots=o.roots,
+                direct=o.direct)
+
+
+def _union_vals(vals, aval):
+    if all(v.is_known for v in vals) and all(
+        np.array_equal(vals[0].known, v.known) for v in vals[1:]
+    ):
+        roots = frozenset().union(*[v.roots for v in vals])
+        return _Val(aval.shape, aval.dtype, known=vals[0].known, roots=roots)
+    return _elementwise(aval, [(v, None) for v in vals])
+
+
+def _rule_cond(eqn, invals, ctx):
+    index, ops = invals[0], invals[1:]
+    branches = eqn.params["branches"]
+    if index.is_known:
+        ctx.consult(index, "value")
+        i = int(np.clip(int(index.known.reshape(())), 0, len(branches) - 1))
+        outs = _call(branches[i], ops, ctx)
+        return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
+    results = [_call(br, ops, ctx) for br in branches]
+    return [
+        _union_vals([r[k] for r in results], var.aval)
+        for k, var in enumerate(eqn.outvars)
+    ]
+
+
+def _n_eqns(jaxpr_like) -> int:
+    jaxpr, _ = _closed(jaxpr_like)
+    return max(len(jaxpr.eqns), 1)
+
+
+def _same_sets(a: _Val, b: _Val) -> bool:
+    if a.has_deps != b.has_deps:
+        return False
+    if not a.has_deps:
+        return True
+    sa, sb = S.dedup(a.sets), S.dedup(b.sets)
+    return np.array_equal(sa.indptr, sb.indptr) and np.array_equal(sa.idx, sb.idx)
+
+
+def _forget(v: _Val) -> _Val:
+    return _Val(v.shape, v.dtype, sets=v.sets)
+
+
+def _fixpoint(step, carry, max_iter=10_000):
+    """Iterate carry <- carry U step(carry) until the sets stop growing. Values
+    become unknown (they change between iterations)."""
+    carry = [_forget(c) for c in carry]
+    for _ in range(max_iter):
+        new = step(carry)
+        merged = [
+            _elementwise(_aval_of(c), [(c, None), (nv, None)])
+            for c, nv in zip(carry, new)
+        ]
+        merged = [
+            _Val(m.shape, m.dtype, sets=S.dedup(m.sets) if m.has_deps else None)
+            for m in merged
+        ]
+        if all(_same_sets(a, b) for a, b in zip(carry, merged)):
+            return merged
+        carry = merged
+    raise Unsupported("loop fixed point did not converge")
+
+
+class _Aval:
+    def __init__(self, shape, dtype):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+
+def _aval_of(v: _Val):
+    return _Aval(v.shape, v.dtype)
+
+
+def _rule_while(eqn, invals, ctx):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, carry = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    budget = _UNROLL_BUDGET // (_n_eqns(p["body_jaxpr"]) + _n_eqns(p["cond_jaxpr"]))
+    it = 0
+    carry0 = carry
+    while it <= budget:
+        (pred,) = _call(p["cond_jaxpr"], list(cconsts) + list(carry), ctx)
+        if not pred.is_known:
+            break
+        ctx.consult(pred, "value")
+        if not bool(pred.known.reshape(())):
+            return [_retag(c, v.aval) for c, v in zip(carry, eqn.outvars)]
+        carry = _call(p["body_jaxpr"], list(bconsts) + list(carry), ctx)
+        it += 1
+    # Unknown or too long a trip count: fixed point over the carry.
+    res = _fixpoint(
+        lambda c: _call(p["body_jaxpr"], list(bconsts) + list(c), ctx),
+        [_union_vals([a, b], _aval_of(a)) for a, b in zip(carry0, carry)],
+    )
+    return [_retag(c, v.aval) for c, v in zip(res, eqn.outvars)]
+
+
+def _slice0(v: _Val, t: int, aval) -> _Val:
+    if v.is_known:
+        return _Val(aval.shape, aval.dtype, known=v.known[t], roots=v.roots)
+    if not v.has_deps:
+        return _unknown(aval)
+    m = int(np.prod(v.shape[1:], dtype=np.int64))
+    return _unknown(aval, S.gather(v.sets, np.arange(t * m, (t + 1) * m)))
+
+
+def _stack(vals: list[_Val], aval) -> _Val:
+    if all(v.is_known for v in vals):
+        roots = frozenset().union(*[v.roots for v in vals])
+        return _Val(aval.shape, aval.dtype, known=np.stack([v.known for v in vals]),
+                    roots=roots)
+    return _unknown(aval, S.concat([v.get_sets() for v in vals]))
+
+
+def _rule_scan(eqn, invals, ctx):
+    p = eqn.params
+    nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
+    body = p["jaxpr"]
+    consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    jaxpr, _ = _closed(body)
+    x_avals = [v.aval for v in jaxpr.invars[nc + nk:]]
+    y_avals = [v.aval for v in eqn.outvars[nk:]]
+    if length * _n_eqns(body) <= _UNROLL_BUDGET:
+        ys = [[None] * length for _ in y_avals]
+        order = range(length - 1, -1, -1) if p.get("reverse") else range(length)
+        for t in order:
+            x_t = [_slice0(x, t, a) for x, a in zip(xs, x_avals)]
+            out = _call(body, list(consts) + list(carry) + x_t, ctx)
+            carry = out[:nk]
+            for k, y in enumerate(out[nk:]):
+                ys[k][t] = y
+        outs = list(carry) + [
+            _stack(ys[k], var.aval) for k, var in enumerate(eqn.outvars[nk:])
+        ]
+        return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
+    # Fixed point: every iteration sees the union of all xs slices.
+    x_all = []
+    for x, a in zip(xs, x_avals):
+        if not x.has_deps:
+            x_all.append(_unknown(a))
+            continue
+        m = int(np.prod(a.shape, dtype=np.int64))
+        src = np.arange(x.size, dtype=np.int64)
+        x_all.append(_unknown(a, S.combine_pairs(x.sets, src % m, src, m)))
+    res = _fixpoint(
+        lambda c: _call(body, list(consts) + list(c) + x_all, ctx)[:nk], carry
+    )
+    out = _call(body, list(consts) + res + x_all, ctx)
+    ys = []
+    for y, var in zip(out[nk:], eqn.outvars[nk:]):
+        m = y.size
+        ys.append(_unknown(var.aval, S.gather(y.get_sets(),
+                                              np.tile(np.arange(m), length))))
+    return [_retag(o, v.aval) for o, v in zip(list(res) + ys, eqn.outvars)]
+
+
+def _rule_custom_vjp_old(eqn, invals, ctx):
+    outs = _call(eqn.params["fun_jaxpr"], invals, ctx)
+    return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
+
+
+_RULES: dict[str, Any] = {}
+for _n in _STRUCTURAL:
+    _RULES[_n] = _rule_structural
+for _n in _ZERO_DERIV:
+    _RULES[_n] = _rule_zero
+for _n in _UNARY:
+    _RULES[_n] = _rule_unary
+for _n in _NARY:
+    _RULES[_n] = _rule_nary
+_RULES.update(
+    mul=_rule_mul,
+    div=_rule_div,
+    dot_general=_rule_dot_general,
+    conv_general_dilated=_rule_conv,
+    reduce_sum=_rule_reduce,
+    reduce_max=_rule_reduce,
+    reduce_min=_rule_reduce,
+    reduce_prod=_rule_reduce,
+    reduce_and=_rule_reduce,
+    reduce_or=_rule_reduce,
+    reduce_xor=_rule_reduce,
+    argmax=_rule_zero,
+    argmin=_rule_zero,
+    reduce=_rule_reduce_generic,
+    cumsum=_rule_cumulative,
+    cumprod=_rule_cumulative,
+    cummax=_rule_cumulative,
+    cummin=_rule_cumulative,
+    cumlogsumexp=_rule_cumulative,
+    sort=_rule_sort,
+    scatter=_rule_scatter,
+    optimization_barrier=_rule_identity_multi,
+    cond=_rule_cond,
+    scan=_rule_scan,
+    custom_vjp_call_jaxpr=_rule_custom_vjp_old,
+)
+_RULES["while"] = _rule_while
+for _n in ("scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
+           "scatter-min", "scatter_min", "scatter-max", "scatter_max"):
+    _RULES[_n] = _rule_scatter
+for _n in ("pjit", "jit", "remat", "remat2", "checkpoint"):
+    _RULES[_n] = _rule_call("jaxpr")
+for _n in ("closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+           "custom_lin_call"):
+    _RULES[_n] = _rule_call("call_jaxpr")
+
+_HIGHER_ORDER = {
+    "pjit", "jit", "remat", "remat2", "checkpoint", "closed_call", "core_call",
+    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "cond", "while",
+    "scan", "optimization_barrier",
+}
+
+
+def eval_jaxpr(jaxpr, const_vals, in_vals, ctx) -> list[_Val]:
+    """Propagate `_Val`s through `jaxpr` (an open jaxpr)."""
+    env: dict[Any, _Val] = {}
+
+    def read(v):
+        if isinstance(v, _Literal):
+            k = np.asarray(v.val)
+            return _Val(k.shape, k.dtype, known=k)
+        return env[v]
+
+    for var, val in zip(jaxpr.constvars, const_vals):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, in_vals):
+        env[var] = val
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if all(v.is_known for v in invals):
+            outs = _eval_known(eqn, invals)
+        elif name not in _HIGHER_ORDER and not any(
+            _is_float(v.aval.dtype) for v in eqn.outvars
+        ):
+            outs = [_unknown(v.aval) for v in eqn.outvars]
+        else:
+            rule = _RULES.get(name)
+            if rule is None:
+                raise Unsupported(f"no sparsity rule for primitive {name!r}")
+            outs = rule(eqn, invals, ctx)
+        for var, o in zip(eqn.outvars, outs):
+            if type(var).__name__ != "DropVar":
+                env[var] = o
+    return [read(v) for v in jaxpr.outvars]

@@ -1,0 +1,127 @@
+# Copyright 2026 The lineax-amgx authors.
+# Licensed under the Apache License, Version 2.0.
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import hypothesis.strategies as st  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+import scipy.spatial  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+
+from lineax_amgx._coloring import (  # noqa: E402
+    Coloring,
+    color_columns,
+    is_valid_column_coloring,
+    star_recovery,
+)
+from lineax_amgx._pattern import SparsityPattern  # noqa: E402
+
+
+def _pattern(A):
+    A = sp.csr_array(A)
+    A.sum_duplicates()
+    A.sort_indices()
+    return SparsityPattern(A.indptr, A.indices, A.shape)
+
+
+def laplacian(n, d):
+    T = sp.diags_array([np.ones(n - 1), np.ones(n), np.ones(n - 1)],
+                       offsets=[-1, 0, 1])
+    Id = sp.identity(n)
+    if d == 2:
+        return _pattern(sp.kron(T, Id) + sp.kron(Id, T))
+    return _pattern(sp.kron(sp.kron(T, Id), Id) + sp.kron(sp.kron(Id, T), Id)
+                    + sp.kron(sp.kron(Id, Id), T))
+
+
+def _brute_valid(p, colors):
+    """Reference check, written differently: dense column-intersection test."""
+    D = p.to_scipy(np.ones(p.nnz)).toarray() != 0
+    for c in np.unique(colors):
+        if np.any(D[:, colors == c].sum(axis=1) > 1):
+            return False
+    return True
+
+
+def _asdex_colors(p, symmetric=False):
+    asdex = pytest.importorskip("asdex")
+    sa = asdex.SparsityPattern.from_coo(p.row_ids, p.indices, p.shape)
+    if symmetric:
+        return asdex.color_symmetric(sa)[1]
+    return asdex.color_cols(sa)[1]
+
+
+@pytest.mark.parametrize("n", [5, 16, 64])
+def test_2d_five_point_gets_five(n):
+    p = laplacian(n, 2)
+    c = color_columns(p)
+    assert c.num_colors == 5
+    assert is_valid_column_coloring(p, c.colors)
+    if n <= 16:
+        assert _brute_valid(p, c.colors)
+
+
+@pytest.mark.parametrize("n", [4, 10, 20])
+def test_3d_seven_point_reaches_bound_seven(n):
+    p = laplacian(n, 3)
+    c = color_columns(p)
+    assert c.num_colors == 7
+    assert is_valid_column_coloring(p, c.colors)
+
+
+def _random_pattern(seed, m, n, density, symmetric):
+    rng = np.random.default_rng(seed)
+    A = sp.random_array((m, n), density=density, rng=rng) != 0
+    if symmetric:
+        A = (A + A.T + sp.identity(n)) != 0
+    return _pattern(A.astype(float))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(5, 60), st.floats(0.02, 0.3),
+       st.booleans())
+def test_random_patterns_valid_and_not_worse_than_asdex(seed, n, density, sym):
+    p = _random_pattern(seed, n if sym else n + 3, n, density, sym)
+    c = color_columns(p, symmetric=sym)
+    if c.symmetric:
+        assert star_recovery(p, c.colors) is not None
+    else:
+        assert _brute_valid(p, c.colors)
+    assert c.num_colors <= _asdex_colors(p)
+    if sym:
+        assert c.num_colors <= _asdex_colors(p, symmetric=True)
+
+
+def test_fem_mesh_star_coloring():
+    pts = np.random.default_rng(0).random((200, 2))
+    tri = scipy.spatial.Delaunay(pts).simplices
+    r = np.repeat(tri, 3, axis=1).ravel()
+    cc = np.tile(tri, (1, 3)).ravel()
+    p = _pattern(sp.coo_array((np.ones(r.size), (r, cc)), shape=(200, 200)))
+    d2 = color_columns(p)
+    star = color_columns(p, symmetric=True)
+    assert _brute_valid(p, d2.colors)
+    assert star.num_colors <= d2.num_colors
+    if star.symmetric:
+        assert star_recovery(p, star.colors) is not None
+    assert d2.num_colors <= _asdex_colors(p)
+
+
+def test_star_recovery_rejects_invalid():
+    p = laplacian(4, 2)
+    assert star_recovery(p, np.zeros(16, np.int64)) is None
+
+
+def test_coloring_is_immutable_and_hashable():
+    p = laplacian(6, 2)
+    a, b = color_columns(p), color_columns(p)
+    assert a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    with pytest.raises(AttributeError):
+        a.num_colors = 3
+    with pytest.raises(ValueError):
+        a.colors[0] = 1
+    assert isinstance(a, Coloring) and a.colors.dtype == np.int32
