@@ -88,6 +88,7 @@ using CUfunction = struct CUfunc_opaque*;
   X(cuDeviceGet, CUresult, (CUdevice * device, int ordinal))                         \
   X(cuDeviceGetName, CUresult, (char* name, int len, CUdevice dev))                  \
   X(cuDevicePrimaryCtxRetain, CUresult, (CUcontext * ctx, CUdevice dev))             \
+  X(cuDevicePrimaryCtxRelease_v2, CUresult, (CUdevice dev))                          \
   X(cuStreamGetCtx, CUresult, (CUstream stream, CUcontext * ctx))                    \
   X(cuStreamSynchronize, CUresult, (CUstream stream))                                \
   X(cuCtxPushCurrent_v2, CUresult, (CUcontext ctx))                                  \

@@ -210,7 +210,10 @@ void ensure_initialized() {
             ? "AmgX is not loaded. Set LINEAX_AMGX_LIBRARY to the path of "
               "libamgxsh.so, or AMGX_DIR to AmgX's install or build directory, or "
               "put libamgxsh.so on the loader path (LD_LIBRARY_PATH)."
-            : "AmgX is not available: " + a.load_error);
+            : "AmgX is not available: " + a.load_error +
+                  ". Set LINEAX_AMGX_LIBRARY to the path of libamgxsh.so or AMGX_DIR "
+                  "to AmgX's install directory; lineax_amgx.info() lists every path "
+                  "tried.");
   load_cuda_driver();
   if (!a.initialized) {
     // Register the print callback first so that AmgX's banner is captured, not
@@ -244,6 +247,36 @@ struct ContextScope {
   ContextScope(const ContextScope&) = delete;
   ContextScope& operator=(const ContextScope&) = delete;
 };
+
+// After an asynchronous CUDA fault (an illegal address inside AmgX, say) the
+// context is unusable: every later CUDA call fails, and AmgX's destructors would
+// throw from destructors (std::terminate). The core then refuses further work with
+// a clear error and leaks, rather than destroys, what it holds.
+std::string& poisoned() {
+  static auto* s = new std::string();
+  return *s;
+}
+
+// Whether `device`'s context is healthy (and records why not).
+bool context_healthy(CUdevice device) {
+  if (!poisoned().empty()) return false;
+  Api& a = api();
+  if (!a.cuda_handle) return true;
+  CUcontext ctx;
+  if (a.cuDevicePrimaryCtxRetain(&ctx, device) != 0) return true;
+  a.cuCtxPushCurrent_v2(ctx);
+  CUresult rc = a.cuCtxSynchronize();
+  CUcontext popped;
+  a.cuCtxPopCurrent_v2(&popped);
+  a.cuDevicePrimaryCtxRelease_v2(device);
+  if (rc != 0) {
+    poisoned() = "the CUDA context of device " + std::to_string(device) +
+                 " hit an unrecoverable error (" + cuda_error_string(rc) +
+                 "); AmgX cannot be used again in this process: restart it";
+    return false;
+  }
+  return true;
+}
 
 // ------------------------------------------------------------------------------
 // Patterns registered from Python (host CSR structure, by fingerprint).
@@ -447,6 +480,17 @@ struct Entry {
   }
 };
 
+// Destroys an entry, or leaks it when its device's context is broken (destroying
+// AmgX objects then throws from destructors and aborts the process).
+void dispose(std::unique_ptr<Entry>& e) {
+  if (!e) return;
+  if (context_healthy(e->key.device)) {
+    e.reset();
+  } else {
+    (void)e.release();
+  }
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -506,7 +550,8 @@ class Cache {
         resetup(*e, values, stream);
       } catch (...) {
         ++totals.evictions;
-        entries_.erase(it);  // unknown AmgX state: drop the entry
+        dispose(*it);  // unknown AmgX state: drop the entry
+        entries_.erase(it);
         throw;
       }
       touch(it);
@@ -524,6 +569,18 @@ class Cache {
                                 CUdeviceptr values, size_t value_bytes,
                                 CUstream stream) {
     auto e = std::make_unique<Entry>();
+    try {
+      fill(*e, key, std::move(pattern), values, value_bytes, stream);
+    } catch (...) {
+      dispose(e);
+      throw;
+    }
+    return e;
+  }
+
+  void fill(Entry& entry, const Key& key, std::shared_ptr<const Pattern> pattern,
+            CUdeviceptr values, size_t value_bytes, CUstream stream) {
+    Entry* e = &entry;
     e->id = next_id_++;
     e->key = key;
     e->pattern = std::move(pattern);
@@ -558,7 +615,6 @@ class Cache {
     ++e->counters.setups;
     ++totals.setups;
     take_captured();
-    return e;
   }
 
   void resetup(Entry& e, CUdeviceptr values, CUstream stream) {
@@ -616,6 +672,7 @@ class Cache {
   void remove(Entry* e) {
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
       if (it->get() == e) {
+        dispose(*it);
         entries_.erase(it);
         return;
       }
@@ -628,13 +685,21 @@ class Cache {
         if (entries_.size() == 1) break;
         it = std::prev(it);
       }
+      dispose(*it);
       entries_.erase(it);
       ++totals.evictions;
     }
   }
 
   void clear() {
+    for (auto& e : entries_) dispose(e);
     entries_.clear();
+    for (auto& [device, r] : resources()) {
+      if (context_healthy(device))
+        r.reset();
+      else
+        (void)r.release();
+    }
     resources().clear();
   }
 
@@ -667,6 +732,17 @@ size_t element_size(int32_t mode, bool matrix) {
 }
 
 void check_values(const ffi::AnyBuffer& values, const Pattern& p, int32_t mode) {
+  // AmgX 2.5 (checked on an H200 with the aggregation presets): block sizes 6 and
+  // 8 end in an illegal memory access that ruins the CUDA context, 7 has no
+  // aggregation (LOW_DEG) kernel. Refuse them before AmgX sees them.
+  if (p.block_size < 1 || p.block_size > 5) {
+    const std::string b = std::to_string(p.block_size);
+    throw Failure("AmgX cannot solve " + b + "x" + b +
+                  " block systems here: lineax-amgx passes block sizes 1 to 5 to AmgX "
+                  "(6 and 8 crash AmgX 2.5 with an illegal memory access, 7 has no "
+                  "aggregation kernel). Use the scalar form of the operator (block_size=1) "
+                  "on the GPU, or the CPU backend (pyamg), which takes blocks up to 8.");
+  }
   size_t per = element_size(mode, true);
   size_t bs = static_cast<size_t>(p.block_size);
   size_t want = p.indices.size() * bs * bs * per;
@@ -676,7 +752,10 @@ void check_values(const ffi::AnyBuffer& values, const Pattern& p, int32_t mode) 
 }
 
 ffi::Error to_ffi_error(const std::exception& e) {
-  return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  std::string msg = e.what();
+  if (!poisoned().empty() && msg.find(poisoned()) == std::string::npos)
+    msg += "\n(" + poisoned() + ")";
+  return ffi::Error(ffi::ErrorCode::kInternal, msg);
 }
 
 template <typename T>
@@ -691,6 +770,7 @@ ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
   std::lock_guard<std::recursive_mutex> lock(core_mutex());
   print_state().verbose = verbose != 0;
   try {
+    if (!poisoned().empty()) throw Failure(poisoned());
     ensure_initialized();
     CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
     ContextScope scope(stream);
@@ -729,6 +809,7 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
   std::lock_guard<std::recursive_mutex> lock(core_mutex());
   print_state().verbose = verbose != 0;
   try {
+    if (!poisoned().empty()) throw Failure(poisoned());
     ensure_initialized();
     CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
     ContextScope scope(stream);
@@ -772,7 +853,10 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
                     reinterpret_cast<CUdeviceptr>(x0.untyped_data()), has_x0 != 0, x_ptr,
                     &st, &its, &res);
       } catch (...) {
-        if (!isolated) cache.remove(e);  // unknown AmgX state: drop the entry
+        if (isolated)
+          dispose(isolated);
+        else
+          cache.remove(e);  // unknown AmgX state: drop the entry
         throw;
       }
       info_host[0] = st;
@@ -920,6 +1004,7 @@ NB_MODULE(_native, m) {
     d["initialized"] = a.initialized;
     d["resetup_available"] = a.AMGX_solver_resetup != nullptr;
     d["error_output_captured"] = a.error_output_hooked;
+    d["context_error"] = poisoned();
     if (a.amgx_handle) {
       int major = 0, minor = 0;
       a.AMGX_get_api_version(&major, &minor);

@@ -58,8 +58,12 @@ def make_problem(n: int):
         c = U[1:-1, 1:-1]
         kc = K[1:-1, 1:-1]
         flux = 0.0
-        for sl in ((slice(2, None), slice(1, -1)), (slice(None, -2), slice(1, -1)),
-                   (slice(1, -1), slice(2, None)), (slice(1, -1), slice(None, -2))):
+        for sl in (
+            (slice(2, None), slice(1, -1)),
+            (slice(None, -2), slice(1, -1)),
+            (slice(1, -1), slice(2, None)),
+            (slice(1, -1), slice(None, -2)),
+        ):
             flux = flux + 0.5 * (kc + K[sl]) * (c - U[sl])
         return (flux / h**2 - f).reshape(-1)
 
@@ -77,8 +81,7 @@ def make_problem(n: int):
     def picard(u):
         K = jnp.pad(coefficient(u.reshape(n, n)), 1, constant_values=coefficient(0.0))
         kc = K[1:-1, 1:-1]
-        diag = 0.5 * (4 * kc + K[2:, 1:-1] + K[:-2, 1:-1] + K[1:-1, 2:]
-                      + K[1:-1, :-2])
+        diag = 0.5 * (4 * kc + K[2:, 1:-1] + K[:-2, 1:-1] + K[1:-1, 2:] + K[1:-1, :-2])
         k = K[1:-1, 1:-1].reshape(-1)
         off = -0.5 * (k[rows] + k[cols])
         values = jnp.where(on_diag, diag.reshape(-1)[rows], off) / h**2
@@ -90,10 +93,18 @@ def make_problem(n: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="grid side (n^2 unknowns)")
-    parser.add_argument("--eta", type=float, default=1e-6,
-                        help="GMRES tolerance relative to max|F(u_k)|")
-    parser.add_argument("--tol", type=float, default=1e-9,
-                        help="Newton stops when max|F| <= tol * max|F(u_0)|")
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=1e-6,
+        help="GMRES tolerance relative to max|F(u_k)|",
+    )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=1e-9,
+        help="Newton stops when max|F| <= tol * max|F(u_0)|",
+    )
     parser.add_argument("--restart", type=int, default=20)
     parser.add_argument("--max-newton", type=int, default=20)
     parser.add_argument("--max-restarts", type=int, default=100)
@@ -106,8 +117,9 @@ def main():
     def count(*_):
         applications[0] += 1
 
-    gmres = lx.GMRES(rtol=0.0, atol=args.eta, restart=args.restart,
-                     max_steps=args.max_restarts)
+    gmres = lx.GMRES(
+        rtol=0.0, atol=args.eta, restart=args.restart, max_steps=args.max_restarts
+    )
 
     @eqx.filter_jit
     def newton_step(u, precondition: bool, counted: bool):
@@ -162,24 +174,32 @@ def main():
         v.block_until_ready()
         wall = time.perf_counter() - t0
         report[label] = (len(per_step), sum(per_step), wall, converged)
-        print(f"total: {len(per_step)} Newton steps, {sum(per_step)} Jacobian "
-              f"applications, {wall:.2f} s (timed run, after compilation); "
-              f"max u = {float(u.max()):.3f}"
-              + ("" if converged else "; NOT converged"))
+        print(
+            f"total: {len(per_step)} Newton steps, {sum(per_step)} Jacobian "
+            f"applications, {wall:.2f} s (timed run, after compilation); "
+            f"max u = {float(u.max()):.3f}" + ("" if converged else "; NOT converged")
+        )
 
     print("\nsummary")
     for label, (steps, apps, wall, converged) in report.items():
-        print(f"  {label:19s} {steps:3d} Newton steps, {apps:6d} J applications "
-              f"({apps / max(steps, 1):7.1f} per step), {wall:7.2f} s"
-              + ("" if converged else "  (not converged)"))
+        print(
+            f"  {label:19s} {steps:3d} Newton steps, {apps:6d} J applications "
+            f"({apps / max(steps, 1):7.1f} per step), {wall:7.2f} s"
+            + ("" if converged else "  (not converged)")
+        )
     on_gpu = jax.default_backend() == "gpu"
     backend = lxa.cache_info("amgx" if on_gpu else "pyamg")
-    print(f"  AMG setups and resetups: {backend['setups'] + backend['resetups']} "
-          f"(one per Newton step and run), cycles applied: {backend['solves']}")
+    print(
+        f"  AMG setups and resetups: {backend['setups'] + backend['resetups']} "
+        f"(one per Newton step and run), cycles applied: {backend['solves']}"
+    )
     if not on_gpu:
-        print("  (CPU: each cycle is a pyamg host callback, dear next to this cheap "
-              "matrix-free stencil; the iteration counts are what carries over to "
-              "larger grids and the GPU)")
+        print(
+            "  (CPU: each cycle is a pyamg host callback, dear next to this cheap "
+            "matrix-free stencil; the iteration counts are what carries over to "
+            "larger grids and the GPU)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -10,23 +10,24 @@ x = lx.linear_solve(A, b, solver=lxa.AMGX()).value
 
 import importlib.metadata
 
+from ._blocks import (
+    NearNullspaceWarning as NearNullspaceWarning,
+    rigid_body_modes as rigid_body_modes,
+)
 from ._cache import (
     cache_info as cache_info,
-)
-from ._cache import (
     clear_cache as clear_cache,
-)
-from ._cache import (
     finalize as finalize,
-)
-from ._cache import (
     reset_counters as reset_counters,
-)
-from ._cache import (
     set_cache_size as set_cache_size,
 )
-from ._config import ConfigError as ConfigError
-from ._config import configs as configs
+from ._coloring import Coloring as Coloring, color_columns as color_columns
+from ._config import ConfigError as ConfigError, configs as configs
+from ._distributed import (
+    DistributedCSROperator as DistributedCSROperator,
+    DistributedPattern as DistributedPattern,
+    Layout as Layout,
+)
 from ._info import info as info
 from ._library import AmgXNotFoundError as AmgXNotFoundError
 from ._operator import CSROperator as CSROperator
@@ -36,14 +37,12 @@ from ._preconditioner import (
     AMGXPreconditioner as AMGXPreconditioner,
 )
 from ._solver import AMGX as AMGX
-
-try:
-    from ._coloring import Coloring as Coloring
-    from ._coloring import color_columns as color_columns
-    from ._sparsify import sparsify as sparsify
-    from ._sparsity import detect_sparsity as detect_sparsity
-except ImportError:  # pragma: no cover - while the matrix-free modules are built
-    pass
+from ._sparsify import (
+    SparsifiedOperator as SparsifiedOperator,
+    as_csr_operator as as_csr_operator,
+    sparsify as sparsify,
+)
+from ._sparsity import detect_sparsity as detect_sparsity
 
 try:
     __version__ = importlib.metadata.version("lineax-amgx")

@@ -15,12 +15,20 @@ test is made on the true residual `||b - A x||`). A key with no pyamg equivalent
 warns once per `(key, value)` ([`lineax_amgx._cpu.PyamgTranslationWarning`][]);
 one whose omission would change the answer raises a `ValueError`.
 
+Block operators (`block_size = b > 1`) reach pyamg as BSR matrices: smoothed
+aggregation then aggregates block rows (nodes), its default near-null space is
+one constant vector per block component, and the smoothers are block Jacobi /
+block Gauss-Seidel on the `b x b` diagonal blocks. A user-given near-null space
+(`options["near_nullspace"]`, e.g. `lineax_amgx.rigid_body_modes`) replaces
+that default as pyamg's `B`.
+
 AMG hierarchies live in a small, thread-safe LRU cache keyed by
-`(pattern fingerprint, block size, mode, config, transposed)`. An entry keeps
-copies of the values it was set up with; incoming values are compared exactly
-(`np.array_equal`, never a hash), so unchanged values never set up twice. A
-setup returns a token `(entry id, generation)`; a solve that presents a token
-naming a resident setup does no comparison and no setup.
+`(pattern fingerprint, block size, mode, config, transposed, near-null-space
+width)`. An entry keeps copies of the values (and near-null space) it was set up
+with; incoming ones are compared exactly (`np.array_equal`, never a hash), so
+unchanged values never set up twice. A setup returns a token `(entry id,
+generation)`; a solve that presents a token naming a resident setup does no
+comparison and no setup.
 """
 
 from __future__ import annotations
@@ -490,7 +498,7 @@ def _is_symmetric(A) -> bool:
     return d.count_nonzero() == 0 if hasattr(d, "count_nonzero") else False
 
 
-def _build_amg(plan: _AMGPlan, A, block: int):
+def _build_amg(plan: _AMGPlan, A, block: int, near_nullspace=None):
     import pyamg
 
     is_block = block > 1
@@ -500,7 +508,8 @@ def _build_amg(plan: _AMGPlan, A, block: int):
         presmoother=pre,
         postsmoother=post,
         max_levels=max(plan.max_levels, 1),
-        max_coarse=max(plan.min_coarse_rows, 1) * block,
+        # pyamg counts block rows here, as AmgX's min_coarse_rows does.
+        max_coarse=max(plan.min_coarse_rows, 1),
         coarse_solver="pinv",
     )
     if plan.algorithm == "rs":
@@ -515,6 +524,7 @@ def _build_amg(plan: _AMGPlan, A, block: int):
     else:
         ml = pyamg.smoothed_aggregation_solver(
             A,
+            B=near_nullspace,
             symmetry="hermitian" if _is_symmetric(A) else "nonsymmetric",
             smooth=plan.smooth_prolongation,
             improve_candidates=None,
@@ -563,7 +573,14 @@ def _build_direct(A):
 class _Prepared:
     """A matrix and its preconditioner, ready to solve (one cache slot)."""
 
-    def __init__(self, plan: _Plan, pattern: SparsityPattern, values, mode: str):
+    def __init__(
+        self,
+        plan: _Plan,
+        pattern: SparsityPattern,
+        values,
+        mode: str,
+        near_nullspace=None,
+    ):
         import scipy.sparse.linalg as spla
 
         dtype = _compute_dtype(mode)
@@ -577,7 +594,12 @@ class _Prepared:
         block = pattern.block_size
         p = plan.precond
         if isinstance(p, _AMGPlan):
-            apply, self.hierarchy, n = _build_amg(p, A, block)
+            B = (
+                None
+                if near_nullspace is None
+                else np.asarray(near_nullspace, dtype=dtype)
+            )
+            apply, self.hierarchy, n = _build_amg(p, A, block, B)
         elif isinstance(p, _RelaxPlan):
             apply, _, n = _build_relax(p, A, block)
         elif isinstance(p, _DirectPlan):
@@ -700,6 +722,14 @@ _ID_LIMIT = 2**31 - 1
 class _Slot:
     values: np.ndarray
     prepared: _Prepared
+    near_nullspace: np.ndarray | None = None
+
+    def matches(self, values, near_nullspace) -> bool:
+        if not np.array_equal(self.values, values):
+            return False
+        if near_nullspace is None or self.near_nullspace is None:
+            return near_nullspace is None and self.near_nullspace is None
+        return np.array_equal(self.near_nullspace, near_nullspace)
 
 
 @dataclass
@@ -758,9 +788,13 @@ class _Cache:
         with self.lock:
             self.counters = dict.fromkeys(_COUNTERS, 0)
 
-    def acquire(self, ckey, plan, pattern, values, mode, token=None):
-        """The `(entry id, generation, prepared)` for these values: from the
-        token, from an exact comparison, or from a (re)setup."""
+    def acquire(
+        self, ckey, plan, pattern, values, mode, token=None, near_nullspace=None
+    ):
+        """The `(entry id, generation, prepared)` for these values (and
+        near-null space): from the token, from an exact comparison, or from a
+        (re)setup."""
+        nns = near_nullspace
         with self.lock:
             c = self.counters
             if token is not None:
@@ -777,22 +811,22 @@ class _Cache:
                 # Isolated mode: build for this call only, keep nothing.
                 c["misses"] += 1
                 c["setups"] += 1
-                return -1, -1, _Prepared(plan, pattern, values, mode)
+                return -1, -1, _Prepared(plan, pattern, values, mode, nns)
             entry = self.entries.get(ckey)
             if entry is not None:
                 self.entries.move_to_end(ckey)
                 for gen in reversed(entry.slots):
                     c["compares"] += 1
-                    if np.array_equal(entry.slots[gen].values, values):
+                    if entry.slots[gen].matches(values, nns):
                         c["hits"] += 1
                         entry.hits += 1
                         entry.slots.move_to_end(gen)
                         return entry.id, gen, entry.slots[gen].prepared
-                prepared = _Prepared(plan, pattern, values, mode)
+                prepared = _Prepared(plan, pattern, values, mode, nns)
                 c["resetups"] += 1
                 entry.resetups += 1
             else:
-                prepared = _Prepared(plan, pattern, values, mode)
+                prepared = _Prepared(plan, pattern, values, mode, nns)
                 c["misses"] += 1
                 c["setups"] += 1
                 entry = _Entry(self._new_id(), ckey)
@@ -802,7 +836,9 @@ class _Cache:
                 self._evict()
             entry.generation = (entry.generation + 1) % _ID_LIMIT
             entry.slots[entry.generation] = _Slot(
-                np.array(values, copy=True), prepared
+                np.array(values, copy=True),
+                prepared,
+                None if nns is None else np.array(nns, copy=True),
             )
             while len(entry.slots) > self.slots:
                 entry.slots.popitem(last=False)
@@ -819,11 +855,12 @@ class _Cache:
         with self.lock:
             entries = []
             for e in self.entries.values():
-                fingerprint, block, mode, _, transposed = e.key
+                fingerprint, block, mode, _, transposed, width = e.key
                 entries.append(
                     dict(
                         id=e.id, fingerprint=fingerprint, block_size=block,
-                        mode=mode, transposed=transposed, generation=e.generation,
+                        mode=mode, transposed=transposed, near_nullspace=width,
+                        generation=e.generation,
                         resident_setups=len(e.slots), setups=e.setups,
                         resetups=e.resetups, solves=e.solves, hits=e.hits,
                     )
@@ -850,8 +887,9 @@ def cache_info() -> dict[str, Any]:
     or every build in isolated mode), `resetups` (rebuilds of a resident entry for
     new values), `solves`, `evictions`, `compares` (exact value comparisons made)
     and `token_hits` (solves whose token named a resident setup: no comparison at
-    all); `entries` lists each resident entry with its own `setups`, `resetups`,
-    `solves` and `hits`.
+    all); `entries` lists each resident entry with its block size, the number
+    of near-null-space vectors it was set up with (`near_nullspace`, 0 for
+    pyamg's default) and its own `setups`, `resetups`, `solves` and `hits`.
     """
     return _cache.info()
 
@@ -892,9 +930,34 @@ def set_cache_size(n: int, entries_per_key: int | None = None) -> None:
 # -----------------------------------------------------------------------------
 
 
-def _cache_key(pattern: SparsityPattern, key: SolveKey) -> tuple:
+def _cache_key(pattern: SparsityPattern, key: SolveKey, near_nullspace) -> tuple:
+    width = 0 if near_nullspace is None else int(near_nullspace.shape[-1])
     return (pattern.fingerprint, pattern.block_size, key.mode, key.config,
-            key.transposed)
+            key.transposed, width)
+
+
+def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace):
+    if near_nullspace is None:
+        return
+    if near_nullspace.ndim != 2 or near_nullspace.shape[0] != pattern.shape[0]:
+        raise ValueError(
+            f"The near-null space has shape {near_nullspace.shape}; expected "
+            f"({pattern.shape[0]}, k)."
+        )
+    p = plan.precond
+    if isinstance(p, _AMGPlan) and p.algorithm == "sa":
+        return
+    with _warned_lock:
+        if ("near_nullspace", "") in _warned:
+            return
+        _warned.add(("near_nullspace", ""))
+    warnings.warn(
+        'options["near_nullspace"] is used only by aggregation AMG; this '
+        "configuration (no smoothed-aggregation preconditioner) ignores it "
+        "(pyamg CPU backend; see docs/blocks.md).",
+        PyamgTranslationWarning,
+        stacklevel=4,
+    )
 
 
 def setup(
@@ -902,6 +965,7 @@ def setup(
     values: _Values,
     ok: _Flag,
     key: SolveKey,
+    near_nullspace: Shaped[Array, "n k"] | None = None,
 ) -> _Token:
     """Set up (or reuse) the pyamg solver for these values.
 
@@ -911,6 +975,9 @@ def setup(
     - `values`: the matrix values, shape `pattern.value_shape`.
     - `ok`: int32 scalar, 0 when `values` holds NaN or Inf (no setup is made).
     - `key`: the static [`lineax_amgx._dispatch.SolveKey`][].
+    - `near_nullspace`: `None` or an `(n, k)` array: the near-null space that
+        smoothed aggregation interpolates exactly (pyamg's `B`; by default one
+        constant vector per block component). Part of the cache comparison.
 
     **Returns:**
 
@@ -918,24 +985,26 @@ def setup(
     `(-1, -1)` when nothing was kept (non-finite values, isolated mode).
     """
     plan = _plan(key.config)  # warnings and config errors surface at trace time
-    ckey = _cache_key(pattern, key)
+    _check_near_nullspace(plan, pattern, near_nullspace)
+    ckey = _cache_key(pattern, key, near_nullspace)
 
-    def host(values, ok):
+    def host(values, ok, *maybe_nns):
         if int(ok) == 0 or _cache.capacity == 0:
             return np.array([-1, -1], np.int32)
+        nns = np.asarray(maybe_nns[0]) if maybe_nns else None
         entry_id, gen, prepared = _cache.acquire(
-            ckey, plan, pattern, np.asarray(values), key.mode
+            ckey, plan, pattern, np.asarray(values), key.mode, near_nullspace=nns
         )
         if key.verbose:
             print(f"lineax_amgx (pyamg): setup {prepared.hierarchy or prepared}")
         return np.array([entry_id, gen], np.int32)
 
-    values = jax.lax.stop_gradient(values)
+    args = [values, ok] + ([] if near_nullspace is None else [near_nullspace])
+    args = [jax.lax.stop_gradient(a) for a in args]
     return jax.pure_callback(
         host,
         jax.ShapeDtypeStruct((2,), jnp.int32),
-        values,
-        ok,
+        *args,
         vmap_method="sequential",
     )
 
@@ -948,6 +1017,7 @@ def solve(
     x0: _Vector | None,
     ok: _Flag,
     key: SolveKey,
+    near_nullspace: Shaped[Array, "n k"] | None = None,
 ) -> tuple[_Vector, _Token, _Scalar]:
     """Solve `A x = b` on the host with pyamg.
 
@@ -963,6 +1033,7 @@ def solve(
     - `x0`: the initial guess, or `None` for zeros.
     - `ok`: int32 scalar, 0 when `values`, `b` or `x0` holds NaN or Inf: pyamg is
         skipped, `x` is zeros, the status `STATUS_NONFINITE`, the residual `inf`.
+    - `near_nullspace`: as for `setup` (used when the token is stale).
 
     **Returns:**
 
@@ -971,11 +1042,14 @@ def solve(
     host, a scalar of `b`'s dtype.
     """
     plan = _plan(key.config)
-    ckey = _cache_key(pattern, key)
+    _check_near_nullspace(plan, pattern, near_nullspace)
+    ckey = _cache_key(pattern, key, near_nullspace)
     out_dtype = np.dtype(b.dtype)
+    has_x0 = x0 is not None
 
-    def host(values, token, b, ok, *maybe_x0):
-        x0_host = maybe_x0[0] if maybe_x0 else None
+    def host(values, token, b, ok, *rest):
+        x0_host = rest[0] if has_x0 else None
+        nns = np.asarray(rest[-1]) if near_nullspace is not None else None
         if int(ok) == 0:
             return (
                 np.zeros(b.shape, out_dtype),
@@ -983,7 +1057,8 @@ def solve(
                 np.array(np.inf, out_dtype),
             )
         entry_id, _, prepared = _cache.acquire(
-            ckey, plan, pattern, np.asarray(values), key.mode, token=token
+            ckey, plan, pattern, np.asarray(values), key.mode, token=token,
+            near_nullspace=nns,
         )
         x, status, steps, resid = prepared.solve(np.asarray(b), x0_host)
         _cache.count_solve(entry_id)
@@ -999,6 +1074,7 @@ def solve(
         )
 
     args = [values, token, b, ok] + ([] if x0 is None else [x0])
+    args += [] if near_nullspace is None else [near_nullspace]
     args = [jax.lax.stop_gradient(a) for a in args]
     result_shapes = (
         jax.ShapeDtypeStruct(b.shape, b.dtype),

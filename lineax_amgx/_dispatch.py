@@ -10,8 +10,12 @@ Both backends implement the same two calls, with the same shapes and meaning:
   sets up from `values` first (a stale token is slow, never wrong). `info` is
   int32[2] = (status, iterations); `residual` the final residual norm.
 
-`ok` is an int32 scalar, 0 when an input holds NaN or Inf: the backend then skips
-AmgX and reports `STATUS_NONFINITE`.
+`ok` is an int32 scalar, 0 when an input holds NaN or Inf (or the matrix has a
+zero row): the backend then skips AmgX and reports `STATUS_NONFINITE`.
+
+The CPU backend takes one more, optional argument, `near_nullspace` (an `(n, k)`
+array or `None`: `options["near_nullspace"]`, pyamg's `B`). AmgX has no such
+input: the GPU backend drops it, with a one-time `NearNullspaceWarning`.
 """
 
 from __future__ import annotations
@@ -54,40 +58,127 @@ def _finite(*arrays) -> jax.Array:
     return ok.astype(jnp.int32)
 
 
-def _impls(key: SolveKey):
-    from . import _cpu, _ffi
+def _impls(key: SolveKey, pattern):
+    from . import _cpu, _distributed, _ffi
 
+    if isinstance(pattern, _distributed.DistributedPattern):
+        # One rank's rows of a distributed matrix: collective backends.
+        return _distributed.gpu_backend, _distributed
     return _ffi, _cpu
 
 
-def setup(pattern: SparsityPattern, values, key: SolveKey):
-    ok = _finite(values)
-    gpu, cpu = _impls(key)
+def setup(
+    pattern: SparsityPattern, values, key: SolveKey, near_nullspace=None, *, ok=None
+):
+    """`ok` (bool or int32 scalar) may be given when the caller has already
+    checked the values; otherwise they are checked here."""
+    ok = _finite(values) if ok is None else jnp.asarray(ok).astype(jnp.int32)
+    gpu, cpu = _impls(key, pattern)
+    args = (pattern, values, ok, key, near_nullspace)
     if key.backend == "pyamg":
-        return cpu.setup(pattern, values, ok, key)
+        return cpu.setup(*args)
     if key.backend == "amgx":
-        return gpu.setup(pattern, values, ok, key)
-    return _platform_dependent(gpu.setup, cpu.setup, pattern, values, ok, key)
+        return _platform_dependent(
+            _gpu(gpu.setup, explicit=True), _drop_nns(_setup_not_on_cuda), *args
+        )
+    return _platform_dependent(_gpu(gpu.setup), cpu.setup, *args)
 
 
-def solve(pattern: SparsityPattern, values, token, b, x0, key: SolveKey):
-    ok = _finite(values, b, x0)
-    gpu, cpu = _impls(key)
+def solve(
+    pattern: SparsityPattern,
+    values,
+    token,
+    b,
+    x0,
+    key: SolveKey,
+    near_nullspace=None,
+    *,
+    ok=None,
+):
+    ok = _finite(values, b, x0) if ok is None else jnp.asarray(ok).astype(jnp.int32)
+    gpu, cpu = _impls(key, pattern)
+    args = (pattern, values, token, b, x0, ok, key, near_nullspace)
     if key.backend == "pyamg":
-        return cpu.solve(pattern, values, token, b, x0, ok, key)
+        return cpu.solve(*args)
     if key.backend == "amgx":
-        return gpu.solve(pattern, values, token, b, x0, ok, key)
-    return _platform_dependent(
-        gpu.solve, cpu.solve, pattern, values, token, b, x0, ok, key
-    )
+        return _platform_dependent(
+            _gpu(gpu.solve, explicit=True), _drop_nns(_solve_not_on_cuda), *args
+        )
+    return _platform_dependent(_gpu(gpu.solve), cpu.solve, *args)
+
+
+def _gpu(fn, explicit: bool = False):
+    """The GPU entry point `fn` without the CPU-only `near_nullspace` argument
+    (dropped with a one-time warning)."""
+
+    def call(pattern, *args):
+        *args, key, near_nullspace = args
+        # With backend="auto" this branch is traced on every machine (see
+        # `_platform_dependent`): warn only where it can run.
+        if near_nullspace is not None and (explicit or _has_cuda()):
+            from . import _blocks
+
+            _blocks.warn_near_nullspace_ignored()
+        return fn(pattern, *args, key)
+
+    return call
+
+
+def _drop_nns(fn):
+    def call(pattern, *args):
+        *args, key, _ = args
+        return fn(pattern, *args, key)
+
+    return call
+
+
+def _has_cuda() -> bool:
+    from ._library import has_cuda_backend
+
+    return has_cuda_backend()
 
 
 def _platform_dependent(gpu_fn, cpu_fn, pattern, *args):
     """Choose the backend by the platform the computation is lowered for, i.e.
     where the data lives (not `jax.default_backend()`)."""
-    *arrays, key = args
+    *arrays, key, near_nullspace = args
     return jax.lax.platform_dependent(
         *arrays,
-        cuda=lambda *a: gpu_fn(pattern, *a, key),
-        default=lambda *a: cpu_fn(pattern, *a, key),
+        near_nullspace,
+        cuda=lambda *a: gpu_fn(pattern, *a[:-1], key, a[-1]),
+        default=lambda *a: cpu_fn(pattern, *a[:-1], key, a[-1]),
+    )
+
+
+_NOT_ON_CUDA = (
+    "AMGX(backend='amgx') got arrays on a non-CUDA device, but AmgX runs on "
+    "NVIDIA GPUs only. Put the operator and the right-hand side on a GPU "
+    "(`jax.device_put(x, jax.devices('cuda')[0])`), or use backend='auto' (pyamg "
+    "for arrays on the CPU) or backend='pyamg'."
+)
+
+
+def _raise_not_on_cuda(*_):
+    raise RuntimeError(_NOT_ON_CUDA)
+
+
+def _setup_not_on_cuda(pattern, values, ok, key):
+    """`backend="amgx"` lowered for a platform without AmgX: fails when it runs,
+    with a message that says why (instead of XLA's "no FFI handler")."""
+    del pattern, key
+    return jax.pure_callback(
+        _raise_not_on_cuda, jax.ShapeDtypeStruct((2,), jnp.int32), values, ok,
+        vmap_method="sequential",
+    )
+
+
+def _solve_not_on_cuda(pattern, values, token, b, x0, ok, key):
+    del pattern, token, x0, key
+    shapes = (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+    return jax.pure_callback(
+        _raise_not_on_cuda, shapes, values, b, ok, vmap_method="sequential"
     )

@@ -12,7 +12,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact
 
-from ._pattern import SparsityPattern
+from ._blocks import check_block_size
+from ._pattern import SparsityPattern, check_index_range
 
 
 def _frozenset(tags: object) -> frozenset[object]:
@@ -71,7 +72,7 @@ class CSROperator(lx.AbstractLinearOperator):
     """
 
     pattern: SparsityPattern = eqx.field(static=True)
-    values: Inexact[Array, "nnz *block"]
+    values: Inexact[Array, " nnz *block"]
     tags: frozenset[object] = eqx.field(static=True)
 
     def __init__(self, pattern: SparsityPattern, values, tags: object = ()):
@@ -79,6 +80,7 @@ class CSROperator(lx.AbstractLinearOperator):
             raise TypeError(
                 f"pattern must be a SparsityPattern, got {type(pattern).__name__}."
             )
+        check_block_size(pattern.block_size)
         self.pattern = pattern
         self.values = _check_values(values, pattern)
         self.tags = _frozenset(tags)
@@ -101,12 +103,23 @@ class CSROperator(lx.AbstractLinearOperator):
         `values` may be a JAX array (traced too). Column indices must be sorted
         and unique within each row unless `sum_duplicates=True`, which sorts and
         sums them on the host (then `values` must be concrete)."""
+        check_index_range(shape)
         if sum_duplicates:
             import scipy.sparse as sp
 
-            indptr = np.asarray(indptr)
-            indices = np.asarray(indices)
-            vals = np.asarray(values)
+            # Copies: scipy canonicalises in place, and the caller's arrays are
+            # theirs.
+            indptr = np.array(indptr, copy=True)
+            indices = np.array(indices, copy=True)
+            vals = np.array(values, copy=True)
+            if indptr.ndim == 1 and indptr.size:
+                check_index_range(shape, int(indptr[-1]))
+            if indices.size and (indices.min() < 0 or indices.max() >= shape[1]
+                                 // block_size):
+                raise ValueError(
+                    f"Column indices out of range [0, {shape[1] // block_size}): "
+                    f"found min {indices.min()}, max {indices.max()}."
+                )
             if block_size == 1:
                 m = sp.csr_array((vals, indices, indptr), shape=shape)
             else:
@@ -133,10 +146,19 @@ class CSROperator(lx.AbstractLinearOperator):
 
         if not sp.issparse(matrix):
             raise TypeError(
-                f"from_scipy expects a scipy sparse matrix, got {type(matrix).__name__}."
+                "from_scipy expects a scipy sparse matrix, got "
+                f"{type(matrix).__name__}."
             )
         if matrix.ndim != 2:
             raise ValueError("from_scipy expects a 2-D matrix.")
+        # Before any conversion allocates arrays of the declared size.
+        check_index_range(matrix.shape, matrix.nnz)
+        if np.issubdtype(matrix.dtype, np.complexfloating):
+            raise TypeError(
+                f"Complex matrices ({matrix.dtype}) are not supported by "
+                "lineax-amgx; AmgX's complex modes are not exposed. Split the "
+                "system into real and imaginary parts."
+            )
         if matrix.format == "bsr" and block_size is None:
             r, c = matrix.blocksize
             if r != c:
@@ -160,7 +182,9 @@ class CSROperator(lx.AbstractLinearOperator):
         else:
             b = 1
             m = sp.csr_array(matrix)
-            m = m.copy() if m is matrix else m
+            # A copy: canonicalising in place must not touch the caller's matrix
+            # (`csr_array(csr)` shares its arrays).
+            m = m.copy() if not m.has_canonical_format else m
             m.sum_duplicates()
             m.sort_indices()
         data = m.data
@@ -183,6 +207,7 @@ class CSROperator(lx.AbstractLinearOperator):
             raise TypeError(f"from_bcoo expects a BCOO matrix, got {type(matrix)}.")
         if matrix.n_batch or matrix.n_dense or matrix.ndim != 2:
             raise ValueError("from_bcoo supports 2-D BCOO without batch/dense dims.")
+        check_index_range(matrix.shape, matrix.nse)
         idx = np.asarray(matrix.indices)
         rows, cols = idx[:, 0].astype(np.int64), idx[:, 1].astype(np.int64)
         n_rows, n_cols = matrix.shape
@@ -221,7 +246,9 @@ class CSROperator(lx.AbstractLinearOperator):
             raise ValueError(f"from_dense expects a 2-D matrix, got shape {m.shape}.")
         dtype = m.dtype if np.issubdtype(m.dtype, np.inexact) else None
         return cls.from_scipy(
-            sp.csr_array(m), tags=tags, block_size=block_size if block_size > 1 else None,
+            sp.csr_array(m),
+            tags=tags,
+            block_size=block_size if block_size > 1 else None,
             dtype=dtype,
         )
 

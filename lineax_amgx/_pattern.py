@@ -14,6 +14,23 @@ _INT32_MAX = np.iinfo(np.int32).max
 PatternMethod = Literal["given", "traced", "probed", "dense"]
 
 
+def check_index_range(shape: tuple[int, ...], nnz: int = 0) -> None:
+    """Raise a `ValueError` if a declared shape or number of stored entries does
+    not fit AmgX's 32-bit indices. Called on declared sizes, before anything of
+    that size is allocated."""
+    rows, cols = (int(s) for s in shape)
+    if rows > _INT32_MAX or cols > _INT32_MAX:
+        raise ValueError(
+            f"Shape {(rows, cols)} exceeds the int32 index range that AmgX supports "
+            f"(at most {_INT32_MAX} rows and columns)."
+        )
+    if int(nnz) > _INT32_MAX:
+        raise ValueError(
+            f"nnz={int(nnz)} exceeds the int32 index range that AmgX supports "
+            f"(at most {_INT32_MAX} stored entries)."
+        )
+
+
 class SparsityPattern:
     """The structure of a (block) CSR matrix, held on the host.
 
@@ -71,11 +88,7 @@ class SparsityPattern:
             raise ValueError(
                 f"Shape {shape} is not a multiple of block_size={block_size}."
             )
-        if rows > _INT32_MAX or cols > _INT32_MAX:
-            raise ValueError(
-                f"Shape {shape} exceeds the int32 index range that AmgX supports "
-                f"(at most {_INT32_MAX} rows and columns)."
-            )
+        check_index_range(shape)
         indptr = np.asarray(indptr)
         indices = np.asarray(indices)
         if indptr.ndim != 1 or indices.ndim != 1:
@@ -90,10 +103,7 @@ class SparsityPattern:
                 f"(block rows + 1) for shape {shape} and block_size={block_size}."
             )
         nnz = int(indptr[-1]) if indptr.size else 0
-        if nnz > _INT32_MAX:
-            raise ValueError(
-                f"nnz={nnz} exceeds the int32 range that AmgX supports."
-            )
+        check_index_range(shape, nnz)
         if check:
             if indptr[0] != 0:
                 raise ValueError(f"indptr[0] must be 0, got {indptr[0]}.")
@@ -125,8 +135,10 @@ class SparsityPattern:
                         "`CSROperator.from_arrays(..., sum_duplicates=True)` or "
                         "`CSROperator.from_scipy` to canonicalise them."
                     )
-        self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
-        self.indices = np.ascontiguousarray(indices, dtype=np.int32)
+        # Always copies: the pattern freezes its arrays (write=False), and must
+        # neither freeze nor alias the caller's.
+        self.indptr = np.array(indptr, dtype=np.int32, order="C", copy=True)
+        self.indices = np.array(indices, dtype=np.int32, order="C", copy=True)
         self.indptr.setflags(write=False)
         self.indices.setflags(write=False)
         self.shape = shape
@@ -233,6 +245,21 @@ class SparsityPattern:
         pos[rows[on_diag]] = on_diag
         pos.setflags(write=False)
         return pos
+
+    @ft.cached_property
+    def empty_rows(self) -> np.ndarray:
+        """The (block) rows that store no entry (a structurally singular matrix)."""
+        out = np.flatnonzero(np.diff(self.indptr) == 0)
+        out.setflags(write=False)
+        return out
+
+    @ft.cached_property
+    def empty_cols(self) -> np.ndarray:
+        """The (block) columns that store no entry."""
+        counts = np.bincount(self.indices, minlength=self.block_cols)
+        out = np.flatnonzero(counts == 0)
+        out.setflags(write=False)
+        return out
 
     @ft.cached_property
     def is_structurally_symmetric(self) -> bool:

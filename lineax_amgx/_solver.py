@@ -12,19 +12,26 @@ import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
-from . import _config, _dispatch
+from . import _blocks, _config, _dispatch, _distributed, _library
 from ._dispatch import SolveKey
+from ._distributed import DistributedCSROperator
 from ._operator import CSROperator
 
 _PRECISIONS = (None, "double", "single", "mixed")
 _BACKENDS = ("auto", "amgx", "pyamg")
+# A solve reported as converged whose true residual `||b - A x||_2` exceeds this
+# many times the requested bound `atol + rtol ||b||_2` is reported as a breakdown
+# instead (a recursive residual that drifted from the true one, e.g. on a
+# singular matrix). Generous, so that float32 round-off never trips it.
+_RESIDUAL_SLACK = 1e3
 
 
 def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
-    """The CSR form of any Lineax operator (matrix-free ones are sparsified)."""
-    if isinstance(operator, CSROperator):
+    """The CSR form of any Lineax operator (matrix-free ones are sparsified).
+    A [`lineax_amgx.DistributedCSROperator`][] is kept as it is."""
+    if isinstance(operator, (CSROperator, DistributedCSROperator)):
         return operator
     from ._sparsify import as_csr_operator
 
@@ -32,11 +39,16 @@ def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
 
 
 class _AMGXState(eqx.Module):
-    operator: CSROperator
+    operator: CSROperator | DistributedCSROperator
     token: Int[Array, " 2"]
+    # Value checks made once per setup (not per solve): a scalar row of zeros
+    # (singular), and whether every value is finite.
+    zero_row: Array
+    values_finite: Array
     key: SolveKey = eqx.field(static=True)
     symmetric: bool = eqx.field(static=True)
     scaled: bool = eqx.field(static=True)
+    near_nullspace: Float[Array, "n k"] | None = None
 
 
 class AMGX(lx.AbstractLinearSolver[_AMGXState]):
@@ -81,6 +93,17 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     - `verbose`: print AmgX's own output (solve statistics, timings).
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
         the CPU: the choice follows where the data lives), `"amgx"` or `"pyamg"`.
+
+    **Options** (`lx.linear_solve(..., options={...})`):
+
+    - `"y0"`: an initial guess (warm start).
+    - `"near_nullspace"`: an `(n, k)` array whose columns the operator (nearly)
+        annihilates with natural boundary conditions, e.g. the rigid-body modes
+        of elasticity from [`lineax_amgx.rigid_body_modes`][]. The CPU (pyamg)
+        backend's smoothed aggregation interpolates them exactly (pyamg's `B`),
+        which can cut iterations several-fold; AmgX has no such input and
+        ignores it on the GPU (with a one-time
+        [`lineax_amgx.NearNullspaceWarning`][]). Not differentiated.
     """
 
     config: str | None = eqx.field(static=True, default=None)
@@ -185,16 +208,13 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     # -- Lineax interface ------------------------------------------------------------
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        del options
+        _check_backend_available(self.backend)
         csr = as_csr(operator)
         p = csr.pattern
-        if p.shape[0] != p.shape[1]:
-            raise ValueError(
-                f"AMGX needs a square operator, got shape {p.shape}. For least "
-                "squares use lx.NormalCG or lx.LSMR."
-            )
-        if p.shape[0] == 0:
-            raise ValueError("AMGX got an empty (0 x 0) operator.")
+        if isinstance(csr, DistributedCSROperator):
+            _distributed.check_pattern(p)  # collective: every rank raises
+        else:
+            _check_pattern(p)
         cfg, name = self._resolve(operator, csr)
         if p.block_size > 1 and _config.uses_classical(cfg):
             raise ValueError(
@@ -215,9 +235,17 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             backend=self.backend,
         )
         values = csr.values.astype(_matrix_dtype(mode))
-        token = _dispatch.setup(p, values, key)
+        # A row of zeros: the backend skips the setup (and returns an invalid
+        # token); `compute` reports `RESULTS.singular` without calling it.
+        zero_row, finite = _value_checks(p, csr.values)
+        nns = _blocks.check_near_nullspace(
+            options.get("near_nullspace"), p.shape[0], _vector_dtype(mode)
+        )
+        token = _dispatch.setup(p, values, key, nns, ok=finite & ~zero_row)
         symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
-        return _AMGXState(csr, token, key, symmetric, tol_mode == "scaled")
+        return _AMGXState(
+            csr, token, zero_row, finite, key, symmetric, tol_mode == "scaled", nns
+        )
 
     def compute(self, state: _AMGXState, vector, options: dict[str, Any]):
         csr, key = state.operator, state.key
@@ -242,45 +270,83 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                     "columns."
                 )
             x0 = x0.astype(vec_dtype)
-        if self.precision == "mixed":
-            x, status, steps, resid = self._refine(state, b, x0)
+        zero_row = state.zero_row
+        finite = state.values_finite & jnp.all(jnp.isfinite(b))
+        if x0 is not None:
+            finite = finite & jnp.all(jnp.isfinite(x0))
+        # `ok == 0` makes the backend skip AmgX (a zero row, or NaN/Inf input).
+        ok = finite & ~zero_row
+        distributed = isinstance(csr, DistributedCSROperator)
+        if distributed:
+            # The global norm of b through MPI. Every MPI callback is chained to
+            # the previous one (here: the setup): all ranks must make their MPI
+            # calls in the same order.
+            bnorm = _distributed.norm(csr, b, after=state.token)
         else:
-            x, status, steps, resid = self._solve_once(state, b, x0, out_dtype)
+            bnorm = jnp.linalg.norm(b)
+        if self.precision == "mixed":
+            x, status, steps, resid = self._refine(state, b, x0, ok, bnorm)
+        else:
+            x, status, steps, resid = self._solve_once(
+                state, b, x0, out_dtype, ok, bnorm
+            )
+        success = status == _dispatch.STATUS_SUCCESS
+        if state.scaled and self.precision != "mixed":
+            # Never report success for an answer whose true residual is far from
+            # the requested one (AmgX's residual is its Krylov method's recursive
+            # one). `_refine` checks the true residual itself.
+            rtol, atol = self._tolerances(out_dtype)
+            bound = atol + rtol * bnorm
+            bound = jnp.where(bound > 0, bound, jnp.ones_like(bound))
+            true_resid = _norm(csr, b - _matvec(csr, key.mode, x))
+            success = success & (true_resid <= _RESIDUAL_SLACK * bound)
+            # Report the true residual (the backend's is its Krylov method's).
+            resid = jnp.where(jnp.isfinite(true_resid), true_resid, resid)
+        if distributed:
+            # One verdict on every rank: combine the rank-local checks (after the
+            # solve's own MPI calls, in the same order everywhere).
+            flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
+            flags = _distributed.allreduce_sum(
+                _distributed.after(flags, x, success), csr.layout
+            )
+            finite, zero_row = flags[0] == 0, flags[1] > 0
         x = x.astype(out_dtype)
         R = lx.RESULTS
         result = R.where(
-            status == _dispatch.STATUS_SUCCESS,
+            success,
             R.successful,
             R.where(
                 status == _dispatch.STATUS_NOT_CONVERGED,
                 R.max_steps_reached,
                 R.where(
                     status == _dispatch.STATUS_NONFINITE,
-                    R.nonfinite_input,
+                    # Non-finite from finite inputs: the iteration blew up.
+                    R.where(finite, R.singular, R.nonfinite_input),
                     R.breakdown,
                 ),
             ),
         )
+        result = R.where(zero_row, R.singular, result)
         stats = {"num_steps": steps, "residual_norm": resid}
         return unravel(x), result, stats
 
-    def _solve_once(self, state: _AMGXState, b, x0, out_dtype):
+    def _solve_once(self, state: _AMGXState, b, x0, out_dtype, ok, bnorm):
         """One backend solve of the scaled system (see the class docstring)."""
         csr, key = state.operator, state.key
         if state.scaled:
             rtol, atol = self._tolerances(out_dtype)
-            s = atol + rtol * jnp.linalg.norm(b)
+            s = atol + rtol * bnorm
             s = jnp.where(s > 0, s, jnp.ones_like(s))
         else:
             s = jnp.ones((), b.dtype)
         values = csr.values.astype(_matrix_dtype(key.mode))
         x, info, resid = _dispatch.solve(
             csr.pattern, values, state.token, b / s,
-            None if x0 is None else x0 / s, key,
+            None if x0 is None else x0 / s, key, state.near_nullspace, ok=ok,
         )
         return x * s, info[0], info[1], resid * s
 
-    def _refine(self, state: _AMGXState, b, x0):
+    def _refine(self, state: _AMGXState, b, x0, ok, bnorm):
         """`precision="mixed"`: float32 AmgX solves (matrix, hierarchy and Krylov
         vectors in float32) inside float64 iterative refinement, so the answer meets
         the float64 tolerance. (AmgX's own mixed mode, dDFI, is not supported by its
@@ -288,11 +354,13 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr, key = state.operator, state.key
         matrix = csr.with_values(csr.values.astype(jnp.float64))
         rtol, atol = self._tolerances(jnp.float64)
-        target = atol + rtol * jnp.linalg.norm(b)
+        target = atol + rtol * bnorm
         values = csr.values.astype(jnp.float32)
         x = jnp.zeros_like(b) if x0 is None else x0
+        if isinstance(csr, DistributedCSROperator):
+            x = _distributed.after(x, bnorm)  # MPI call order
         r = b - matrix.mv(x)
-        rnorm = jnp.linalg.norm(r)
+        rnorm = _norm(csr, r)
         max_refinements = 30
 
         def cond(carry):
@@ -304,11 +372,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         def body(carry):
             x, r, _, _, k, steps = carry
             # Inner float32 solve to a relative accuracy float32 can deliver.
-            scale = jnp.linalg.norm(r) * _INNER_RTOL
+            scale = _norm(csr, r) * _INNER_RTOL
             scale = jnp.where(scale > 0, scale, 1.0)
             d, info, _ = _dispatch.solve(
                 csr.pattern, values, state.token, (r / scale).astype(jnp.float32),
-                None, key,
+                None, key, state.near_nullspace, ok=ok & jnp.all(jnp.isfinite(r)),
             )
             inner = info[0]
             # An inner "not converged" still improves x; only hard failures stop.
@@ -316,7 +384,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                               _dispatch.STATUS_SUCCESS, inner)
             x = x + d.astype(jnp.float64) * scale
             r = b - matrix.mv(x)
-            return x, r, jnp.linalg.norm(r), inner, k + 1, steps + info[1]
+            return x, r, _norm(csr, r), inner, k + 1, steps + info[1]
 
         init = (x, r, rnorm, jnp.int32(_dispatch.STATUS_SUCCESS), jnp.int32(0),
                 jnp.int32(0))
@@ -329,14 +397,18 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         return x, status, steps, rnorm
 
     def transpose(self, state: _AMGXState, options: dict[str, Any]):
+        # `y0` guesses the primal unknown, not the adjoint one (lx.CG drops it too).
+        options = {k: v for k, v in options.items() if k != "y0"}
         if state.symmetric:
             return state, options
         op_t = state.operator.transpose()
         key_t = state.key._replace(transposed=not state.key.transposed)
         # No setup here: the first solve with the transpose sets it up (its own
         # cache entry), so a forward-only computation never pays for it.
+        zero_row, finite = _value_checks(op_t.pattern, op_t.values)
         state_t = _AMGXState(
-            op_t, _dispatch.invalid_token(), key_t, False, state.scaled
+            op_t, _dispatch.invalid_token(), zero_row, finite, key_t, False,
+            state.scaled, state.near_nullspace,
         )
         return state_t, options
 
@@ -349,6 +421,68 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
 
 _INNER_RTOL = 1e-4
+
+
+def _check_backend_available(backend: str) -> None:
+    if backend == "amgx" and not _library.has_cuda_backend():
+        raise RuntimeError(
+            "AMGX(backend='amgx') needs a CUDA device, but JAX sees none (devices: "
+            f"{jax.devices()}). Install a CUDA build of jaxlib, or use "
+            "backend='auto' (AmgX for arrays on a CUDA device, pyamg for arrays on "
+            "the CPU) or backend='pyamg'."
+        )
+
+
+def _check_pattern(p) -> None:
+    """Trace-time checks of the static structure."""
+    if p.shape[0] != p.shape[1]:
+        raise ValueError(
+            f"AMGX needs a square operator, got shape {p.shape}. For least "
+            "squares use lx.NormalCG or lx.LSMR."
+        )
+    if p.shape[0] == 0:
+        raise ValueError("AMGX got an empty (0 x 0) operator.")
+    for what, empty in (("row", p.empty_rows), ("column", p.empty_cols)):
+        if empty.size:
+            unit = "block " if p.block_size > 1 else ""
+            raise ValueError(
+                f"The operator is structurally singular: {unit}{what} "
+                f"{int(empty[0])} stores no entries ({empty.size} empty "
+                f"{unit}{what}s in all). Check the assembly (e.g. a missing "
+                "boundary condition), or use a least-squares solver such as "
+                "lx.LSMR."
+            )
+
+
+def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
+    """`(zero_row, finite)`: whether some scalar row holds only zeros while every
+    value is finite (a singular matrix: `RESULTS.singular`), and whether every
+    value is finite. One pass over the values."""
+    a = jnp.abs(jax.lax.stop_gradient(values))
+    if pattern.block_size > 1:
+        a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
+    row_max = jax.ops.segment_max(
+        a,
+        jnp.asarray(pattern.row_ids),
+        num_segments=pattern.block_rows,
+        indices_are_sorted=True,
+    )
+    finite = jnp.all(jnp.isfinite(a))
+    return jnp.any(row_max == 0) & finite, finite
+
+
+def _norm(csr, v) -> jax.Array:
+    """The global 2-norm (through MPI for a distributed operator)."""
+    if isinstance(csr, DistributedCSROperator):
+        return _distributed.norm(csr, v)
+    return jnp.linalg.norm(v)
+
+
+def _matvec(csr, mode: str, x) -> jax.Array:
+    """`A x` with the matrix the backend solved with (float32 values in `dFFI`)."""
+    values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
+    op = csr.with_values(values)
+    return op.mv(jax.lax.stop_gradient(x).astype(values.dtype)).astype(x.dtype)
 
 
 def _matrix_dtype(mode: str):

