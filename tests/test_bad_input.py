@@ -574,6 +574,7 @@ def subprocesses(tmp_path_factory):
         name: subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(script), arg],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            cwd=os.path.dirname(os.path.abspath(__file__)),  # not the source tree
         )
         for name, (script, arg) in jobs.items()
     }

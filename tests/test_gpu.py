@@ -198,7 +198,8 @@ def test_process_exits_cleanly(tmp_path):
         """)
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         r = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                           text=True, timeout=300, env=env)
+                           text=True, timeout=300, env=env,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
         assert r.returncode == 0, r.stderr[-3000:]
         assert "done" in r.stdout
 
@@ -395,7 +396,7 @@ def test_memory_returns_after_clear_and_finalize():
         assert free_w - free2 < 64 * MiB, (free_w, free2)
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
 

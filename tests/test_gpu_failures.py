@@ -291,7 +291,8 @@ def test_structural_errors_before_amgx(problem):
 def _run(script, env=None, timeout=300):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **(env or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_solve_without_amgx_library(tmp_path):
@@ -331,6 +332,7 @@ def test_soak_quick():
         [sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--quick"],
         capture_output=True, text=True, timeout=600,
         env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"),
+        cwd=os.path.dirname(os.path.abspath(__file__)),  # not the source tree
     )
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
