@@ -44,7 +44,9 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
         infos["pyamg"] = dict(_cpu().cache_info(), backend="pyamg")
     if backend is not None:
         if backend not in infos:
-            raise ValueError(f"backend must be 'amgx', 'pyamg' or None, got {backend!r}.")
+            raise ValueError(
+                f"backend must be 'amgx', 'pyamg' or None, got {backend!r}."
+            )
         return infos[backend]
     out: dict[str, Any] = {
         "capacity": infos.get("amgx", infos["pyamg"])["capacity"],

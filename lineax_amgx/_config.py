@@ -84,7 +84,8 @@ _CHOICES: dict[str, frozenset[str]] = {
     "norm": frozenset({"L1", "L1_SCALED", "L2", "LMAX"}),
     "selector": frozenset({
         "SIZE_2", "SIZE_4", "SIZE_8", "MULTI_PAIRWISE", "PMIS", "HMIS",
-        "AGGRESSIVE_PMIS", "AGGRESSIVE_HMIS", "CR", "DUMMY", "GEO", "PARALLEL_GREEDY_SELECTOR",
+        "AGGRESSIVE_PMIS", "AGGRESSIVE_HMIS", "CR", "DUMMY", "GEO",
+        "PARALLEL_GREEDY_SELECTOR",
     }),
 }
 # Solvers whose iteration needs a symmetric positive definite preconditioner.
@@ -405,7 +406,10 @@ def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:
                 return False, f"the smoother {name!r} is not symmetric"
         elif scope.get("solver") not in ("AMG",) and scope is cfg["solver"]:
             if scope.get("solver") not in _SYMMETRIC_SMOOTHERS | {"AMG"}:
-                return False, f"the outer solver {scope.get('solver')!r} is not a fixed symmetric operator"
+                return False, (
+                    f"the outer solver {scope.get('solver')!r} is not a fixed "
+                    "symmetric operator"
+                )
     return True, ""
 
 

@@ -184,7 +184,8 @@ def register_pattern(pattern: SparsityPattern) -> None:
             pattern.block_cols,
             pattern.block_size,
         )
-        _pattern_refs[pattern.fingerprint] = _pattern_refs.get(pattern.fingerprint, 0) + 1
+        fp = pattern.fingerprint
+        _pattern_refs[fp] = _pattern_refs.get(fp, 0) + 1
         pattern._native_registered = True
         weakref.finalize(pattern, _release_pattern, pattern.fingerprint)
 

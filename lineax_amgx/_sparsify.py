@@ -15,8 +15,7 @@ import numpy as np
 from ._coloring import Coloring, color_columns, star_recovery
 from ._operator import CSROperator
 from ._pattern import SparsityPattern
-from ._sparsity import detect_closed_jaxpr
-from ._sparsity import detection_count as detection_count
+from ._sparsity import detect_closed_jaxpr, detection_count as detection_count
 
 __all__ = ["SparsifiedOperator", "sparsify", "as_csr_operator", "detection_count"]
 

@@ -4,20 +4,10 @@
 
 from ._api import (
     clear_detection_cache as clear_detection_cache,
-)
-from ._api import (
     detect_closed_jaxpr as detect_closed_jaxpr,
-)
-from ._api import (
     detect_sparsity as detect_sparsity,
-)
-from ._api import (
     detection_count as detection_count,
-)
-from ._api import (
     probe_closed_jaxpr as probe_closed_jaxpr,
-)
-from ._api import (
     trace_closed_jaxpr as trace_closed_jaxpr,
 )
 from ._interpret import Unsupported as Unsupported
