@@ -57,6 +57,7 @@ from jax.custom_derivatives import linear_call
 from jaxtyping import Array, Inexact
 
 from ._dispatch import STATUS_FAILED, STATUS_NONFINITE, SolveKey
+from ._operator import register_queries
 from ._pattern import SparsityPattern
 
 __all__ = [
@@ -1347,26 +1348,16 @@ def _diag(op: DistributedCSROperator):
 
 
 def _register_queries():
-    queries: dict[str, Any] = {
-        "is_symmetric": lambda op: lx.symmetric_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "is_diagonal": lambda op: lx.diagonal_tag in op.tags,
-        "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "has_unit_diagonal": lambda op: lx.unit_diagonal_tag in op.tags,
-        "is_lower_triangular": lambda op: lx.lower_triangular_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "is_upper_triangular": lambda op: lx.upper_triangular_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "is_positive_semidefinite": lambda op: lx.positive_semidefinite_tag
-        in op.tags,
-        "is_negative_semidefinite": lambda op: lx.negative_semidefinite_tag
-        in op.tags,
-    }
-    for name, fn in queries.items():
-        getattr(lx, name).register(DistributedCSROperator)(fn)
-    lx.linearise.register(DistributedCSROperator)(lambda op: op)
-    lx.materialise.register(DistributedCSROperator)(lambda op: op)
+    register_queries(
+        DistributedCSROperator,
+        {
+            "is_symmetric": lambda op: lx.symmetric_tag in op.tags
+            or lx.diagonal_tag in op.tags,
+            "is_diagonal": lambda op: lx.diagonal_tag in op.tags,
+            "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
+            or lx.diagonal_tag in op.tags,
+        },
+    )
     lx.diagonal.register(DistributedCSROperator)(_diag)
     lx.conj.register(DistributedCSROperator)(
         lambda op: DistributedCSROperator(op.pattern, op.values.conj(), op.tags)

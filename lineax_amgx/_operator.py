@@ -329,34 +329,45 @@ def _diag(op: CSROperator):
     return d
 
 
-def _register():
-    tag_queries: dict[str, Any] = {
-        "is_symmetric": lambda op: lx.symmetric_tag in op.tags
-        or lx.is_diagonal(op),
-        "is_diagonal": lambda op: lx.diagonal_tag in op.tags
-        or (op.pattern.bandwidth == (0, 0) and op.pattern.block_size == 1),
-        "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
-        or lx.diagonal_tag in op.tags
-        or (
-            op.pattern.block_size == 1
-            and op.pattern.bandwidth[0] <= 1
-            and op.pattern.bandwidth[1] <= 1
-        ),
-        "has_unit_diagonal": lambda op: lx.unit_diagonal_tag in op.tags,
-        "is_lower_triangular": lambda op: lx.lower_triangular_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "is_upper_triangular": lambda op: lx.upper_triangular_tag in op.tags
-        or lx.diagonal_tag in op.tags,
-        "is_positive_semidefinite": lambda op: lx.positive_semidefinite_tag
-        in op.tags,
-        "is_negative_semidefinite": lambda op: lx.negative_semidefinite_tag
-        in op.tags,
-    }
-    for name, fn in tag_queries.items():
-        getattr(lx, name).register(CSROperator)(fn)
+# Lineax queries that CSR-like operators answer from their tags alone (shared with
+# `DistributedCSROperator`).
+TAG_QUERIES: dict[str, Any] = {
+    "has_unit_diagonal": lambda op: lx.unit_diagonal_tag in op.tags,
+    "is_lower_triangular": lambda op: lx.lower_triangular_tag in op.tags
+    or lx.diagonal_tag in op.tags,
+    "is_upper_triangular": lambda op: lx.upper_triangular_tag in op.tags
+    or lx.diagonal_tag in op.tags,
+    "is_positive_semidefinite": lambda op: lx.positive_semidefinite_tag in op.tags,
+    "is_negative_semidefinite": lambda op: lx.negative_semidefinite_tag in op.tags,
+}
 
-    lx.linearise.register(CSROperator)(lambda op: op)
-    lx.materialise.register(CSROperator)(lambda op: op)
+
+def register_queries(cls, structural: dict[str, Any]) -> None:
+    """Register `TAG_QUERIES`, the class's own `structural` queries, and the
+    identity `linearise`/`materialise` for a CSR-like operator class."""
+    for name, fn in {**TAG_QUERIES, **structural}.items():
+        getattr(lx, name).register(cls)(fn)
+    lx.linearise.register(cls)(lambda op: op)
+    lx.materialise.register(cls)(lambda op: op)
+
+
+def _register():
+    register_queries(
+        CSROperator,
+        {
+            "is_symmetric": lambda op: lx.symmetric_tag in op.tags
+            or lx.is_diagonal(op),
+            "is_diagonal": lambda op: lx.diagonal_tag in op.tags
+            or (op.pattern.bandwidth == (0, 0) and op.pattern.block_size == 1),
+            "is_tridiagonal": lambda op: lx.tridiagonal_tag in op.tags
+            or lx.diagonal_tag in op.tags
+            or (
+                op.pattern.block_size == 1
+                and op.pattern.bandwidth[0] <= 1
+                and op.pattern.bandwidth[1] <= 1
+            ),
+        },
+    )
     lx.diagonal.register(CSROperator)(_diag)
     lx.conj.register(CSROperator)(
         lambda op: CSROperator(op.pattern, op.values.conj(), op.tags)
