@@ -12,6 +12,21 @@ import jax
 import numpy as np
 
 
+def poisson_args(description: str | None = None):
+    """The command line shared by the 3D-Poisson benchmarks (and x64 on)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--config", default="PCG_AGGREGATION")
+    parser.add_argument("--rtol", type=float, default=1e-6)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)
+    return args
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     return getattr(d, "device_kind", d.platform)

@@ -10,7 +10,6 @@ native core around those calls. Calls are interleaved in one process.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -18,20 +17,13 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from _common import amgx_entry, device_name, poisson3d, record
+from _common import amgx_entry, device_name, poisson3d, poisson_args, record
 
 import lineax_amgx as lxa
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--config", default="PCG_AGGREGATION")
-    parser.add_argument("--rtol", type=float, default=1e-6)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    jax.config.update("jax_enable_x64", True)
+    args = poisson_args(__doc__)
     on_gpu = jax.default_backend() == "gpu"
     tags = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     for n in args.sizes:
@@ -76,8 +68,10 @@ def main():
             "cold_wall_s": cold_wall,
             "cold_amgx_setup_s": e.get("last_setup_seconds"),
             "cold_amgx_solve_s": e.get("last_solve_seconds"),
-            "cold_ratio": cold_wall / (e["last_setup_seconds"] + e["last_solve_seconds"])
-            if e else None,
+            "cold_ratio": (
+                cold_wall / (e["last_setup_seconds"] + e["last_solve_seconds"])
+                if e else None
+            ),
             "card": device_name(),
         })
         del values
