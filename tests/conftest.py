@@ -40,3 +40,20 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_setup_cache(request):
+    """GPU tests start from an empty setup cache of capacity 8 with zeroed
+    counters, and leave it empty."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    import lineax_amgx as lxa
+
+    lxa.set_cache_size(8)
+    lxa.clear_cache()
+    lxa.reset_counters()
+    yield
+    lxa.set_cache_size(8)
+    lxa.clear_cache()

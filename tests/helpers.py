@@ -4,6 +4,14 @@ import numpy as np
 import scipy.sparse as sp
 
 
+def gpu_array(x):
+    """`x` as a JAX array on the first CUDA device (GPU tests)."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.device_put(jnp.asarray(x), jax.devices("cuda")[0])
+
+
 def poisson2d(n: int) -> sp.csr_array:
     import pyamg
 

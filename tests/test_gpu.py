@@ -15,6 +15,7 @@ import scipy.sparse.linalg as spla
 from helpers import (
     anisotropic2d,
     convection_diffusion2d,
+    gpu_array,
     poisson2d,
     poisson3d,
     rel_err,
@@ -26,20 +27,6 @@ import lineax_amgx as lxa
 pytestmark = pytest.mark.gpu
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-
-
-def gpu_array(x):
-    return jax.device_put(jnp.asarray(x), jax.devices("cuda")[0])
 
 
 def gpu_op(a, tags=(), dtype=np.float64):

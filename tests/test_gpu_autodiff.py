@@ -13,7 +13,7 @@ import numpy as np
 import optimistix as optx
 import pytest
 import scipy.sparse as sp
-from helpers import convection_diffusion2d, poisson2d, rel_err
+from helpers import convection_diffusion2d, gpu_array, poisson2d, rel_err
 
 import lineax_amgx as lxa
 
@@ -23,22 +23,8 @@ SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-
-
 def gpu():
     return jax.devices("cuda")[0]
-
-
-def gpu_array(x):
-    return jax.device_put(jnp.asarray(x), gpu())
 
 
 def gpu_op(a, tags=()):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from helpers import rel_err, rel_residual
+from helpers import gpu_array, rel_err, rel_residual
 from test_blocks import block_config, elasticity2d, elasticity3d, reaction_diffusion
 
 import lineax_amgx as lxa
@@ -29,20 +29,6 @@ pytestmark = [
 ]
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-
-
-def gpu_array(x):
-    return jax.device_put(jnp.asarray(x), jax.devices("cuda")[0])
 
 
 def gpu_op(a, tags=SPD, dtype=np.float64):

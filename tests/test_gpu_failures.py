@@ -15,7 +15,7 @@ import lineax as lx
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import anisotropic2d, poisson2d, rel_residual
+from helpers import anisotropic2d, gpu_array, poisson2d, rel_residual
 
 import lineax_amgx as lxa
 from lineax_amgx import _library
@@ -28,22 +28,8 @@ MiB = 2**20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-
-
 def cuda():
     return jax.devices("cuda")[0]
-
-
-def gpu_array(x):
-    return jax.device_put(jnp.asarray(x), cuda())
 
 
 def gpu_op(a, tags=SPD, dtype=np.float64):

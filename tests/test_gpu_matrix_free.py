@@ -8,7 +8,6 @@ import pytest
 
 import lineax_amgx as lxa
 
-
 pytestmark = pytest.mark.gpu
 
 

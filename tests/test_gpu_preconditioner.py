@@ -18,6 +18,7 @@ import scipy.sparse.linalg as spla
 from helpers import (
     anisotropic2d,
     convection_diffusion2d,
+    gpu_array,
     poisson2d,
     rel_err,
     rel_residual,
@@ -50,10 +51,6 @@ FACTOR = {
 }
 
 
-def gpu_array(x):
-    return jax.device_put(jnp.asarray(x), jax.devices("cuda")[0])
-
-
 def gpu_op(a, tags=(), dtype=np.float64):
     op = lxa.CSROperator.from_scipy(a, tags=tags, dtype=dtype)
     return jax.device_put(op, jax.devices("cuda")[0])
@@ -62,16 +59,6 @@ def gpu_op(a, tags=(), dtype=np.float64):
 def amgx_counts():
     info = lxa.cache_info("amgx")
     return {k: info[k] for k in ("setups", "resetups", "solves", "size", "hits")}
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
 
 
 @pytest.fixture(scope="module")
