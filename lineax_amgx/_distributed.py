@@ -59,6 +59,12 @@ from jaxtyping import Array, Inexact
 from ._dispatch import STATUS_FAILED, STATUS_NONFINITE, SolveKey
 from ._operator import register_queries
 from ._pattern import SparsityPattern
+from ._sequencer import (
+    DistributedOrderError as DistributedOrderError,
+    DistributedTimeoutError as DistributedTimeoutError,
+    new_site as _new_site,
+    turn as _turn,
+)
 
 __all__ = [
     "Layout",
@@ -109,9 +115,9 @@ def _comm(comm):
     return mpi().COMM_WORLD if comm is None else comm
 
 
-# One lock for every MPI call made from this module: host callbacks may run on
-# XLA's threads, and MPI is initialised with at most MPI_THREAD_MULTIPLE anyway.
-_mpi_lock = threading.RLock()
+# Every MPI call of this module is made inside a *turn* (`_turn(comm, site)`):
+# ranks agree on one order of their MPI operations, whatever order XLA runs the
+# host callbacks in (see `_sequencer.py`).
 
 
 class DistributedError(ValueError):
@@ -120,7 +126,7 @@ class DistributedError(ValueError):
 
 def _raise_if_any(comm, error: str | None, exc=DistributedError) -> None:
     """Collective: raise `exc` on every rank if any rank has an error message."""
-    with _mpi_lock:
+    with _turn(comm, kind="raise_if_any"):
         errors = comm.allgather(error)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not bad:
@@ -252,7 +258,7 @@ class Layout:
         err = _offsets_error(offsets, comm.Get_size())
         _raise_if_any(comm, err)
         mine = tuple(int(o) for o in offsets)
-        with _mpi_lock:
+        with _turn(comm, kind="layout.from_offsets"):
             root = comm.bcast(mine, root=0)
         _raise_if_any(
             comm,
@@ -279,7 +285,7 @@ class Layout:
         except (TypeError, ValueError):
             err = f"the local number of rows must be an integer, got {n_local!r}."
         _raise_if_any(comm, err)
-        with _mpi_lock:
+        with _turn(comm, kind="layout.from_local_size"):
             sizes = comm.allgather((n_local, n_global))
         locals_ = [s for s, _ in sizes]
         total = int(sum(locals_))
@@ -303,7 +309,7 @@ class Layout:
         """Collective. The balanced contiguous partition of `n_global` rows (see
         `balanced_offsets`); every rank must pass the same `n_global`."""
         comm = _comm(comm)
-        with _mpi_lock:
+        with _turn(comm, kind="layout.balanced"):
             all_n = comm.allgather(int(n_global))
         if len(set(all_n)) > 1:
             raise DistributedError(
@@ -474,7 +480,7 @@ class DistributedPattern:
         h.update(b"|")
         h.update(self.global_indices.tobytes())
         self.fingerprint = int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
-        with _mpi_lock:
+        with _turn(comm, kind="pattern.fingerprint"):
             everyone = comm.allgather((self.fingerprint, self.nnz))
         g = hashlib.blake2b(digest_size=8)
         g.update(np.asarray([f for f, _ in everyone], dtype=np.int64).tobytes())
@@ -498,7 +504,7 @@ class DistributedPattern:
         own = (cols >= start) & (cols < end)
         halo = np.unique(cols[~own])
         recv_counts = np.bincount(lay.owner(halo), minlength=size).astype(np.int64)
-        with _mpi_lock:
+        with _turn(comm, kind="pattern.halo_plan"):
             send_counts = np.asarray(comm.alltoall(recv_counts.tolist()), np.int64)
             requested = np.empty(int(send_counts.sum()), dtype=np.int64)
             comm.Alltoallv(
@@ -519,15 +525,18 @@ class DistributedPattern:
     # -- identity ------------------------------------------------------------------
 
     def __hash__(self):
-        return hash((self.fingerprint, self.layout))
+        return hash((self.global_fingerprint, self.layout))
 
     def __eq__(self, other):
         if self is other:
             return True
         if not isinstance(other, DistributedPattern):
             return NotImplemented
+        # The global fingerprint too: equality (and so a jit cache hit) must be
+        # the same decision on every rank.
         return (
-            self.fingerprint == other.fingerprint
+            self.global_fingerprint == other.global_fingerprint
+            and self.fingerprint == other.fingerprint
             and self.layout == other.layout
             and np.array_equal(self.indptr, other.indptr)
             and np.array_equal(self.global_indices, other.global_indices)
@@ -624,7 +633,7 @@ class DistributedPattern:
             rbuf_i = [idx, _counts_displs(nnz_counts), MPI.INT64_T]
         else:
             rbuf_p = rbuf_i = None
-        with _mpi_lock:
+        with _turn(comm, kind="pattern.global_pattern"):
             comm.Gatherv([ptr_local, MPI.INT64_T], rbuf_p, root=root)
             comm.Gatherv([self.global_indices, MPI.INT64_T], rbuf_i, root=root)
         pattern = None
@@ -641,13 +650,15 @@ class DistributedPattern:
 # -----------------------------------------------------------------------------
 
 
-def _halo_forward_host(pattern: DistributedPattern, x: np.ndarray) -> np.ndarray:
+def _halo_forward_host(
+    pattern: DistributedPattern, site: int, x: np.ndarray
+) -> np.ndarray:
     x = np.asarray(x)
     out = np.empty(pattern.halo.shape[0], x.dtype)
     if not pattern.communicates:
         return out
     sendbuf = np.ascontiguousarray(x[pattern.send_indices])
-    with _mpi_lock:
+    with _turn(pattern.layout.comm, site, "halo"):
         pattern.layout.comm.Alltoallv(
             [sendbuf, _counts_displs(pattern.send_counts)],
             [out, _counts_displs(pattern.recv_counts)],
@@ -655,13 +666,15 @@ def _halo_forward_host(pattern: DistributedPattern, x: np.ndarray) -> np.ndarray
     return out
 
 
-def _halo_transpose_host(pattern: DistributedPattern, ct: np.ndarray) -> np.ndarray:
+def _halo_transpose_host(
+    pattern: DistributedPattern, site: int, ct: np.ndarray
+) -> np.ndarray:
     ct = np.ascontiguousarray(ct)
     out = np.zeros(pattern.shape[0], ct.dtype)
     if not pattern.communicates:
         return out
     recv = np.empty(len(pattern.send_indices), ct.dtype)
-    with _mpi_lock:
+    with _turn(pattern.layout.comm, site, "halo_transpose"):
         pattern.layout.comm.Alltoallv(
             [ct, _counts_displs(pattern.recv_counts)],
             [recv, _counts_displs(pattern.send_counts)],
@@ -672,7 +685,7 @@ def _halo_transpose_host(pattern: DistributedPattern, ct: np.ndarray) -> np.ndar
 
 def _halo_call(pattern: DistributedPattern, x):
     return jax.pure_callback(
-        ft.partial(_halo_forward_host, pattern),
+        ft.partial(_halo_forward_host, pattern, _new_site()),
         jax.ShapeDtypeStruct(pattern.halo.shape, x.dtype),
         x,
         vmap_method="sequential",
@@ -681,7 +694,7 @@ def _halo_call(pattern: DistributedPattern, x):
 
 def _halo_transpose_call(pattern: DistributedPattern, ct):
     return jax.pure_callback(
-        ft.partial(_halo_transpose_host, pattern),
+        ft.partial(_halo_transpose_host, pattern, _new_site()),
         jax.ShapeDtypeStruct((pattern.shape[0],), ct.dtype),
         ct,
         vmap_method="sequential",
@@ -708,18 +721,18 @@ def _halo_jvp(pattern, primals, tangents):
     return _halo(pattern, x), dy
 
 
-def _allreduce_host(comm_key: int, x: np.ndarray) -> np.ndarray:
+def _allreduce_host(comm_key: int, site: int, x: np.ndarray) -> np.ndarray:
     shape = np.shape(x)
     x = np.array(x, order="C").reshape(-1)  # (ascontiguousarray makes 0-d 1-d)
     out = np.empty_like(x)
-    with _mpi_lock:
+    with _turn(communicator(comm_key), site, "allreduce"):
         communicator(comm_key).Allreduce(x, out, op=mpi().SUM)
     return out.reshape(shape)
 
 
 def _allreduce_call(comm_key: int, x):
     return jax.pure_callback(
-        ft.partial(_allreduce_host, comm_key),
+        ft.partial(_allreduce_host, comm_key, _new_site()),
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         x,
         vmap_method="sequential",
@@ -802,7 +815,7 @@ def agree(flag: bool, comm=None, *, op: str = "all") -> bool:
         raise ValueError(f"op must be 'all' or 'any', got {op!r}.")
     MPI = mpi()
     comm = _comm(comm)
-    with _mpi_lock:
+    with _turn(comm, kind="agree"):
         return bool(comm.allreduce(bool(flag), op=MPI.LAND if op == "all" else MPI.LOR))
 
 
@@ -872,7 +885,7 @@ def local_rank(comm=None) -> int:
     pick a GPU: `jax.local_devices()[local_rank() % n]`)."""
     MPI = mpi()
     comm = _comm(comm)
-    with _mpi_lock:
+    with _turn(comm, kind="local_rank"):
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         try:
             return node.Get_rank()
@@ -914,7 +927,7 @@ def scatter_vector(x_global, layout: Layout, root: int = 0) -> np.ndarray:
                     f"{layout.n_global} rows."
                 )
     _raise_if_any(comm, err)
-    with _mpi_lock:
+    with _turn(comm, kind="scatter_vector"):
         dtype = comm.bcast(x_global.dtype if layout.rank == root else None, root)
         out = np.empty(layout.n_local, dtype)
         send = (
@@ -947,12 +960,12 @@ def gather_vector(x_local, layout: Layout, root: int | None = 0):
             f"(layout {layout.offsets})."
         )
     _raise_if_any(comm, err)
-    with _mpi_lock:
+    with _turn(comm, kind="gather_vector.dtype"):
         dtypes = comm.allgather(x.dtype.str)
     if len(set(dtypes)) > 1:
         raise DistributedError(f"The local parts have different dtypes: {dtypes}.")
     counts = _counts_displs(layout.counts)
-    with _mpi_lock:
+    with _turn(comm, kind="gather_vector"):
         if root is None:
             out = np.empty(layout.n_global, x.dtype)
             comm.Allgatherv(x, [out, counts])
@@ -1163,7 +1176,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                     data = data.astype(jnp.result_type(float))
                 header = (int(m.shape[0]), np.dtype(data.dtype).str)
         _raise_if_any(comm, err)
-        with _mpi_lock:
+        with _turn(comm, kind="from_global.header"):
             n_global, dstr = comm.bcast(header, root=root)
         if offsets is None:
             layout = Layout(balanced_offsets(n_global, size), comm)
@@ -1187,7 +1200,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             )
         else:
             nnz_counts = None
-        with _mpi_lock:
+        with _turn(comm, kind="from_global.scatter"):
             nnz_counts = comm.bcast(nnz_counts, root=root)
             ptr = np.empty(layout.n_local + 1, np.int64)
             comm.Scatterv(
@@ -1280,7 +1293,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
 
         comm = self.layout.comm
         local = self.to_scipy_local()
-        with _mpi_lock:
+        with _turn(comm, kind="gather_scipy"):
             parts = (
                 comm.allgather(local) if root is None else comm.gather(local, root)
             )
@@ -1527,10 +1540,11 @@ def setup(
     _no_near_nullspace(near_nullspace)
     plan = _cpu._plan(key.config)
     comm_key = pattern.layout.comm_key
+    site = _new_site()
 
     def host(values, ok):
         comm = communicator(comm_key)
-        with _mpi_lock:
+        with _turn(comm, site, "setup"):
             all_ok = agree(int(ok) != 0, comm)
             gpat = pattern.global_pattern(_ROOT)
             token = np.array([-1, -1], np.int32)
@@ -1582,6 +1596,7 @@ def solve(
     _no_near_nullspace(near_nullspace)
     plan = _cpu._plan(key.config)
     comm_key = pattern.layout.comm_key
+    site = _new_site()
     out_dtype = np.dtype(b.dtype)
     counts = pattern.layout.counts
     nnz_counts = np.diff(pattern.nnz_offsets)
@@ -1589,7 +1604,7 @@ def solve(
     def host(values, token, b, ok, *maybe_x0):
         comm = communicator(comm_key)
         rank = comm.Get_rank()
-        with _mpi_lock:
+        with _turn(comm, site, "solve"):
             if not agree(int(ok) != 0, comm):
                 return (
                     np.zeros(b.shape, out_dtype),

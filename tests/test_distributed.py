@@ -510,6 +510,53 @@ def test_grad_wrt_values_symmetric():
     local = op.to_scipy_local().tocoo()
     expected = -y[sl][local.row] * x[local.col]  # dL/dA_ij = -y_i x_j
     np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-7, atol=1e-10)
+    # Under jit the adjoint solve and the exchange of x for dA x are independent:
+    # XLA may run them in either order on each rank.
+    g_jit = jax.jit(jax.grad(loss))(op.values)
+    np.testing.assert_allclose(np.asarray(g_jit), expected, rtol=1e-7, atol=1e-10)
+
+
+@collective
+def test_independent_operations_in_one_jit():
+    """No `after`: XLA may run the exchange, the reductions and the solve in any
+    order, on each rank its own; the ranks must still pair the same calls."""
+    A, b, op = _solve_problem(6)
+    lay = op.layout
+    sl = slice(lay.row_start, lay.row_end)
+    rng = np.random.default_rng(11)
+    x, r = rng.standard_normal(A.shape[0]), rng.standard_normal(A.shape[0])
+    solver = lxa.AMGX(rtol=1e-10)
+
+    @jax.jit
+    def f(x, r, bl):
+        y = op.mv(x)
+        s = D.global_norm(r, lay)
+        z = lx.linear_solve(op, bl, solver=solver).value
+        t = D.global_dot(r, x, lay)
+        return y, s, z, t
+
+    ref_z = spla.spsolve(sp.csc_matrix(A), b)
+    for _ in range(4):
+        y, s, z, t = f(jnp.asarray(x[sl]), jnp.asarray(r[sl]), jnp.asarray(b[sl]))
+        np.testing.assert_allclose(np.asarray(y), (A @ x)[sl], rtol=1e-12)
+        np.testing.assert_allclose(float(s), np.linalg.norm(r), rtol=1e-12)
+        np.testing.assert_allclose(float(t), r @ x, rtol=1e-12)
+        assert rel_err(np.asarray(z), ref_z[sl]) < 1e-8
+
+
+@collective
+def test_different_operations_on_the_ranks_time_out(monkeypatch):
+    if SIZE < 2:
+        pytest.skip("needs two ranks")
+    monkeypatch.setenv("LINEAX_AMGX_MPI_TIMEOUT", "1")
+    comm = COMM.Dup()  # the timeout leaves its sequencer out of step for good
+    with pytest.raises(D.DistributedTimeoutError, match="same MPI operation"):
+        if RANK == 0:
+            D.agree(True, comm)
+        else:
+            D.local_rank(comm)
+    with pytest.raises(D.DistributedTimeoutError, match="out of step"):
+        D.agree(True, comm)
 
 
 # -- helpers --------------------------------------------------------------------------
