@@ -124,8 +124,23 @@ class DistributedError(ValueError):
     """An error found on one or more ranks, raised on every rank."""
 
 
-def _raise_if_any(comm, error: str | None, exc=DistributedError) -> None:
-    """Collective: raise `exc` on every rank if any rank has an error message."""
+def _raise_if_any(
+    comm, error: str | None, exc=DistributedError, *, tracing: bool = False
+) -> None:
+    """Collective: raise `exc` on every rank if any rank has an error message.
+
+    With `tracing=True` (a check made while JAX traces) it only raises on this
+    rank: a collective at trace time would run once per *trace*, and whether a
+    rank traces again or reuses a cached trace is its own affair, so the ranks'
+    MPI calls would fall out of step. The other ranks then wait in their next
+    distributed operation until `LINEAX_AMGX_MPI_TIMEOUT`."""
+    if tracing:
+        if error is not None:
+            raise exc(
+                f"On rank {_comm(comm).Get_rank()} of {_comm(comm).Get_size()}: "
+                f"{error}"
+            )
+        return
     with _turn(comm, kind="raise_if_any"):
         errors = comm.allgather(error)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -491,6 +506,13 @@ class DistributedPattern:
             int(v) for v in np.concatenate([[0], np.cumsum([n for _, n in everyone])])
         )
         self._build_halo(comm)
+        # The solver's structural verdict, agreed now (never at trace time).
+        with _turn(comm, kind="pattern.structure"):
+            errors = comm.allgather(_structure_error(self))
+        bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+        self.structure_error = (
+            "; ".join(f"rank {r}: {e}" for r, e in bad) if bad else None
+        )
         self._global = None
         for arr in (self.indptr, self.global_indices, self.halo, self.local_columns,
                     self.send_indices):
@@ -986,7 +1008,9 @@ def _check_vector(pattern: DistributedPattern, vector, what: str) -> None:
             f"({pattern.layout.row_start}:{pattern.layout.row_end} of "
             f"{pattern.layout.n_global})."
         )
-    _raise_if_any(pattern.layout.comm, err)
+    _raise_if_any(
+        pattern.layout.comm, err, tracing=isinstance(vector, jax.core.Tracer)
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -1001,7 +1025,8 @@ def _frozenset(tags: object) -> frozenset[object]:
 
 
 def _check_values(values, pattern: DistributedPattern):
-    if not isinstance(values, jax.core.Tracer):
+    tracing = isinstance(values, jax.core.Tracer)
+    if not tracing:
         values = jnp.asarray(values)
     comm = pattern.layout.comm
     err = None
@@ -1010,14 +1035,14 @@ def _check_values(values, pattern: DistributedPattern):
             f"values has shape {values.shape}, expected {pattern.value_shape} for "
             f"{pattern}."
         )
-    _raise_if_any(comm, err)
+    _raise_if_any(comm, err, tracing=tracing)
     err = None
     if values.dtype not in (jnp.float32, jnp.float64):
         err = (
             f"values must be float32 or float64, got {values.dtype} (complex "
             "values are not supported; cast or split them first)."
         )
-    _raise_if_any(comm, err, TypeError)
+    _raise_if_any(comm, err, TypeError, tracing=tracing)
     return values
 
 
@@ -1303,9 +1328,17 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
 
 
 def check_pattern(pattern: DistributedPattern) -> None:
-    """Collective. The solver's trace-time structure checks for a distributed
-    pattern, agreed over the ranks: an empty global matrix, or a row or column
-    that stores no entry anywhere (structurally singular), raises on every rank."""
+    """The solver's trace-time structure checks for a distributed pattern: an
+    empty global matrix, or a row or column that stores no entry anywhere
+    (structurally singular), raises on every rank. The verdict was agreed over the
+    ranks when the pattern was built (no communication here: see
+    `_raise_if_any`)."""
+    if pattern.structure_error is not None:
+        raise DistributedError(pattern.structure_error)
+
+
+def _structure_error(pattern: DistributedPattern) -> str | None:
+    """This rank's structural error of `pattern`, if any (see `check_pattern`)."""
     lay = pattern.layout
     err = None
     if lay.n_global == 0:
@@ -1321,7 +1354,7 @@ def check_pattern(pattern: DistributedPattern) -> None:
                     f"{lay.row_start}:{lay.row_end}). Check the assembly."
                 )
                 break
-    _raise_if_any(lay.comm, err)
+    return err
 
 
 def after(x, *deps):

@@ -13,15 +13,15 @@ rules create independent operations that we do not write), and JAX's ordered
 effects are not allowed inside `custom_jvp`, which Lineax uses.
 
 The fix. Every MPI operation is a *turn* of the communicator's sequencer, named
-by a signature that is the same on every rank: `(site, occurrence, kind)`. A *site* is
-a number taken from a process-wide counter when the operation is created: when a
-callback is traced (every rank traces the same program in the same order) or
-when an eager helper is called; *occurrence* counts the executions of a traced
-site. Before its MPI calls, an operation registers its signature as pending and
-the ranks agree, over a private duplicate of the communicator, on the smallest
-signature pending on every rank; that operation runs next, on every rank, while
-the others wait. A rank whose next operation has not been reached yet simply
-takes part in the next agreement. One agreement is one small `Iallgather`.
+by a signature that is the same on every rank: `(site, occurrence, kind)`. A
+*site* is the operation's program point (a hash of the code locations on the
+stack when the callback is traced or the eager helper called, leaving out JAX's
+and Equinox's frames); *occurrence* counts the executions of a site. Before its
+MPI calls, an operation registers its signature as pending and the ranks agree,
+over a private duplicate of the communicator, on the smallest signature pending
+on every rank; that operation runs next, on every rank, while the others wait. A
+rank whose next operation has not been reached yet simply takes part in the next
+agreement. One agreement is one small `Iallgather`.
 
 A program whose ranks never reach the same operation (ranks running different
 code) would wait forever; after `LINEAX_AMGX_MPI_TIMEOUT` seconds (default 600;
@@ -32,8 +32,9 @@ operations it was waiting on.
 from __future__ import annotations
 
 import contextlib
-import itertools
+import hashlib
 import os
+import sys
 import threading
 import time
 import zlib
@@ -46,7 +47,6 @@ import numpy as np
 # call helpers that are themselves operations (they become part of the turn).
 lock = threading.RLock()
 _cond = threading.Condition(lock)
-_sites = itertools.count(1)
 _local = threading.local()
 
 # Signatures exchanged per agreement (the smallest pending ones of each rank).
@@ -62,11 +62,38 @@ class DistributedOrderError(RuntimeError):
     cannot tell which of them to pair (see `after`)."""
 
 
+def _skipped_dirs() -> tuple[str, ...]:
+    import equinox
+    import jax
+    import jaxlib
+
+    dirs = [os.path.dirname(m.__file__) for m in (jax, jaxlib, equinox)]
+    dirs += [os.path.dirname(contextlib.__file__)]  # the standard library
+    return tuple(d + os.sep for d in dirs)
+
+
+_SKIP: tuple[str, ...] | None = None
+
+
 def new_site() -> int:
-    """A process-wide number for an MPI operation being created (at trace time
-    for a callback, at call time for an eager helper). Every rank creates its
-    operations in the same order, so the numbers agree between ranks."""
-    return next(_sites)
+    """The number of the MPI operation being created here (when a callback is
+    traced, or when an eager helper is called): a hash of the code locations on
+    the call stack, leaving out JAX's, Equinox's and the standard library's own
+    frames. It names the *program point*, not the trace: whether a rank traces a
+    function again or runs a trace it cached (its own affair: caches see the
+    rank's local shapes), the same point gets the same number on every rank. Two
+    operations of one point are told apart by their execution count."""
+    global _SKIP
+    if _SKIP is None:
+        _SKIP = _skipped_dirs()
+    h = hashlib.blake2b(digest_size=8)
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_SKIP) and not name.endswith("_sequencer.py"):
+            h.update(f"{name}:{frame.f_lineno};".encode())
+        frame = frame.f_back
+    return int.from_bytes(h.digest(), "little") & ((1 << 62) - 1)
 
 
 def timeout() -> float:
@@ -97,8 +124,8 @@ class _Sequencer:
 
     def signature(self, site: int | None, kind: str) -> tuple[int, int, int]:
         code = zlib.crc32(kind.encode()) & 0x7FFFFFFF
-        if site is None:  # a one-off (eager) operation
-            return (new_site(), 0, code)
+        if site is None:  # an eager operation: its program point is here
+            site = new_site()
         occurrence = self.counts.get(site, 0)
         self.counts[site] = occurrence + 1
         return (site, occurrence, code)
