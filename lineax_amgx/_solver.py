@@ -310,6 +310,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                 _distributed.after(flags, x, success), csr.layout
             )
             finite, zero_row = flags[0] == 0, flags[1] > 0
+            # The solution is ready only when this solve's last MPI call is done:
+            # whoever waits for `x` (the next solve, `gather_vector`) cannot start
+            # MPI calls while this solve still has one pending (with few threads
+            # the two would wait for each other across ranks).
+            x = _distributed.after(x, flags)
         x = x.astype(out_dtype)
         R = lx.RESULTS
         result = R.where(
