@@ -1358,20 +1358,38 @@ def _structure_error(pattern: DistributedPattern) -> str | None:
 
 
 def after(x, *deps):
-    """`x`, made to depend on `deps` (through `lax.optimization_barrier`), so
-    that whatever uses it runs after `deps` are computed.
+    """`x`, made to depend on `deps`, so that whatever uses it runs after `deps`
+    are computed.
 
     Use it to order distributed operations: XLA may run independent host
     callbacks concurrently and in any order, but the MPI calls inside them must be
     made in the same order on every rank. Two distributed operations (a halo
     exchange, `allreduce_sum`, a solve) with no data dependency between them in
-    one `jit`-compiled function should be chained: `y = op.mv(after(x, s))`.
+    one `jit`-compiled function can be chained: `y = op.mv(after(x, s))`.
+
+    The dependency is a real one: `x` passes through an identity host callback
+    that also takes `deps` (one host copy of `x`). `lax.optimization_barrier` is
+    not enough: XLA's CPU runtime turns it into a control dependency that its
+    concurrent executor does not always honour (measured: a solve's norm ran
+    before the setup it was chained to), and outside `jit` its output is the
+    input buffer, ready before `deps`.
     """
     deps = tuple(d for d in deps if d is not None)
     if not deps:
         return x
-    x, _ = jax.lax.optimization_barrier((x, deps))
-    return x
+    x = jnp.asarray(x)
+    return jax.pure_callback(
+        _identity_host,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        x,
+        *deps,
+        vmap_method="sequential",
+    )
+
+
+def _identity_host(x, *deps):
+    del deps  # only waited for
+    return np.asarray(x)
 
 
 def norm(operator, vector, after=None) -> Array:
