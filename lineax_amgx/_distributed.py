@@ -1377,7 +1377,11 @@ def after(x, *deps):
     deps = tuple(d for d in deps if d is not None)
     if not deps:
         return x
-    x = jnp.asarray(x)
+    return _after(jnp.asarray(x), jax.lax.stop_gradient(deps))
+
+
+@jax.custom_jvp
+def _after(x, deps):
     return jax.pure_callback(
         _identity_host,
         jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -1385,6 +1389,12 @@ def after(x, *deps):
         *deps,
         vmap_method="sequential",
     )
+
+
+@_after.defjvp
+def _after_jvp(primals, tangents):
+    (x, deps), (dx, _) = primals, tangents
+    return _after(x, deps), dx  # the identity: its tangent is the tangent
 
 
 def _identity_host(x, *deps):
@@ -1398,11 +1408,11 @@ def norm(operator, vector, after=None) -> Array:
     [`lineax_amgx.DistributedCSROperator`][], `jnp.linalg.norm` otherwise. For
     the solver's tolerances and residual checks."""
     if isinstance(operator, DistributedCSROperator):
-        return global_norm(_after(vector, after), operator.layout)
+        return global_norm(_after_fn(vector, after), operator.layout)
     return jnp.linalg.norm(vector)
 
 
-_after = after
+_after_fn = after
 
 
 def _diag(op: DistributedCSROperator):
