@@ -747,8 +747,9 @@ def _allreduce_host(comm_key: int, site: int, x: np.ndarray) -> np.ndarray:
     shape = np.shape(x)
     x = np.array(x, order="C").reshape(-1)  # (ascontiguousarray makes 0-d 1-d)
     out = np.empty_like(x)
-    with _turn(communicator(comm_key), site, "allreduce"):
-        communicator(comm_key).Allreduce(x, out, op=mpi().SUM)
+    comm = communicator(comm_key)
+    with _turn(comm, site, "allreduce"):
+        comm.Allreduce(x, out, op=mpi().SUM)
     return out.reshape(shape)
 
 
@@ -1377,11 +1378,11 @@ def after(x, *deps):
     deps = tuple(d for d in deps if d is not None)
     if not deps:
         return x
-    return _after(jnp.asarray(x), jax.lax.stop_gradient(deps))
+    return _after_callback(jnp.asarray(x), jax.lax.stop_gradient(deps))
 
 
 @jax.custom_jvp
-def _after(x, deps):
+def _after_callback(x, deps):
     return jax.pure_callback(
         _identity_host,
         jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -1391,10 +1392,10 @@ def _after(x, deps):
     )
 
 
-@_after.defjvp
+@_after_callback.defjvp
 def _after_jvp(primals, tangents):
     (x, deps), (dx, _) = primals, tangents
-    return _after(x, deps), dx  # the identity: its tangent is the tangent
+    return _after_callback(x, deps), dx  # the identity: its tangent is the tangent
 
 
 def _identity_host(x, *deps):
@@ -1408,11 +1409,11 @@ def norm(operator, vector, after=None) -> Array:
     [`lineax_amgx.DistributedCSROperator`][], `jnp.linalg.norm` otherwise. For
     the solver's tolerances and residual checks."""
     if isinstance(operator, DistributedCSROperator):
-        return global_norm(_after_fn(vector, after), operator.layout)
+        return global_norm(_after(vector, after), operator.layout)
     return jnp.linalg.norm(vector)
 
 
-_after_fn = after
+_after = after
 
 
 def _diag(op: DistributedCSROperator):

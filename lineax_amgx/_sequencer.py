@@ -247,8 +247,9 @@ def _sequencer(comm) -> _Sequencer:
 @contextlib.contextmanager
 def turn(comm, site: int | None = None, kind: str = ""):
     """Run the body as the MPI operation `site` (a number from `new_site()`
-    taken when the operation was created; None: a one-off eager operation) of
-    `comm`: every rank runs it at the same point of a common order. `kind` names
+    taken when the operation was created; None: the program point of this call,
+    for an eager operation) of `comm`: every rank runs it at the same point of a
+    common order. `kind` names
     the operation: ranks that reach different kinds at the same point never pair
     them (they time out instead). Nested turns of the same thread are part of the
     outer one."""
