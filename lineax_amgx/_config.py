@@ -101,7 +101,14 @@ def _amg(**overrides: Any) -> dict[str, Any]:
         "scope": "amg",
         "solver": "AMG",
         "algorithm": "AGGREGATION",
-        "selector": "SIZE_8",
+        # SIZE_4, not SIZE_8: measured on an H200 at 1M unknowns (docs/benchmarks.md,
+        # docs/gpu-validation.md) SIZE_8 was 7% faster on 3-D Poisson but 2x slower
+        # on high-contrast diffusion, and on rotated anisotropic diffusion its
+        # coarsening stalled (setup 0.37 s, no convergence in 1000 iterations;
+        # SIZE_4: 0.57 s in all). A stall leaves a large coarsest level to the
+        # dense LU solver: on upwind convection-diffusion (99,856 unknowns) that
+        # level overflowed AmgX's 32-bit dense indexing and lost the CUDA context.
+        "selector": "SIZE_4",
         "cycle": "V",
         "max_iters": 1,
         "max_levels": 25,
@@ -308,6 +315,9 @@ def parse_config(config: str | Mapping[str, Any]) -> dict[str, Any]:
                "exception_handling", "determinism_flag")}
         cfg["solver"] = top
     _validate_scope(cfg, "")
+    for scope in _walk_solvers(copy.deepcopy(cfg["solver"])):
+        if scope.get("solver") == "AMG":
+            _cap_dense_lu(scope)  # refuses a dense_lu_max_rows that overflows
     return cfg
 
 
@@ -383,10 +393,43 @@ def finalise(
     for scope in _walk_solvers(solver):
         for key in _PRINT_KEYS:
             scope[key] = 0
+        if scope.get("solver") == "AMG":
+            _cap_dense_lu(scope)
     if verbose:
         solver["print_solve_stats"] = 1
         solver["obtain_timings"] = 1
     return json.dumps(cfg, sort_keys=True)
+
+
+# AmgX's dense-LU coarse solver factors the level its hierarchy ends on. When
+# `max_levels` stops the hierarchy early that level can be large: its dense copy is
+# indexed with 32-bit ints, so above 46,340 rows AmgX 2.5 writes out of bounds (an
+# illegal memory access that ruins the CUDA context), and well before that n^2
+# values do not fit. `dense_lu_max_rows` makes AmgX smooth such a level instead; a
+# coarsest level of normal size (<= dense_lu_num_rows) is unaffected. AmgX does not
+# apply the cap when coarsening *stalls* (an aggregation pass that finds no
+# aggregates ends the hierarchy on that level): presets avoid the selectors seen to
+# stall (see `_amg`), and docs/errors.md describes the failure.
+DENSE_LU_MAX_ROWS = 4096
+_DENSE_LU_OVERFLOW_ROWS = 46340  # 46341^2 > 2^31 - 1
+
+
+def _cap_dense_lu(scope: dict[str, Any]) -> None:
+    coarse = scope.get("coarse_solver", "DENSE_LU_SOLVER")  # AmgX's default
+    name = coarse.get("solver") if isinstance(coarse, Mapping) else coarse
+    if name != "DENSE_LU_SOLVER":
+        return
+    cap = int(scope.get("dense_lu_max_rows", 0))
+    if cap > _DENSE_LU_OVERFLOW_ROWS:
+        raise ConfigError(
+            f"dense_lu_max_rows={cap} is too large: AmgX's dense LU coarse solver "
+            f"overflows 32-bit indices above {_DENSE_LU_OVERFLOW_ROWS} rows (an "
+            "illegal memory access that ruins the CUDA context). Use at most "
+            f"{_DENSE_LU_OVERFLOW_ROWS}, or leave it unset (lineax-amgx then uses "
+            f"{DENSE_LU_MAX_ROWS})."
+        )
+    if cap <= 0:
+        scope["dense_lu_max_rows"] = DENSE_LU_MAX_ROWS
 
 
 def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:

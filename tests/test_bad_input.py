@@ -451,6 +451,38 @@ def test_bad_config(config, message):
     assert issubclass(lxa.ConfigError, ValueError)
 
 
+def test_dense_lu_coarse_solver_is_capped():
+    """AmgX's dense LU overflows 32-bit indices on a coarsest level above 46,340
+    rows (a stalled coarsening): every AMG scope gets a cap, an overflowing cap is
+    refused, and other coarse solvers are left alone."""
+    from lineax_amgx import _config
+
+    for name in lxa.configs:
+        final = json.loads(_config.finalise(
+            _config.parse_config(name), tolerance_mode="native", max_steps=None,
+            verbose=False))
+        amg = [s for s in _config._walk_solvers(final["solver"])
+               if s.get("solver") == "AMG"]
+        assert amg, name
+        for scope in amg:
+            assert scope["dense_lu_max_rows"] == _config.DENSE_LU_MAX_ROWS, name
+    own = {"config_version": 2, "solver": {"solver": "AMG", "dense_lu_max_rows": 900}}
+    final = json.loads(_config.finalise(_config.parse_config(own),
+                                        tolerance_mode="native", max_steps=None,
+                                        verbose=False))
+    assert final["solver"]["dense_lu_max_rows"] == 900
+    other = {"config_version": 2,
+             "solver": {"solver": "AMG", "coarse_solver": "BLOCK_JACOBI"}}
+    final = json.loads(_config.finalise(_config.parse_config(other),
+                                        tolerance_mode="native", max_steps=None,
+                                        verbose=False))
+    assert "dense_lu_max_rows" not in final["solver"]
+    with pytest.raises(lxa.ConfigError, match="dense_lu_max_rows=50000 is too large"):
+        lxa.AMGX({"config_version": 2, "solver": {
+            "solver": "PCG", "preconditioner": {"solver": "AMG",
+                                                "dense_lu_max_rows": 50000}}})
+
+
 def test_config_the_cpu_backend_cannot_run(problem):
     a, op, b = problem
     solver = lxa.AMGX({"config_version": 2, "solver": {"solver": "KACZMARZ"}})
