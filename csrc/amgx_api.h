@@ -100,6 +100,8 @@ using CUfunction = struct CUfunc_opaque*;
   X(cuMemGetInfo_v2, CUresult, (size_t * free, size_t * total))                      \
   X(cuMemcpyDtoH_v2, CUresult, (void* dst, CUdeviceptr src, size_t bytes))           \
   X(cuMemcpyHtoD_v2, CUresult, (CUdeviceptr dst, const void* src, size_t bytes))     \
+  X(cuMemcpyHtoDAsync_v2, CUresult,                                                  \
+    (CUdeviceptr dst, const void* src, size_t bytes, CUstream stream))               \
   X(cuMemcpyDtoDAsync_v2, CUresult,                                                  \
     (CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream))               \
   X(cuMemsetD32Async, CUresult,                                                      \

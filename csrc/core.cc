@@ -758,9 +758,14 @@ ffi::Error to_ffi_error(const std::exception& e) {
   return ffi::Error(ffi::ErrorCode::kInternal, msg);
 }
 
+// Writes a small host array into an XLA output buffer, ordered on XLA's stream and
+// complete on return. (A plain cuMemcpyHtoD from pageable memory may return before
+// its DMA lands, and on the legacy stream, which XLA's non-blocking stream does not
+// wait for: XLA's next kernel could then read a stale status or token.)
 template <typename T>
-void write_host(CUdeviceptr dst, const T* src, size_t count) {
-  LXA_CU(cuMemcpyHtoD_v2(dst, src, sizeof(T) * count));
+void write_host(CUdeviceptr dst, const T* src, size_t count, CUstream stream) {
+  LXA_CU(cuMemcpyHtoDAsync_v2(dst, src, sizeof(T) * count, stream));
+  LXA_CU(cuStreamSynchronize(stream));
 }
 
 ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
@@ -791,7 +796,7 @@ ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       out[0] = e->id;
       out[1] = e->generation;
     }
-    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2);
+    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
     print_state().verbose = false;
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -862,13 +867,13 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       info_host[0] = st;
       info_host[1] = its;
     }
-    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2);
+    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2, stream);
     CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual->untyped_data());
     if (residual->element_type() == ffi::DataType::F64) {
-      write_host(r_ptr, &res, 1);
+      write_host(r_ptr, &res, 1, stream);
     } else {
       float r = static_cast<float>(res);
-      write_host(r_ptr, &r, 1);
+      write_host(r_ptr, &r, 1, stream);
     }
     print_state().verbose = false;
     return ffi::Error::Success();
@@ -993,6 +998,8 @@ NB_MODULE(_native, m) {
 
   m.def("is_loaded", []() { return api().amgx_handle != nullptr; });
   m.def("is_initialized", []() { return api().initialized; });
+  // Why the process can no longer use AmgX (a broken CUDA context), or "".
+  m.def("poisoned", []() { return poisoned(); });
 
   m.def("library_info", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
@@ -1085,6 +1092,7 @@ NB_MODULE(_native, m) {
     Cache::get().clear();
   });
 
+
   m.def(
       "set_cache_size",
       [](int64_t capacity, int64_t entries_per_key) {
@@ -1113,6 +1121,13 @@ NB_MODULE(_native, m) {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
     Cache::get().clear();
     Api& a = api();
+    if (!poisoned().empty()) {
+      // A broken CUDA context: AmgX's teardown (freeing its memory pools) throws
+      // from destructors and aborts the process. Leak everything instead; the
+      // driver reclaims it at exit.
+      a.initialized = false;
+      return;
+    }
     if (a.cuda_handle) release_kernels();
     if (a.initialized) {
       a.initialized = false;
