@@ -72,12 +72,13 @@ def _canonical_config(config: str | Mapping[str, Any] | None) -> str:
 
 
 def _mode(precision, dtype) -> str:
-    if precision == "mixed":
-        return "dDFI"
+    if precision in ("mixed", "single"):
+        # "mixed": AmgX's dDFI mode fails on CUDA >= 10.1 ("Mixed precision modes
+        # not currently supported"); a preconditioner loses nothing by running
+        # its cycle in float32 between float64 vectors (see `_flatten`).
+        return "dFFI"
     if precision == "double":
         return "dDDI"
-    if precision == "single":
-        return "dFFI"
     return "dDDI" if dtype == jnp.float64 else "dFFI"
 
 
@@ -201,8 +202,11 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
         the CPU), `"amgx"` or `"pyamg"`.
     - `precision`: as for [`lineax_amgx.AMGX`][]: `None` follows the dtype;
-        `"mixed"` is a float32 hierarchy with float64 vectors (often the best
-        choice for a preconditioner on the GPU); `"double"`, `"single"`.
+        `"mixed"`: the cycle runs in float32 (hierarchy and vectors; AmgX's own
+        float64-vector/float32-matrix mode `dDFI` is refused by CUDA 10.1+ builds)
+        on float64 vectors, which are rounded on the way in and widened on the way
+        out — an approximate inverse either way, and half the memory traffic;
+        `"double"`, `"single"`.
     - `verbose`: print AmgX's own output.
     """
 

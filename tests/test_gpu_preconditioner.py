@@ -168,13 +168,18 @@ def test_cycle_is_linear_and_exact_cycle_count(rng):
     assert rel_err(P1.mv(1.7 * r - 0.3 * s), 1.7 * x - 0.3 * P1.mv(s)) < 1e-12
     assert rel_err(P1.mv(1e-30 * r) * 1e30, x) < 1e-12
     assert float(jnp.abs(P1.mv(jnp.zeros_like(r))).max()) == 0.0
-    # P2 is its own setup: compare loosely (AmgX's aggregation need not be
-    # bit-for-bit deterministic), but far tighter than one cycle vs two
+    # Two cycles: a linear operator of its own, closer to A^-1 than one cycle.
+    # (AmgX's second cycle is not bit-for-bit our composition x + P1(r - A x):
+    # measured 7.5% apart on an H200, while both reduce the error.)
+    y = P2.mv(r)
+    assert rel_err(P2.mv(1.7 * r - 0.3 * s), 1.7 * y - 0.3 * P2.mv(s)) < 1e-12
     x2 = x + P1.mv(r - op.mv(x))
-    assert rel_err(P2.mv(r), x2) < 1e-3
-    assert rel_err(P2.mv(r), x) > 1e-2
     ref = spla.spsolve(a.tocsc(), np.asarray(r))
-    assert rel_err(x2, ref) < rel_err(x, ref) < 0.5
+    assert rel_err(y, x) > 1e-2
+    assert rel_err(y, ref) < 0.7 * rel_err(x, ref) < 0.5
+    assert rel_err(x2, ref) < 0.7 * rel_err(x, ref)
+    print(f"\nerror vs A^-1 r: one cycle {rel_err(x, ref):.3g}, two (AmgX) "
+          f"{rel_err(y, ref):.3g}, two (composed) {rel_err(x2, ref):.3g}")
 
 
 def test_nonfinite_input_gives_nan(rng):
@@ -251,7 +256,7 @@ def test_mixed_precision(problems):
     a, tags, b, ref = problems["poisson2d"]
     op = gpu_op(a, tags)
     P = AMGXPreconditioner(op, precision="mixed")
-    assert P.key.mode == "dDFI"
+    assert P.key.mode == "dFFI"  # dDFI is refused by CUDA 10.1+ AmgX builds
     sol = _solve_with(_solvers()["CG"], op, gpu_array(b), P)
     assert sol.value.dtype == jnp.float64
     assert rel_err(sol.value, ref) < 1e-8

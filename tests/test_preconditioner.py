@@ -411,7 +411,7 @@ def test_mixed_precision_preconditioner_of_a_float64_solve(problems):
     a, tags, b, ref = problems["poisson2d"]
     op = lxa.CSROperator.from_scipy(a, tags=tags)
     P = AMGXPreconditioner(op, precision="mixed")
-    assert P.key.mode == "dDFI" and P.values.dtype == jnp.float32
+    assert P.key.mode == "dFFI" and P.values.dtype == jnp.float32
     assert P.in_structure().dtype == jnp.float64
     sol = _solve(lx.CG(rtol=1e-10, atol=1e-10, max_steps=500), op, jnp.asarray(b), P)
     assert rel_err(sol.value, ref) < 1e-8
