@@ -19,6 +19,8 @@ using AMGX_resources_handle = struct AMGX_resources_opaque*;
 using AMGX_matrix_handle = struct AMGX_matrix_opaque*;
 using AMGX_vector_handle = struct AMGX_vector_opaque*;
 using AMGX_solver_handle = struct AMGX_solver_opaque*;
+using AMGX_distribution_handle = struct AMGX_distribution_opaque*;
+constexpr int AMGX_DIST_PARTITION_OFFSETS = 1;
 using AMGX_print_callback = void (*)(const char* msg, int length);
 
 // X(name, return type, argument list)
@@ -66,9 +68,19 @@ using AMGX_print_callback = void (*)(const char* msg, int length);
     (AMGX_solver_handle slv, int it, int idx, double* res))                         \
   X(AMGX_solver_get_status, AMGX_RC, (AMGX_solver_handle slv, AMGX_SOLVE_STATUS * st))
 
-// Optional: deprecated in amgx_c.h; used when present (see set_resetup_mode).
-#define LXA_AMGX_OPTIONAL_FUNCTIONS(X) \
-  X(AMGX_solver_resetup, AMGX_RC, (AMGX_solver_handle slv, AMGX_matrix_handle mtx))
+// Optional. AMGX_solver_resetup: deprecated in amgx_c.h, used when present (see
+// set_resetup_mode). The distribution API (AmgX >= 2.2): distributed solves only.
+#define LXA_AMGX_OPTIONAL_FUNCTIONS(X)                                                \
+  X(AMGX_solver_resetup, AMGX_RC, (AMGX_solver_handle slv, AMGX_matrix_handle mtx))    \
+  X(AMGX_distribution_create, AMGX_RC,                                               \
+    (AMGX_distribution_handle * dist, AMGX_config_handle cfg))                       \
+  X(AMGX_distribution_destroy, AMGX_RC, (AMGX_distribution_handle dist))             \
+  X(AMGX_distribution_set_partition_data, AMGX_RC,                                   \
+    (AMGX_distribution_handle dist, int info, const void* partition_data))           \
+  X(AMGX_matrix_upload_distributed, AMGX_RC,                                         \
+    (AMGX_matrix_handle mtx, int n_global, int n, int nnz, int block_dimx,           \
+     int block_dimy, const int* row_ptrs, const void* col_indices_global,            \
+     const void* data, const void* diag_data, AMGX_distribution_handle distribution))
 
 // ---- The CUDA driver API (libcuda.so.1, always installed with the driver). ----
 

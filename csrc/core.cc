@@ -883,6 +883,305 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
   }
 }
 
+// ------------------------------------------------------------------------------
+// Distributed entries: one rank's rows of a matrix partitioned over MPI ranks,
+// uploaded through AmgX's distribution API. Called from Python host callbacks that
+// the package's sequencer runs in the same order on every rank (every function
+// here that touches AmgX is collective over the communicator). Vectors and values
+// are host arrays (AmgX copies them to its device).
+// ------------------------------------------------------------------------------
+
+using DistributionOwner =
+    Owned<AMGX_distribution_handle, &Api::AMGX_distribution_destroy>;
+
+// Makes `device`'s primary context current for the scope.
+struct PrimaryContextScope {
+  CUdevice device = 0;
+  CUcontext ctx = nullptr;
+  explicit PrimaryContextScope(int ordinal) {
+    LXA_CU(cuDeviceGet(&device, ordinal));
+    LXA_CU(cuDevicePrimaryCtxRetain(&ctx, device));
+    CUresult rc = api().cuCtxPushCurrent_v2(ctx);
+    if (rc != 0) {
+      api().cuDevicePrimaryCtxRelease_v2(device);
+      throw Failure("cuCtxPushCurrent failed: " + cuda_error_string(rc));
+    }
+  }
+  ~PrimaryContextScope() {
+    CUcontext popped;
+    api().cuCtxPopCurrent_v2(&popped);
+    api().cuDevicePrimaryCtxRelease_v2(device);
+  }
+  PrimaryContextScope(const PrimaryContextScope&) = delete;
+  PrimaryContextScope& operator=(const PrimaryContextScope&) = delete;
+};
+
+// One set of AmgX resources per (device, communicator): AmgX keeps the MPI_Comm*
+// it is given, so the Python side passes the address of a communicator it keeps
+// alive (its own Dup of the user's).
+struct CommResources {
+  ConfigOwner cfg;
+  ResourcesOwner rsrc;
+};
+
+std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<CommResources>>& comm_resources() {
+  static auto* r = new std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<CommResources>>();
+  return *r;
+}
+
+AMGX_resources_handle resources_for_comm(CUdevice device, int ordinal, int64_t comm_key,
+                                         uintptr_t comm_ptr) {
+  auto& all = comm_resources();
+  auto k = std::make_pair(device, comm_key);
+  auto it = all.find(k);
+  if (it != all.end()) return it->second->rsrc.h;
+  auto r = std::make_unique<CommResources>();
+  LXA_AMGX(AMGX_config_create(&r->cfg.h, "config_version=2, exception_handling=0"));
+  int dev = ordinal;
+  LXA_AMGX(AMGX_resources_create(&r->rsrc.h, r->cfg.h, reinterpret_cast<void*>(comm_ptr),
+                                 1, &dev));
+  AMGX_resources_handle h = r->rsrc.h;
+  all.emplace(k, std::move(r));
+  return h;
+}
+
+struct DistEntry {
+  int32_t id = 0;
+  int32_t generation = 0;
+  Key key;
+  int ordinal = 0;
+  int n_local = 0, nnz = 0, block_size = 1;
+  int64_t n_global = 0;
+  std::vector<unsigned char> values;  // exact copy of the values the setup used
+  ConfigOwner cfg;
+  DistributionOwner dist;
+  MatrixOwner matrix;
+  VectorOwner rhs, sol;
+  SolverOwner solver;
+  Counters counters;
+  double last_setup_seconds = 0, last_solve_seconds = 0;
+  double total_setup_seconds = 0, total_solve_seconds = 0;
+  ~DistEntry() {
+    solver.reset();
+    sol.reset();
+    rhs.reset();
+    matrix.reset();
+    dist.reset();
+    cfg.reset();
+  }
+};
+
+void dispose(std::unique_ptr<DistEntry>& e) {
+  if (!e) return;
+  if (context_healthy(e->key.device)) {
+    e.reset();
+  } else {
+    (void)e.release();
+  }
+}
+
+// The distributed cache. One entry per key (every rank must act on the same
+// logical entry in a collective resetup); least recently used first out. Every
+// change happens inside a collective call, in the same order on every rank, so
+// the ranks' caches stay identical (eviction included).
+class DistCache {
+ public:
+  static DistCache& get() {
+    static DistCache* c = new DistCache();
+    return *c;
+  }
+  Counters totals;
+
+  // 0: an entry with `key` holds exactly `values` (or is the token's entry);
+  // 1: an entry with `key` exists (resetup); 2: no entry (setup).
+  int probe(const Key& key, const void* values, size_t bytes, int32_t id, int32_t gen,
+            int32_t* out_id, int32_t* out_gen) {
+    for (auto& e : entries_) {
+      if (!(e->key == key)) continue;
+      bool same = (id > 0 && e->id == id && e->generation == gen) ||
+                  (values != nullptr && e->values.size() == bytes &&
+                   std::memcmp(e->values.data(), values, bytes) == 0);
+      *out_id = e->id;
+      *out_gen = e->generation;
+      return same ? 0 : 1;
+    }
+    *out_id = -1;
+    *out_gen = -1;
+    return 2;
+  }
+
+  DistEntry* find(int32_t id, int32_t gen) {
+    for (auto it = entries_.begin(); it != entries_.end(); ++it)
+      if ((*it)->id == id && (*it)->generation == gen) {
+        touch(it);
+        return it->get();
+      }
+    return nullptr;
+  }
+
+  // Collective. `action` is the ranks' agreed probe result (the maximum).
+  DistEntry* acquire(int action, const Key& key, int ordinal, uintptr_t comm_ptr,
+                     int64_t n_global, const int64_t* offsets, int n_local,
+                     const int32_t* indptr, const int64_t* gcols, int nnz, int block_size,
+                     const void* values, size_t bytes, size_t capacity,
+                     ResetupMode resetup_mode) {
+    auto it = entries_.begin();
+    for (; it != entries_.end(); ++it)
+      if ((*it)->key == key) break;
+    if (action == 0 && it != entries_.end()) {
+      ++(*it)->counters.hits;
+      ++totals.hits;
+      touch(it);
+      return entries_.front().get();
+    }
+    ++totals.misses;
+    if (action == 1 && it != entries_.end()) {
+      DistEntry& e = **it;
+      auto t0 = std::chrono::steady_clock::now();
+      try {
+        LXA_AMGX(AMGX_matrix_replace_coefficients(e.matrix.h, e.n_local, e.nnz, values,
+                                                  nullptr));
+        if (resetup_mode == ResetupMode::kResetup && api().AMGX_solver_resetup)
+          LXA_AMGX(AMGX_solver_resetup(e.solver.h, e.matrix.h));
+        else
+          LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
+        LXA_CU(cuCtxSynchronize());
+      } catch (...) {
+        dispose(*it);
+        entries_.erase(it);
+        throw;
+      }
+      e.values.assign(static_cast<const unsigned char*>(values),
+                      static_cast<const unsigned char*>(values) + bytes);
+      e.last_setup_seconds = seconds_since(t0);
+      e.total_setup_seconds += e.last_setup_seconds;
+      ++e.generation;
+      ++e.counters.misses;
+      ++e.counters.resetups;
+      ++totals.resetups;
+      touch(it);
+      take_captured();
+      return entries_.front().get();
+    }
+    if (it != entries_.end()) {  // some rank had no entry: everyone starts afresh
+      dispose(*it);
+      entries_.erase(it);
+    }
+    Api& a = api();
+    if (!a.AMGX_distribution_create || !a.AMGX_distribution_set_partition_data ||
+        !a.AMGX_matrix_upload_distributed)
+      throw Failure("this AmgX library has no distribution API "
+                    "(AMGX_matrix_upload_distributed): distributed solves need AmgX "
+                    ">= 2.2 built with MPI");
+    auto e = std::make_unique<DistEntry>();
+    e->id = next_id_++;
+    e->key = key;
+    e->ordinal = ordinal;
+    e->n_local = n_local;
+    e->nnz = nnz;
+    e->block_size = block_size;
+    e->n_global = n_global;
+    auto t0 = std::chrono::steady_clock::now();
+    try {
+      AMGX_resources_handle rsrc = resources_for_comm(key.device, ordinal, key.comm, comm_ptr);
+      LXA_AMGX(AMGX_config_create(&e->cfg.h, key.config.c_str()));
+      LXA_AMGX(AMGX_matrix_create(&e->matrix.h, rsrc, key.mode));
+      LXA_AMGX(AMGX_vector_create(&e->rhs.h, rsrc, key.mode));
+      LXA_AMGX(AMGX_vector_create(&e->sol.h, rsrc, key.mode));
+      LXA_AMGX(AMGX_solver_create(&e->solver.h, rsrc, key.mode, e->cfg.h));
+      LXA_AMGX(AMGX_distribution_create(&e->dist.h, e->cfg.h));
+      LXA_AMGX(AMGX_distribution_set_partition_data(e->dist.h, AMGX_DIST_PARTITION_OFFSETS,
+                                                    offsets));
+      LXA_AMGX(AMGX_matrix_upload_distributed(
+          e->matrix.h, static_cast<int>(n_global), n_local, nnz, block_size, block_size,
+          indptr, gcols, values, nullptr, e->dist.h));
+      LXA_AMGX(AMGX_vector_bind(e->rhs.h, e->matrix.h));
+      LXA_AMGX(AMGX_vector_bind(e->sol.h, e->matrix.h));
+      LXA_AMGX(AMGX_solver_setup(e->solver.h, e->matrix.h));
+      LXA_CU(cuCtxSynchronize());
+    } catch (...) {
+      dispose(e);
+      throw;
+    }
+    e->values.assign(static_cast<const unsigned char*>(values),
+                     static_cast<const unsigned char*>(values) + bytes);
+    e->last_setup_seconds = seconds_since(t0);
+    e->total_setup_seconds += e->last_setup_seconds;
+    ++e->counters.misses;
+    ++e->counters.setups;
+    ++totals.setups;
+    entries_.push_front(std::move(e));
+    size_t keep = std::max<size_t>(capacity, 1);
+    while (entries_.size() > keep) {
+      dispose(entries_.back());
+      entries_.pop_back();
+      ++totals.evictions;
+    }
+    take_captured();
+    return entries_.front().get();
+  }
+
+  // Collective.
+  void solve(DistEntry& e, const void* b, const void* x0, void* x, int32_t* status,
+             int32_t* iterations, double* residual) {
+    auto t0 = std::chrono::steady_clock::now();
+    const int bs = e.block_size;
+    LXA_AMGX(AMGX_vector_upload(e.rhs.h, e.n_local, bs, b));
+    if (x0 != nullptr) {
+      LXA_AMGX(AMGX_vector_upload(e.sol.h, e.n_local, bs, x0));
+      LXA_AMGX(AMGX_solver_solve(e.solver.h, e.rhs.h, e.sol.h));
+    } else {
+      LXA_AMGX(AMGX_vector_set_zero(e.sol.h, e.n_local, bs));
+      LXA_AMGX(AMGX_solver_solve_with_0_initial_guess(e.solver.h, e.rhs.h, e.sol.h));
+    }
+    int st = 0, its = 0;
+    LXA_AMGX(AMGX_solver_get_status(e.solver.h, &st));
+    LXA_AMGX(AMGX_solver_get_iterations_number(e.solver.h, &its));
+    double res = -1.0;
+    if (api().AMGX_solver_get_iteration_residual(e.solver.h, std::max(its, 0), 0, &res) !=
+        AMGX_RC_OK)
+      res = -1.0;
+    LXA_AMGX(AMGX_vector_download(e.sol.h, x));
+    LXA_CU(cuCtxSynchronize());
+    e.last_solve_seconds = seconds_since(t0);
+    e.total_solve_seconds += e.last_solve_seconds;
+    ++e.counters.solves;
+    ++totals.solves;
+    *status = st;
+    *iterations = its;
+    *residual = res;
+    take_captured();
+  }
+
+  void clear() {
+    for (auto& e : entries_) dispose(e);
+    entries_.clear();
+    for (auto& [k, r] : comm_resources()) {
+      if (context_healthy(k.first))
+        r.reset();
+      else
+        (void)r.release();
+    }
+    comm_resources().clear();
+  }
+
+  void abandon() {
+    for (auto& e : entries_) (void)e.release();
+    entries_.clear();
+    for (auto& [k, r] : comm_resources()) (void)r.release();
+    comm_resources().clear();
+  }
+
+  const std::list<std::unique_ptr<DistEntry>>& entries() const { return entries_; }
+
+ private:
+  void touch(std::list<std::unique_ptr<DistEntry>>::iterator it) {
+    entries_.splice(entries_.begin(), entries_, it);
+  }
+  std::list<std::unique_ptr<DistEntry>> entries_;
+  int32_t next_id_ = 1;
+};
+
 }  // namespace
 }  // namespace lxa
 
@@ -1092,6 +1391,139 @@ NB_MODULE(_native, m) {
     Cache::get().clear();
   });
 
+  // ---- Distributed (MPI) entries; see DistCache. Collective where noted. ----
+  using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+  m.def(
+      "dist_probe",
+      [](int32_t ordinal, int64_t comm_key, int64_t fingerprint, const std::string& config,
+         int32_t mode, int32_t transposed, int32_t block_size, HostArray values,
+         int32_t id, int32_t gen) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        try {
+          if (!poisoned().empty()) throw Failure(poisoned());
+          ensure_initialized();
+          PrimaryContextScope scope(ordinal);
+          Key key{scope.device, fingerprint, block_size, mode, config, transposed != 0,
+                  comm_key};
+          int32_t out_id = -1, out_gen = -1;
+          int state = DistCache::get().probe(key, values.data(), values.nbytes(), id, gen,
+                                             &out_id, &out_gen);
+          return nb::make_tuple(state, out_id, out_gen);
+        } catch (const Failure& e) {
+          throw std::runtime_error(e.what());
+        }
+      },
+      nb::arg("ordinal"), nb::arg("comm_key"), nb::arg("fingerprint"), nb::arg("config"),
+      nb::arg("mode"), nb::arg("transposed"), nb::arg("block_size"), nb::arg("values"),
+      nb::arg("id"), nb::arg("gen"));
+
+  m.def(
+      "dist_setup",
+      [](int32_t action, int32_t ordinal, int64_t comm_key, uintptr_t comm_ptr,
+         int64_t fingerprint, const std::string& config, int32_t mode, int32_t transposed,
+         int32_t block_size, int64_t n_global,
+         nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> offsets,
+         nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> indptr,
+         nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> gcols,
+         HostArray values) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        try {
+          if (!poisoned().empty()) throw Failure(poisoned());
+          ensure_initialized();
+          if (n_global > INT32_MAX)
+            throw Failure("AmgX's distributed upload takes a 32-bit global size; this "
+                          "matrix has " + std::to_string(n_global) + " block rows");
+          PrimaryContextScope scope(ordinal);
+          Key key{scope.device, fingerprint, block_size, mode, config, transposed != 0,
+                  comm_key};
+          Cache& c = Cache::get();
+          DistEntry* e = nullptr;
+          {
+            nb::gil_scoped_release release;
+            e = DistCache::get().acquire(
+                action, key, ordinal, comm_ptr, n_global, offsets.data(),
+                static_cast<int>(indptr.shape(0) - 1), indptr.data(), gcols.data(),
+                static_cast<int>(gcols.shape(0)), block_size, values.data(),
+                values.nbytes(), c.capacity, c.resetup_mode);
+          }
+          return nb::make_tuple(e->id, e->generation);
+        } catch (const Failure& e) {
+          throw std::runtime_error(e.what());
+        }
+      },
+      nb::arg("action"), nb::arg("ordinal"), nb::arg("comm_key"), nb::arg("comm_ptr"),
+      nb::arg("fingerprint"), nb::arg("config"), nb::arg("mode"), nb::arg("transposed"),
+      nb::arg("block_size"), nb::arg("n_global"), nb::arg("offsets"), nb::arg("indptr"),
+      nb::arg("global_indices"), nb::arg("values"));
+
+  m.def(
+      "dist_solve",
+      [](int32_t ordinal, int32_t id, int32_t gen, HostArray b, nb::object x0,
+         HostArray x) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        try {
+          if (!poisoned().empty()) throw Failure(poisoned());
+          ensure_initialized();
+          PrimaryContextScope scope(ordinal);
+          DistEntry* e = DistCache::get().find(id, gen);
+          if (e == nullptr)
+            throw Failure("internal: distributed entry " + std::to_string(id) + "/" +
+                          std::to_string(gen) + " is not resident");
+          const void* x0_ptr = nullptr;
+          HostArray x0_arr;
+          if (!x0.is_none()) {
+            x0_arr = nb::cast<HostArray>(x0);
+            x0_ptr = x0_arr.data();
+          }
+          int32_t st = 0, its = 0;
+          double res = 0.0;
+          {
+            nb::gil_scoped_release release;
+            DistCache::get().solve(*e, b.data(), x0_ptr, x.data(), &st, &its, &res);
+          }
+          return nb::make_tuple(st, its, res);
+        } catch (const Failure& e) {
+          throw std::runtime_error(e.what());
+        }
+      },
+      nb::arg("ordinal"), nb::arg("id"), nb::arg("gen"), nb::arg("b"), nb::arg("x0").none(),
+      nb::arg("x"));
+
+  m.def("dist_cache_info", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    DistCache& c = DistCache::get();
+    nb::dict d = counters_dict(c.totals);
+    d["size"] = c.entries().size();
+    nb::list entries;
+    for (const auto& e : c.entries()) {
+      nb::dict s = counters_dict(e->counters);
+      s["id"] = e->id;
+      s["generation"] = e->generation;
+      s["device"] = e->key.device;
+      s["fingerprint"] = e->key.fingerprint;
+      s["comm_key"] = e->key.comm;
+      s["n_global"] = e->n_global;
+      s["n_local"] = e->n_local;
+      s["nnz"] = e->nnz;
+      s["block_size"] = e->block_size;
+      s["mode"] = mode_name(e->key.mode);
+      s["transposed"] = e->key.transposed;
+      s["last_setup_seconds"] = e->last_setup_seconds;
+      s["last_solve_seconds"] = e->last_solve_seconds;
+      s["total_setup_seconds"] = e->total_setup_seconds;
+      s["total_solve_seconds"] = e->total_solve_seconds;
+      entries.append(s);
+    }
+    d["entries"] = entries;
+    return d;
+  });
+
+  // Collective over every communicator that has distributed entries.
+  m.def("dist_clear_cache", []() {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    DistCache::get().clear();
+  });
 
   m.def(
       "set_cache_size",
@@ -1120,6 +1552,10 @@ NB_MODULE(_native, m) {
   m.def("finalize", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
     Cache::get().clear();
+    // Distributed entries are leaked, not destroyed: destroying them is collective
+    // (AmgX's MPI), and at exit MPI may already be finalized. The driver reclaims
+    // their memory with the process.
+    DistCache::get().abandon();
     Api& a = api();
     if (!poisoned().empty()) {
       // A broken CUDA context: AmgX's teardown (freeing its memory pools) throws

@@ -45,6 +45,7 @@ import functools as ft
 import hashlib
 import inspect
 import itertools
+import os
 import threading
 from typing import Any
 
@@ -1512,47 +1513,289 @@ def native_distribution_args(op: DistributedCSROperator | DistributedPattern) ->
     )
 
 
+_GPU_FLAG = "LINEAX_AMGX_DISTRIBUTED_GPU"
+
+
+def native_path_enabled() -> bool:
+    """Whether distributed solves of CUDA arrays go to AmgX's distributed API.
+
+    The path exists but has **not yet run on GPUs** (docs/distributed.md): it is
+    off unless `LINEAX_AMGX_DISTRIBUTED_GPU=1`."""
+    return os.environ.get(_GPU_FLAG, "").strip() not in ("", "0")
+
+
 class _GPUBackend:
-    """The CUDA branch of `_dispatch` for distributed patterns: the native
-    `_ffi.setup_distributed` / `_ffi.solve_distributed` (same signatures as
-    `_ffi.setup` / `_ffi.solve`; they read `native_distribution_args(pattern)`).
-    Until those exist, the branch traces (`lax.platform_dependent` traces every
-    branch, also on CPU-only machines) but refuses when CUDA is present."""
+    """The CUDA branch of `_dispatch` for distributed patterns: `amgx_setup` /
+    `amgx_solve` (AmgX's distributed API through host callbacks). The branch is
+    traced on every machine (`lax.platform_dependent` traces every branch); it
+    refuses on CUDA while the path is switched off."""
 
     @staticmethod
-    def _native(name: str):
-        from . import _ffi, _library
+    def _enabled() -> bool:
+        from . import _library
 
-        fn = getattr(_ffi, name, None)
-        if fn is not None:
-            return fn
+        if native_path_enabled():
+            return True
         if _library.has_cuda_backend():
             raise NotImplementedError(
-                "Distributed AmgX solves on CUDA arrays are not available in this "
-                "build yet; keep the arrays on the CPU (pyamg backend) or pass "
-                "AMGX(backend='pyamg')."
+                "Distributed AmgX solves of CUDA arrays are implemented but not yet "
+                "validated on GPUs; they are off by default. Set "
+                f"{_GPU_FLAG}=1 (on every rank) to use them, keep the arrays on the "
+                "CPU (pyamg backend), or pass AMGX(backend='pyamg')."
             )
-        return None
+        return False
 
     @classmethod
     def setup(cls, pattern, values, ok, key, **kwargs):
-        fn = cls._native("setup_distributed")
-        if fn is not None:
-            return fn(pattern, values, ok, key, **kwargs)
         _no_near_nullspace(kwargs.get("near_nullspace"))
+        if cls._enabled():
+            return amgx_setup(pattern, values, ok, key)
         return jnp.full((2,), -1, jnp.int32)  # never runs: no CUDA device
 
     @classmethod
     def solve(cls, pattern, values, token, b, x0, ok, key, **kwargs):
-        fn = cls._native("solve_distributed")
-        if fn is not None:
-            return fn(pattern, values, token, b, x0, ok, key, **kwargs)
         _no_near_nullspace(kwargs.get("near_nullspace"))
+        if cls._enabled():
+            return amgx_solve(pattern, values, token, b, x0, ok, key)
         return (
             jnp.zeros_like(b),
             jnp.array([STATUS_FAILED, 0], jnp.int32),
             jnp.zeros((), b.dtype),
         )
+
+
+# The native path. Each setup and solve is one host callback whose MPI work is a
+# sequencer turn, so the ranks run them in the same order. Inside it the ranks
+# first agree what to do (`_native_acquire`: the worst of every rank's cache probe
+# — all hit, all resetup, or all set up afresh), then call AmgX, whose own MPI
+# traffic runs on a private `Dup` of the communicator. Values and vectors travel
+# through the host (a host callback's operands): simple and ordered, at the cost
+# of a device-host copy of the values per call and of the vectors per solve.
+
+_amgx_comms: dict[int, Any] = {}  # comm_key -> the Dup given to AmgX (kept alive)
+_ordinals: dict[int, int] = {}  # comm_key -> CUDA device ordinal used by AmgX
+
+
+def _amgx_comm(comm_key: int):
+    """Collective on first use (a `Dup`). AmgX keeps the address of the handle, so
+    the communicator lives as long as the process."""
+    c = _amgx_comms.get(comm_key)
+    if c is None:
+        comm = communicator(comm_key)
+        with _turn(comm, kind="amgx.comm"):
+            c = comm.Dup()
+        _amgx_comms[comm_key] = c
+    return c
+
+
+def _device_ordinal(comm_key: int) -> int:
+    """The CUDA device this rank's AmgX uses: `LINEAX_AMGX_DEVICE` if set, else
+    device 0 when the process sees one GPU, else the node-local rank modulo the
+    number of GPUs (one process per GPU). Collective on first use."""
+    if comm_key in _ordinals:
+        return _ordinals[comm_key]
+    env = os.environ.get("LINEAX_AMGX_DEVICE", "").strip()
+    if env:
+        ordinal = int(env)
+    else:
+        from . import _library
+
+        n = max(len(_library.native().cuda_devices()), 1)
+        ordinal = 0 if n == 1 else local_rank(communicator(comm_key)) % n
+    _ordinals[comm_key] = ordinal
+    return ordinal
+
+
+def _elf_needed(path: str) -> list[str]:
+    """DT_NEEDED entries of a 64-bit little-endian ELF shared library ([] if the
+    file cannot be read as one)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+        for i in range(shnum)
+    ]
+    out = []
+    for sh in sections:
+        if sh[1] != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[sh[6]]
+        str_off = strtab[4]
+        for off in range(sh[4], sh[4] + sh[5], 16):
+            tag, val = struct.unpack_from("<qQ", data, off)
+            if tag == 0:
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", str_off + val)
+                out.append(data[str_off + val : end].decode())
+    return out
+
+
+def amgx_mpi_library() -> str | None:
+    """The MPI family the loaded AmgX library links (`"Open MPI"` for
+    `libmpi.so.40`, `"MPICH"` for `libmpi.so.12`, else the soname), or `None` when
+    it links no MPI (a build without MPI: no distributed solves)."""
+    from . import _library
+
+    path = _library.native().library_info().get("path") or ""
+    for lib in _elf_needed(path):
+        if lib.startswith("libmpi.so.40") or "open-rte" in lib or "open-pal" in lib:
+            return "Open MPI"
+        if lib.startswith("libmpi.so.12") or lib.startswith("libmpich"):
+            return "MPICH"
+        if lib.startswith("libmpi"):
+            return lib
+    return None
+
+
+_checked_mpi: set[int] = set()
+
+
+def _check_native_mpi(comm_key: int) -> None:
+    """Refuse (on every rank) an AmgX without MPI, or one built with another MPI
+    than mpi4py's: its communicator would be a foreign handle."""
+    if comm_key in _checked_mpi:
+        return
+    err = None
+    try:
+        family = amgx_mpi_library()
+        if family is None:
+            err = (
+                "the loaded AmgX library links no MPI library (built without MPI): "
+                "distributed solves need an MPI build of AmgX"
+            )
+        else:
+            check_mpi_library(family)
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank
+        err = str(e)
+    _raise_if_any(communicator(comm_key), err, RuntimeError)
+    _checked_mpi.add(comm_key)
+
+
+def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
+    """Collective (inside a turn). The token of the AmgX entry holding `values`:
+    every rank probes its cache, the worst outcome wins on every rank (a hit only
+    when all hit), and the ranks set up or resetup together."""
+    from . import _library
+    from ._dispatch import MODES
+
+    MPI = mpi()
+    comm_key = pattern.layout.comm_key
+    comm = communicator(comm_key)
+    _check_native_mpi(comm_key)
+    native = _library.native()
+    ordinal = _device_ordinal(comm_key)
+    values = np.ascontiguousarray(values)
+    static = (comm_key, pattern.fingerprint, key.config, MODES[key.mode],
+              int(key.transposed), pattern.block_size)
+    err, state = None, 2
+    try:
+        state, _, _ = native.dist_probe(ordinal, *static, values, int(token[0]),
+                                        int(token[1]))
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank
+        err = str(e)
+    _raise_if_any(comm, err, RuntimeError)
+    with _turn(comm, kind="amgx.agree"):
+        action = int(comm.allreduce(int(state), op=MPI.MAX))
+    amgx_comm = _amgx_comm(comm_key)
+    err, out = None, (-1, -1)
+    try:
+        out = native.dist_setup(
+            action, ordinal, comm_key, int(MPI._addressof(amgx_comm)),
+            pattern.fingerprint, key.config, MODES[key.mode], int(key.transposed),
+            pattern.block_size, pattern.layout.n_global,
+            np.asarray(pattern.layout.offsets, dtype=np.int64), pattern.indptr,
+            pattern.global_indices, values,
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised on every rank
+        err = f"AmgX distributed setup failed: {e}"
+    _raise_if_any(comm, err, RuntimeError)
+    return action, np.array(out, np.int32)
+
+
+def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
+    """Collective. The AmgX setup of a distributed operator (the `_dispatch`
+    contract): a token naming this rank's part of the distributed AmgX entry."""
+    comm_key = pattern.layout.comm_key
+    site = _new_site()
+
+    def host(values, ok):
+        comm = communicator(comm_key)
+        with _turn(comm, site, "amgx.setup"):
+            if not agree(int(ok) != 0, comm):
+                return np.array([-1, -1], np.int32)
+            _, token = _native_acquire(pattern, key, values, (-1, -1))
+            return token
+
+    return jax.pure_callback(
+        host,
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.lax.stop_gradient(values),
+        ok,
+        vmap_method="sequential",
+    )
+
+
+def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
+    """Collective. The AmgX solve of a distributed system (the `_dispatch`
+    contract): this rank's part of `x`, and the same `info` and residual norm (AmgX's
+    global norm) on every rank."""
+    from . import _library
+
+    comm_key = pattern.layout.comm_key
+    site = _new_site()
+    out_dtype = np.dtype(b.dtype)
+
+    def host(values, token, b, ok, *maybe_x0):
+        comm = communicator(comm_key)
+        with _turn(comm, site, "amgx.solve"):
+            if not agree(int(ok) != 0, comm):
+                return (
+                    np.zeros(b.shape, out_dtype),
+                    np.array([STATUS_NONFINITE, 0], np.int32),
+                    np.array(np.inf, out_dtype),
+                )
+            _, tok = _native_acquire(pattern, key, values, np.asarray(token))
+            x = np.empty(b.shape, out_dtype)
+            x0 = np.ascontiguousarray(maybe_x0[0], out_dtype) if maybe_x0 else None
+            err, result = None, (STATUS_FAILED, 0, float("inf"))
+            try:
+                result = _library.native().dist_solve(
+                    _device_ordinal(comm_key), int(tok[0]), int(tok[1]),
+                    np.ascontiguousarray(b, out_dtype), x0, x,
+                )
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                err = f"AmgX distributed solve failed: {e}"
+            _raise_if_any(comm, err, RuntimeError)
+        status, steps, resid = result
+        if key.verbose and comm.Get_rank() == 0:
+            print(
+                f"lineax_amgx (AmgX, {comm.Get_size()} ranks): status {status}, "
+                f"{steps} iterations, residual {resid:.3e}"
+            )
+        return (
+            x,
+            np.array([status, steps], np.int32),
+            np.array(resid, out_dtype),
+        )
+
+    args = [values, token, b, ok] + ([] if x0 is None else [x0])
+    args = [jax.lax.stop_gradient(a) for a in args]
+    result_shapes = (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
 
 
 gpu_backend = _GPUBackend

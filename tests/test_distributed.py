@@ -611,3 +611,154 @@ def test_native_distribution_args():
     assert args["nnz_local"] == op.pattern.nnz == args["indptr"][-1]
     fps = COMM.allgather(args["global_fingerprint"])
     assert len(set(fps)) == 1
+
+
+# ---------------------------------------------------------------------------
+# The native (AmgX) distributed path's collective logic, with a fake AmgX: the
+# GPU runs it against the real one (tests/test_gpu_distributed.py).
+# ---------------------------------------------------------------------------
+
+
+class FakeDistributedAmgX:
+    """Stands in for the native core's `dist_*` functions with the same contract:
+    a cache of one entry per key, `dist_probe` (0 hit, 1 resetup, 2 setup),
+    `dist_setup(action, ...)` collective, `dist_solve` collective (here: the
+    global system gathered on every rank and solved with scipy)."""
+
+    def __init__(self):
+        import mpi4py.MPI as M
+
+        self.comm = COMM.Dup()
+        self.entries = {}  # key -> dict(id, gen, values, pattern...)
+        self.actions = []
+        self.next_id = 1
+        self.path = M.__file__
+
+    def cuda_devices(self):
+        return ["fake GPU"]
+
+    def library_info(self):
+        return {"path": self.path}
+
+    def _key(self, comm_key, fingerprint, config, mode, transposed, block_size):
+        return (comm_key, fingerprint, config, mode, transposed, block_size)
+
+    def dist_probe(self, ordinal, comm_key, fingerprint, config, mode, transposed,
+                   block_size, values, id, gen):
+        e = self.entries.get(self._key(comm_key, fingerprint, config, mode, transposed,
+                                       block_size))
+        if e is None:
+            return 2, -1, -1
+        same = (e["id"], e["gen"]) == (id, gen) or np.array_equal(e["values"], values)
+        return (0 if same else 1), e["id"], e["gen"]
+
+    def dist_setup(self, action, ordinal, comm_key, comm_ptr, fingerprint, config, mode,
+                   transposed, block_size, n_global, offsets, indptr, global_indices,
+                   values):
+        assert comm_ptr != MPI._addressof(COMM)  # AmgX gets its own Dup
+        self.comm.Barrier()  # collective, as AmgX's setup is
+        self.actions.append(action)
+        key = self._key(comm_key, fingerprint, config, mode, transposed, block_size)
+        e = self.entries.get(key)
+        if action == 0:
+            return e["id"], e["gen"]
+        if action == 1:
+            e["values"] = np.array(values)
+            e["gen"] += 1
+            return e["id"], e["gen"]
+        e = dict(id=self.next_id, gen=0, values=np.array(values), indptr=indptr,
+                 cols=global_indices, offsets=offsets, n=n_global)
+        self.next_id += 1
+        self.entries[key] = e
+        return e["id"], e["gen"]
+
+    def dist_solve(self, ordinal, id, gen, b, x0, x):
+        e = next(e for e in self.entries.values() if (e["id"], e["gen"]) == (id, gen))
+        rows = np.repeat(np.arange(len(e["indptr"]) - 1), np.diff(e["indptr"]))
+        local = sp.csr_matrix((e["values"], (rows, e["cols"])),
+                              shape=(len(e["indptr"]) - 1, e["n"]))
+        A = sp.vstack(self.comm.allgather(local)).tocsc()
+        bg = np.concatenate(self.comm.allgather(np.asarray(b)))
+        xg = spla.spsolve(A, bg)
+        r0 = int(e["offsets"][RANK])
+        x[...] = xg[r0 : r0 + len(b)]
+        return 0, 1, float(np.linalg.norm(bg - A @ xg))
+
+
+@pytest.fixture
+def fake_amgx(monkeypatch):
+    from lineax_amgx import _library
+
+    fake = FakeDistributedAmgX()
+    monkeypatch.setattr(_library, "native", lambda: fake)
+    monkeypatch.setattr(D, "_checked_mpi", set())
+    monkeypatch.setattr(D, "_ordinals", {})
+    monkeypatch.setattr(D, "_amgx_comms", {})
+    return fake
+
+
+@collective
+def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
+    from lineax_amgx._dispatch import SolveKey
+
+    A = global_matrix("nonsymmetric")
+    op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
+    pattern, lay = op.pattern, op.layout
+    rng = np.random.default_rng(11)
+    b = rng.standard_normal(A.shape[0])
+    bl = jnp.asarray(D.scatter_vector(b if RANK == 0 else None, lay))
+    key = SolveKey(config='{"solver": "fake"}', mode="dDDI", transposed=False,
+                   verbose=False, backend="amgx")
+    ok = jnp.int32(1)
+    tok = D.amgx_setup(pattern, op.values, ok, key)
+    assert fake_amgx.actions == [2]  # nobody had it: set up together
+    x, info, _ = D.amgx_solve(pattern, op.values, tok, bl, None, ok, key)
+    assert fake_amgx.actions == [2, 0]  # the token names the setup: a hit
+    assert int(info[0]) == 0
+    xg = D.gather_vector(x, lay, root=None)
+    assert rel_err(xg, spla.spsolve(sp.csc_matrix(A), b)) < 1e-10
+    # New values on the last rank only, and a token that no longer names them
+    # there: that rank must resetup, so every rank does (a collective resetup).
+    scale = 2.0 if RANK == SIZE - 1 else 1.0
+    values = op.values * scale
+    bad = tok if RANK != SIZE - 1 else jnp.array([-5, -5], jnp.int32)
+    x, info, _ = D.amgx_solve(pattern, values, bad, bl, None, ok, key)
+    assert fake_amgx.actions == [2, 0, 1]
+    A2 = sp.vstack(COMM.allgather(
+        sp.csr_matrix(A)[lay.row_start : lay.row_end] * scale)).tocsc()
+    xg = D.gather_vector(x, lay, root=None)
+    assert rel_err(xg, spla.spsolve(A2, b)) < 1e-10
+    # Non-finite values on one rank: nobody calls AmgX, everybody gets NONFINITE.
+    x, info, _ = D.amgx_solve(pattern, values, tok, bl, None,
+                              jnp.int32(0 if RANK == 0 else 1), key)
+    assert fake_amgx.actions == [2, 0, 1]
+    assert int(info[0]) == D.STATUS_NONFINITE
+
+
+@collective
+def test_native_path_checks_amgx_mpi(fake_amgx, monkeypatch):
+    family = D.amgx_mpi_library()  # the fake "AmgX" is mpi4py's own module
+    assert family == D.mpi_library()
+    key = lxa.DistributedCSROperator.from_global_scipy(
+        global_matrix() if RANK == 0 else None).layout.comm_key
+    D._check_native_mpi(key)
+    other = "Open MPI" if family == "MPICH" else "MPICH"
+    monkeypatch.setattr(D, "_checked_mpi", set())
+    monkeypatch.setattr(D, "amgx_mpi_library", lambda: other)
+    raises_everywhere(RuntimeError, lambda: D._check_native_mpi(key),
+                      "cannot cross MPI libraries")
+    monkeypatch.setattr(D, "amgx_mpi_library", lambda: None)
+    raises_everywhere(RuntimeError, lambda: D._check_native_mpi(key),
+                      "links no MPI library")
+
+
+def test_native_path_is_off_by_default_on_cuda(monkeypatch):
+    from lineax_amgx import _library
+
+    monkeypatch.delenv("LINEAX_AMGX_DISTRIBUTED_GPU", raising=False)
+    assert not D.native_path_enabled()
+    monkeypatch.setattr(_library, "has_cuda_backend", lambda: True)
+    with pytest.raises(NotImplementedError, match="LINEAX_AMGX_DISTRIBUTED_GPU=1"):
+        D.gpu_backend.setup(None, None, None, None)
+    monkeypatch.setenv("LINEAX_AMGX_DISTRIBUTED_GPU", "1")
+    assert D.native_path_enabled()
