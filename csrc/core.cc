@@ -480,9 +480,11 @@ struct Entry {
   }
 };
 
-// Destroys an entry, or leaks it when its device's context is broken (destroying
-// AmgX objects then throws from destructors and aborts the process).
-void dispose(std::unique_ptr<Entry>& e) {
+// Destroys an entry (single-process or distributed), or leaks it when its
+// device's context is broken (destroying AmgX objects then throws from
+// destructors and aborts the process).
+template <typename E>
+void dispose(std::unique_ptr<E>& e) {
   if (!e) return;
   if (context_healthy(e->key.device)) {
     e.reset();
@@ -970,15 +972,6 @@ struct DistEntry {
     cfg.reset();
   }
 };
-
-void dispose(std::unique_ptr<DistEntry>& e) {
-  if (!e) return;
-  if (context_healthy(e->key.device)) {
-    e.reset();
-  } else {
-    (void)e.release();
-  }
-}
 
 // The distributed cache. One entry per key (every rank must act on the same
 // logical entry in a collective resetup); least recently used first out. Every

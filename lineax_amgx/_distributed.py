@@ -1722,6 +1722,19 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     return action, np.array(out, np.int32)
 
 
+def _solve_callback(host, values, token, b, x0, ok):
+    """The host callback of a distributed solve: `host(values, token, b, ok,
+    *maybe_x0)` returns this rank's `x`, `info` (2 int32) and the residual norm."""
+    args = [values, token, b, ok] + ([] if x0 is None else [x0])
+    args = [jax.lax.stop_gradient(a) for a in args]
+    result_shapes = (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+
+
 def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
     """Collective. The AmgX setup of a distributed operator (the `_dispatch`
     contract): a token naming this rank's part of the distributed AmgX entry."""
@@ -1788,14 +1801,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
             np.array(resid, out_dtype),
         )
 
-    args = [values, token, b, ok] + ([] if x0 is None else [x0])
-    args = [jax.lax.stop_gradient(a) for a in args]
-    result_shapes = (
-        jax.ShapeDtypeStruct(b.shape, b.dtype),
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
-    )
-    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+    return _solve_callback(host, values, token, b, x0, ok)
 
 
 gpu_backend = _GPUBackend
@@ -1972,11 +1978,4 @@ def solve(
             np.array(resid, out_dtype),
         )
 
-    args = [values, token, b, ok] + ([] if x0 is None else [x0])
-    args = [jax.lax.stop_gradient(a) for a in args]
-    result_shapes = (
-        jax.ShapeDtypeStruct(b.shape, b.dtype),
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
-    )
-    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+    return _solve_callback(host, values, token, b, x0, ok)

@@ -47,7 +47,7 @@ def random_nonsymmetric(n: int, rng, density: float = 0.05) -> sp.csr_array:
     """A random diagonally dominant non-symmetric matrix."""
     a = sp.random(n, n, density=density, random_state=rng, format="csr")
     a = a - sp.diags(a.diagonal())
-    rowsum = np.abs(a).sum(axis=1).A1 if hasattr(np.abs(a).sum(axis=1), "A1") else np.asarray(np.abs(a).sum(axis=1)).ravel()
+    rowsum = np.asarray(np.abs(a).sum(axis=1)).ravel()
     return sp.csr_array(a + sp.diags(rowsum + 1.0 + rng.random(n)))
 
 

@@ -8,9 +8,6 @@ a failure on one rank fails the test on all of them (and no rank waits forever
 for one that has left). Collective calls come before the assertions.
 """
 
-import functools as ft
-import traceback
-
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -21,6 +18,7 @@ import scipy.sparse.linalg as spla
 
 MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py or an MPI library is missing")
 
+import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
@@ -34,27 +32,7 @@ SIZE = COMM.Get_size()
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 
-def collective(fn):
-    """Fail the test on every rank if it fails on any rank."""
-
-    @ft.wraps(fn)
-    def wrapper(*args, **kwargs):
-        error = None
-        try:
-            fn(*args, **kwargs)
-        except pytest.skip.Exception:
-            raise
-        except BaseException as e:  # noqa: BLE001 - reported on every rank
-            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-        errors = COMM.allgather(error)
-        bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-        if bad:
-            pytest.fail(
-                "\n".join(f"--- rank {r} of {SIZE} ---\n{e}" for r, e in bad),
-                pytrace=False,
-            )
-
-    return wrapper
+collective = _mpi_helpers.collective(COMM)
 
 
 def raises_everywhere(exc, fn, match: str | None = None) -> str:

@@ -96,7 +96,8 @@ def test_mixed_precision(rng):
     a = poisson2d(200)
     b = rng.standard_normal(a.shape[0])
     op = gpu_op(a, SPD)
-    sol = lx.linear_solve(op, gpu_array(b), solver=lxa.AMGX(rtol=1e-8, precision="mixed"))
+    solver = lxa.AMGX(rtol=1e-8, precision="mixed")
+    sol = lx.linear_solve(op, gpu_array(b), solver=solver)
     assert sol.value.dtype == jnp.float64
     assert rel_residual(a, sol.value, b) <= 1e-6
 
@@ -324,8 +325,12 @@ def test_isolated_mode_keeps_nothing(rng):
 def test_same_indptr_different_indices_no_wrong_reuse(rng):
     n = 2000
     main = sp.diags([4.0] * n)
-    a1 = sp.csr_array(main + sp.diags([-1.0] * (n - 1), 1) + sp.diags([-1.0] * (n - 1), -1))
-    a2 = sp.csr_array(main + sp.diags([-1.0] * (n - 2), 2) + sp.diags([-1.0] * (n - 2), -2))
+
+    def band(k):
+        return sp.diags([-1.0] * (n - k), k) + sp.diags([-1.0] * (n - k), -k)
+
+    a1 = sp.csr_array(main + band(1))
+    a2 = sp.csr_array(main + band(2))
     a2 = sp.csr_array(a2)
     assert a1.nnz != a2.nnz or not np.array_equal(a1.indices, a2.indices)
     b = gpu_array(rng.standard_normal(n))
@@ -403,7 +408,8 @@ def test_nan_values_flagged_then_recovers(rng):
     sol = lx.linear_solve(op, b.at[0].set(jnp.inf), solver=lxa.AMGX(), throw=False)
     assert sol.result == lx.RESULTS.nonfinite_input
     with pytest.raises(Exception, match="non-finite"):
-        lx.linear_solve(op, b.at[0].set(jnp.nan), solver=lxa.AMGX()).value.block_until_ready()
+        bad = b.at[0].set(jnp.nan)
+        lx.linear_solve(op, bad, solver=lxa.AMGX()).value.block_until_ready()
     x = lx.linear_solve(op, b, solver=lxa.AMGX(rtol=1e-10)).value
     assert rel_residual(a, x, np.asarray(b)) < 1e-9
 
@@ -456,7 +462,8 @@ def test_two_devices_separate_entries(rng):
     solver = lxa.AMGX(rtol=1e-10)
     for dev in jax.devices("cuda")[:2]:
         op = jax.device_put(lxa.CSROperator.from_scipy(a, tags=SPD), dev)
-        x = lx.linear_solve(op, jax.device_put(jnp.asarray(b), dev), solver=solver).value
+        bd = jax.device_put(jnp.asarray(b), dev)
+        x = lx.linear_solve(op, bd, solver=solver).value
         assert rel_residual(a, x, b) < 1e-9
     devices = {e["device"] for e in lxa.cache_info("amgx")["entries"]}
     assert len(devices) == 2

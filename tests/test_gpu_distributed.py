@@ -9,9 +9,7 @@ References: the single-GPU AmgX solve of the same global system on every rank
 (float64, to 1e-8), and scipy. Every test is collective (see test_distributed.py).
 """
 
-import functools as ft
 import os
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ import scipy.sparse.linalg as spla
 
 MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py or an MPI library is missing")
 
+import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
@@ -39,20 +38,7 @@ if os.environ.get("LINEAX_AMGX_DISTRIBUTED_GPU", "") in ("", "0"):
     pytest.skip("set LINEAX_AMGX_DISTRIBUTED_GPU=1", allow_module_level=True)
 
 
-def collective(fn):
-    @ft.wraps(fn)
-    def wrapper(*args, **kwargs):
-        error = None
-        try:
-            fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - reported on every rank
-            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-        bad = [(r, e) for r, e in enumerate(COMM.allgather(error)) if e is not None]
-        if bad:
-            pytest.fail("\n".join(f"--- rank {r} ---\n{e}" for r, e in bad),
-                        pytrace=False)
-
-    return wrapper
+collective = _mpi_helpers.collective(COMM)
 
 
 def gpu():
