@@ -5,6 +5,8 @@
 // and `lineax_amgx_solve`. Exposed to Python with nanobind as lineax_amgx._native.
 
 #include <dlfcn.h>
+#include <stdlib.h>  // on_exit (glibc)
+#include <unistd.h>  // _exit
 
 #include <algorithm>
 #include <chrono>
@@ -162,6 +164,24 @@ void load_cuda_driver() {
 
 // Loads libamgxsh.so from `path` (resolved by the Python side: LINEAX_AMGX_LIBRARY,
 // then AMGX_DIR, then the loader path) and checks every symbol we need.
+std::string& poisoned();  // why the CUDA context is unusable ("" while it is fine)
+
+// Runs at exit(), after Python has finalised and before the static destructors of
+// libraries loaded earlier (AmgX's among them: on_exit handlers and those
+// destructors run in reverse order of registration). After a CUDA fault inside
+// AmgX those destructors free device memory, get an error, throw, and abort the
+// process ("terminate called after throwing an instance of 'amgx::amgx_exception'").
+// So when the context is known broken, leave now with the status the program
+// exits with (glibc's on_exit passes it).
+void exit_without_amgx_teardown(int status, void*) {
+  if (poisoned().empty()) return;
+  std::fprintf(stderr,
+               "lineax-amgx: exiting without AmgX's teardown (%s); exit status %d\n",
+               poisoned().c_str(), status);
+  std::fflush(nullptr);
+  _exit(status);
+}
+
 void load_amgx(const std::string& path) {
   std::lock_guard<std::recursive_mutex> lock(core_mutex());
   Api& a = api();
@@ -174,6 +194,11 @@ void load_amgx(const std::string& path) {
   if (!h) {
     a.load_error = "could not load the AmgX library " + path + ": " + dlerror();
     throw Failure(a.load_error);
+  }
+  static bool exit_hook_registered = false;
+  if (!exit_hook_registered) {
+    on_exit(&exit_without_amgx_teardown, nullptr);  // after AmgX's destructors exist
+    exit_hook_registered = true;
   }
 #define LXA_RESOLVE(name, ret, args)                                             \
   a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));                       \
@@ -1292,6 +1317,8 @@ NB_MODULE(_native, m) {
   m.def("is_initialized", []() { return api().initialized; });
   // Why the process can no longer use AmgX (a broken CUDA context), or "".
   m.def("poisoned", []() { return poisoned(); });
+  // Tests only: mark the process as if a CUDA fault had broken AmgX's context.
+  m.def("_poison_for_testing", [](const std::string& why) { poisoned() = why; });
 
   m.def("library_info", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());

@@ -148,36 +148,15 @@ def register_ffi_targets() -> None:
 
 
 def _finalize_at_exit() -> None:
+    # After a CUDA fault inside AmgX the native core leaks instead of tearing
+    # down, and leaves the process at exit() before AmgX's static destructors
+    # (which would throw and abort): see `exit_without_amgx_teardown` in core.cc.
     try:
         n = native()
-        broken = n.poisoned() if hasattr(n, "poisoned") else ""
         if n.is_initialized():
             n.finalize()
     except Exception:  # pragma: no cover - best effort at exit
-        return
-    if broken:  # pragma: no cover - needs a GPU whose CUDA context AmgX broke
-        _exit_without_static_destructors()
-
-
-def _exit_without_static_destructors() -> None:
-    """After a CUDA fault inside AmgX (the context is lost for good), AmgX's C++
-    static destructors free device memory, get an error, throw, and abort the
-    process ("terminate called after throwing an instance of
-    'amgx::amgx_exception'") after the program has finished. So: run the
-    remaining `atexit` handlers, flush, and leave with `os._exit`, skipping them.
-    The status is 1 when an uncaught exception ended the program, else 0 (a
-    `sys.exit(n)` status is not visible here and becomes 0)."""
-    atexit.unregister(_finalize_at_exit)
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        failed = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(1 if failed is not None else 0)
+        pass
 
 
 def _release_pattern(fingerprint: int) -> None:

@@ -589,6 +589,20 @@ _EXIT_SCRIPT = """
 """
 
 
+_LOST_CONTEXT_SCRIPT = """
+    import ctypes.util, os, sys
+    os.environ["LINEAX_AMGX_LIBRARY"] = ctypes.util.find_library("m")
+    import lineax_amgx as lxa
+    from lineax_amgx import _library
+    _library.try_load()  # dlopen succeeds (libm), the symbol check fails
+    # As after a CUDA fault inside AmgX (tests/test_gpu_failures.py makes a real
+    # one): the exit must skip AmgX's static destructors, keeping the status.
+    _library.native()._poison_for_testing("the CUDA context is gone (test)")
+    print("done")
+    sys.exit(int(sys.argv[1]))
+"""
+
+
 @pytest.fixture(scope="module")
 def subprocesses(tmp_path_factory):
     """Start every subprocess of this file at once; results by name."""
@@ -601,6 +615,8 @@ def subprocesses(tmp_path_factory):
         "load": (_LOAD_SCRIPT, tmp),
         "exit": (_EXIT_SCRIPT, "keep"),
         "exit_finalize": (_EXIT_SCRIPT, "finalize"),
+        "lost_context_0": (_LOST_CONTEXT_SCRIPT, "0"),
+        "lost_context_3": (_LOST_CONTEXT_SCRIPT, "3"),
     }
     procs = {
         name: subprocess.Popen(
@@ -656,3 +672,15 @@ def test_process_exits_cleanly(name, subprocesses):
     rc, stdout, stderr = subprocesses[name]
     assert rc == 0, stderr[-3000:]
     assert stdout.strip().endswith("done")
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_exit_after_a_lost_cuda_context_keeps_the_status(status, subprocesses):
+    """After a CUDA fault inside AmgX the native core's exit hook leaves before
+    AmgX's static destructors (which throw and abort on a broken context), says
+    so on stderr, and keeps the program's exit status."""
+    rc, stdout, stderr = subprocesses[f"lost_context_{status}"]
+    assert rc == status, (rc, stderr[-3000:])
+    assert stdout.strip().endswith("done")
+    assert "exiting without AmgX's teardown (the CUDA context is gone (test))" in stderr
+    assert f"exit status {status}" in stderr
