@@ -1524,44 +1524,50 @@ def native_path_enabled() -> bool:
     return os.environ.get(_GPU_FLAG, "").strip() not in ("", "0")
 
 
+_NATIVE_OFF = (
+    "Distributed AmgX solves of CUDA arrays are implemented but not yet validated "
+    f"on GPUs; they are off by default. Set {_GPU_FLAG}=1 (on every rank) to use "
+    "them, or keep the arrays on the CPU (pyamg backend: `jax.device_put(x, "
+    "jax.devices('cpu')[0])`)."
+)
+
+
+def _refuse_when_run(result_shapes, *args):
+    """A callback that raises the 'path is off' error if it ever runs. The CUDA
+    branch is traced on every machine (`lax.platform_dependent` traces all
+    branches), also for CPU arrays on a GPU machine: refusing at trace time would
+    break those solves, so the refusal waits until the branch really executes."""
+
+    def host(*_):
+        raise NotImplementedError(_NATIVE_OFF)
+
+    args = [jax.lax.stop_gradient(a) for a in args if a is not None]
+    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+
+
 class _GPUBackend:
     """The CUDA branch of `_dispatch` for distributed patterns: `amgx_setup` /
-    `amgx_solve` (AmgX's distributed API through host callbacks). The branch is
-    traced on every machine (`lax.platform_dependent` traces every branch); it
-    refuses on CUDA while the path is switched off."""
-
-    @staticmethod
-    def _enabled() -> bool:
-        from . import _library
-
-        if native_path_enabled():
-            return True
-        if _library.has_cuda_backend():
-            raise NotImplementedError(
-                "Distributed AmgX solves of CUDA arrays are implemented but not yet "
-                "validated on GPUs; they are off by default. Set "
-                f"{_GPU_FLAG}=1 (on every rank) to use them, keep the arrays on the "
-                "CPU (pyamg backend), or pass AMGX(backend='pyamg')."
-            )
-        return False
+    `amgx_solve` (AmgX's distributed API through host callbacks) when
+    `native_path_enabled()`, else callbacks that refuse if they run."""
 
     @classmethod
     def setup(cls, pattern, values, ok, key, **kwargs):
         _no_near_nullspace(kwargs.get("near_nullspace"))
-        if cls._enabled():
+        if native_path_enabled():
             return amgx_setup(pattern, values, ok, key)
-        return jnp.full((2,), -1, jnp.int32)  # never runs: no CUDA device
+        return _refuse_when_run(jax.ShapeDtypeStruct((2,), jnp.int32), values, ok)
 
     @classmethod
     def solve(cls, pattern, values, token, b, x0, ok, key, **kwargs):
         _no_near_nullspace(kwargs.get("near_nullspace"))
-        if cls._enabled():
+        if native_path_enabled():
             return amgx_solve(pattern, values, token, b, x0, ok, key)
-        return (
-            jnp.zeros_like(b),
-            jnp.array([STATUS_FAILED, 0], jnp.int32),
-            jnp.zeros((), b.dtype),
+        shapes = (
+            jax.ShapeDtypeStruct(b.shape, b.dtype),
+            jax.ShapeDtypeStruct((2,), jnp.int32),
+            jax.ShapeDtypeStruct((), b.dtype),
         )
+        return _refuse_when_run(shapes, values, token, b, x0, ok)
 
 
 # The native path. Each setup and solve is one host callback whose MPI work is a

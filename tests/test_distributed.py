@@ -731,12 +731,23 @@ def test_native_path_checks_amgx_mpi(fake_amgx, monkeypatch):
 
 
 def test_native_path_is_off_by_default_on_cuda(monkeypatch):
+    """Without the flag the CUDA branch still traces (it is traced on every
+    machine, also for CPU arrays on a GPU machine) and refuses only if it runs."""
     from lineax_amgx import _library
+    from lineax_amgx._dispatch import SolveKey
 
     monkeypatch.delenv("LINEAX_AMGX_DISTRIBUTED_GPU", raising=False)
     assert not D.native_path_enabled()
     monkeypatch.setattr(_library, "has_cuda_backend", lambda: True)
-    with pytest.raises(NotImplementedError, match="LINEAX_AMGX_DISTRIBUTED_GPU=1"):
-        D.gpu_backend.setup(None, None, None, None)
+    key = SolveKey(config="{}", mode="dDDI", transposed=False, verbose=False,
+                   backend="amgx")
+    values, b, ok = jnp.ones(5), jnp.ones(3), jnp.int32(1)
+    traced = jax.make_jaxpr(
+        lambda v, o: D.gpu_backend.setup(None, v, o, key))(values, ok)
+    assert traced is not None  # tracing does not refuse
+    jax.make_jaxpr(lambda v, x, o: D.gpu_backend.solve(
+        None, v, jnp.zeros(2, jnp.int32), x, None, o, key))(values, b, ok)
+    with pytest.raises(Exception, match="LINEAX_AMGX_DISTRIBUTED_GPU=1"):
+        jax.block_until_ready(D.gpu_backend.setup(None, values, ok, key))
     monkeypatch.setenv("LINEAX_AMGX_DISTRIBUTED_GPU", "1")
     assert D.native_path_enabled()
