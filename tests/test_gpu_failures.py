@@ -369,6 +369,7 @@ def test_lost_cuda_context_is_an_exception_and_a_clean_exit():
     else:
         assert "RAISED" in out
         assert "AFTER" in out
+        assert "exiting without AmgX's teardown" in proc.stderr
 
 
 def test_gpu_solve_without_amgx_library(tmp_path):
