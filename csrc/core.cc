@@ -522,6 +522,38 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// One AmgX solve of a bound (rhs, sol) pair: upload `b` (and `x0`, or start from
+// zero), solve, read status / iterations / last residual, download into `x` and
+// wait for the device. Pointers may be host or device memory (AmgX copies).
+// Returns the seconds it took.
+double run_amgx_solve(AMGX_solver_handle solver, AMGX_vector_handle rhs,
+                      AMGX_vector_handle sol, int n, int bs, const void* b, const void* x0,
+                      void* x, int32_t* status, int32_t* iterations, double* residual) {
+  auto t0 = std::chrono::steady_clock::now();
+  LXA_AMGX(AMGX_vector_upload(rhs, n, bs, b));
+  if (x0 != nullptr) {
+    LXA_AMGX(AMGX_vector_upload(sol, n, bs, x0));
+    LXA_AMGX(AMGX_solver_solve(solver, rhs, sol));
+  } else {
+    LXA_AMGX(AMGX_vector_set_zero(sol, n, bs));
+    LXA_AMGX(AMGX_solver_solve_with_0_initial_guess(solver, rhs, sol));
+  }
+  int st = 0, its = 0;
+  LXA_AMGX(AMGX_solver_get_status(solver, &st));
+  LXA_AMGX(AMGX_solver_get_iterations_number(solver, &its));
+  double res = -1.0;
+  if (api().AMGX_solver_get_iteration_residual(solver, std::max(its, 0), 0, &res) !=
+      AMGX_RC_OK) {
+    res = -1.0;  // residual history unavailable (e.g. monitoring off)
+  }
+  LXA_AMGX(AMGX_vector_download(sol, x));
+  LXA_CU(cuCtxSynchronize());
+  *status = st;
+  *iterations = its;
+  *residual = res;
+  return seconds_since(t0);
+}
+
 enum class ResetupMode { kResetup, kSetup };
 
 class Cache {
@@ -666,31 +698,12 @@ class Cache {
 
   void solve(Entry& e, CUdeviceptr b, CUdeviceptr x0, bool has_x0, CUdeviceptr x,
              int32_t* status, int32_t* iterations, double* residual) {
-    const int bs = e.pattern->block_size;
-    auto t0 = std::chrono::steady_clock::now();
-    LXA_AMGX(AMGX_vector_upload(e.rhs.h, e.n, bs, reinterpret_cast<const void*>(b)));
-    if (has_x0) {
-      LXA_AMGX(AMGX_vector_upload(e.sol.h, e.n, bs, reinterpret_cast<const void*>(x0)));
-      LXA_AMGX(AMGX_solver_solve(e.solver.h, e.rhs.h, e.sol.h));
-    } else {
-      LXA_AMGX(AMGX_vector_set_zero(e.sol.h, e.n, bs));
-      LXA_AMGX(AMGX_solver_solve_with_0_initial_guess(e.solver.h, e.rhs.h, e.sol.h));
-    }
-    int st = 0, its = 0;
-    LXA_AMGX(AMGX_solver_get_status(e.solver.h, &st));
-    LXA_AMGX(AMGX_solver_get_iterations_number(e.solver.h, &its));
-    double res = -1.0;
-    if (api().AMGX_solver_get_iteration_residual(e.solver.h, std::max(its, 0), 0,
-                                                 &res) != AMGX_RC_OK) {
-      res = -1.0;  // residual history unavailable (e.g. monitoring off)
-    }
-    LXA_AMGX(AMGX_vector_download(e.sol.h, reinterpret_cast<void*>(x)));
-    LXA_CU(cuCtxSynchronize());
-    e.last_solve_seconds = seconds_since(t0);
+    e.last_solve_seconds = run_amgx_solve(
+        e.solver.h, e.rhs.h, e.sol.h, e.n, e.pattern->block_size,
+        reinterpret_cast<const void*>(b),
+        has_x0 ? reinterpret_cast<const void*>(x0) : nullptr, reinterpret_cast<void*>(x),
+        status, iterations, residual);
     e.total_solve_seconds += e.last_solve_seconds;
-    *status = st;
-    *iterations = its;
-    *residual = res;
     ++e.counters.solves;
     ++totals.solves;
     take_captured();
@@ -1142,32 +1155,12 @@ class DistCache {
   // Collective.
   void solve(DistEntry& e, const void* b, const void* x0, void* x, int32_t* status,
              int32_t* iterations, double* residual) {
-    auto t0 = std::chrono::steady_clock::now();
-    const int bs = e.block_size;
-    LXA_AMGX(AMGX_vector_upload(e.rhs.h, e.n_local, bs, b));
-    if (x0 != nullptr) {
-      LXA_AMGX(AMGX_vector_upload(e.sol.h, e.n_local, bs, x0));
-      LXA_AMGX(AMGX_solver_solve(e.solver.h, e.rhs.h, e.sol.h));
-    } else {
-      LXA_AMGX(AMGX_vector_set_zero(e.sol.h, e.n_local, bs));
-      LXA_AMGX(AMGX_solver_solve_with_0_initial_guess(e.solver.h, e.rhs.h, e.sol.h));
-    }
-    int st = 0, its = 0;
-    LXA_AMGX(AMGX_solver_get_status(e.solver.h, &st));
-    LXA_AMGX(AMGX_solver_get_iterations_number(e.solver.h, &its));
-    double res = -1.0;
-    if (api().AMGX_solver_get_iteration_residual(e.solver.h, std::max(its, 0), 0, &res) !=
-        AMGX_RC_OK)
-      res = -1.0;
-    LXA_AMGX(AMGX_vector_download(e.sol.h, x));
-    LXA_CU(cuCtxSynchronize());
-    e.last_solve_seconds = seconds_since(t0);
+    e.last_solve_seconds = run_amgx_solve(e.solver.h, e.rhs.h, e.sol.h, e.n_local,
+                                          e.block_size, b, x0, x, status, iterations,
+                                          residual);
     e.total_solve_seconds += e.last_solve_seconds;
     ++e.counters.solves;
     ++totals.solves;
-    *status = st;
-    *iterations = its;
-    *residual = res;
     take_captured();
   }
 

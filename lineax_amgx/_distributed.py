@@ -1728,6 +1728,18 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     return action, np.array(out, np.int32)
 
 
+def _setup_callback(host, values, ok):
+    """The host callback of a distributed setup: `host(values, ok)` returns the
+    token (2 int32)."""
+    return jax.pure_callback(
+        host,
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.lax.stop_gradient(values),
+        ok,
+        vmap_method="sequential",
+    )
+
+
 def _solve_callback(host, values, token, b, x0, ok):
     """The host callback of a distributed solve: `host(values, token, b, ok,
     *maybe_x0)` returns this rank's `x`, `info` (2 int32) and the residual norm."""
@@ -1755,13 +1767,7 @@ def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
             _, token = _native_acquire(pattern, key, values, (-1, -1))
             return token
 
-    return jax.pure_callback(
-        host,
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.lax.stop_gradient(values),
-        ok,
-        vmap_method="sequential",
-    )
+    return _setup_callback(host, values, ok)
 
 
 def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
@@ -1883,13 +1889,7 @@ def setup(
             _raise_if_any(comm, err, RuntimeError)
             return comm.bcast(token, root=_ROOT)
 
-    return jax.pure_callback(
-        host,
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.lax.stop_gradient(values),
-        ok,
-        vmap_method="sequential",
-    )
+    return _setup_callback(host, values, ok)
 
 
 def solve(
