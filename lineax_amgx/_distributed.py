@@ -80,6 +80,11 @@ __all__ = [
     "check_mpi_library",
     "native_distribution_args",
     "local_rank",
+    "check_jax_distributed",
+    "pad_vector",
+    "unpad_vector",
+    "pad_values",
+    "unpad_values",
     "check_pattern",
     "norm",
     "after",
@@ -1298,10 +1303,17 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         )
 
     def in_structure(self):
-        return jax.ShapeDtypeStruct((self.pattern.shape[0],), self.values.dtype)
+        return self._vector_structure()
 
     def out_structure(self):
-        return jax.ShapeDtypeStruct((self.pattern.shape[0],), self.values.dtype)
+        return self._vector_structure()
+
+    def _vector_structure(self):
+        # Through `eval_shape`, so that inside `shard_map` the structure carries
+        # the same (manual-axes) sharding as the vectors there: Lineax compares
+        # structures with it. Outside, this is the plain ShapeDtypeStruct.
+        shape, dtype = (self.pattern.shape[0],), self.values.dtype
+        return jax.eval_shape(lambda: jnp.zeros(shape, dtype))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -1447,6 +1459,76 @@ def _register_queries():
 
 
 _register_queries()
+
+
+# -----------------------------------------------------------------------------
+# jax.distributed + shard_map: one JAX process per MPI rank, one device each.
+# -----------------------------------------------------------------------------
+#
+# Inside a `shard_map`ped, jitted function every process works on its own shard,
+# and the package's host callbacks (halo exchange, reductions, setup, solve) talk
+# MPI as everywhere else. `shard_map` needs one shard shape for all processes,
+# while ranks own different numbers of rows and entries: local arrays travel
+# padded to the largest rank (`pad_*`) and are cut back to this rank's size inside
+# the mapped function (`unpad_*`, static per process: the programs differ only in
+# these sizes and contain no XLA collective).
+
+
+def check_jax_distributed(comm=None) -> None:
+    """Check that JAX's processes are the communicator's ranks: as many processes
+    as ranks, `jax.process_index() == rank`, one local device per process (the
+    mesh axis of a `shard_map` over `jax.devices()` then walks the ranks in
+    order). Raises `DistributedError` on every rank otherwise. Collective."""
+    comm = _comm(comm)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    err = None
+    if jax.process_count() != size:
+        err = (f"JAX has {jax.process_count()} processes but the communicator "
+               f"{size} ranks: call jax.distributed.initialize(num_processes="
+               f"{size}, process_id=rank) in every rank")
+    elif jax.process_index() != rank:
+        err = (f"jax.process_index() is {jax.process_index()} on MPI rank {rank}: "
+               "pass process_id=comm.Get_rank() to jax.distributed.initialize")
+    elif len(jax.local_devices()) != 1:
+        err = (f"this process has {len(jax.local_devices())} JAX devices; use one "
+               "device per process (e.g. CUDA_VISIBLE_DEVICES or "
+               "jax.distributed.initialize(local_device_ids=[...]))")
+    _raise_if_any(comm, err)
+
+
+def _padded_rows(layout: Layout) -> int:
+    return max(layout.counts)
+
+
+def _padded_nnz(pattern: DistributedPattern) -> int:
+    return int(np.max(np.diff(pattern.nnz_offsets)))
+
+
+def pad_vector(x_local, layout: Layout):
+    """This rank's part of a vector, padded with zeros to the largest rank's row
+    count: the uniform shard shape `shard_map` needs. Works on NumPy and JAX
+    arrays (inside `shard_map` too)."""
+    xp = jnp if isinstance(x_local, jax.Array) else np
+    pad = _padded_rows(layout) - layout.n_local
+    return xp.concatenate([x_local, xp.zeros((pad,), x_local.dtype)])
+
+
+def unpad_vector(x_padded, layout: Layout):
+    """The inverse of `pad_vector`: this rank's `n_local` entries."""
+    return x_padded[: layout.n_local]
+
+
+def pad_values(values_local, pattern: DistributedPattern):
+    """This rank's matrix values padded with zeros to the largest rank's number of
+    entries (see `pad_vector`)."""
+    xp = jnp if isinstance(values_local, jax.Array) else np
+    pad = _padded_nnz(pattern) - pattern.nnz
+    return xp.concatenate([values_local, xp.zeros((pad,), values_local.dtype)])
+
+
+def unpad_values(values_padded, pattern: DistributedPattern):
+    """The inverse of `pad_values`: this rank's `nnz` values."""
+    return values_padded[: pattern.nnz]
 
 
 # -----------------------------------------------------------------------------
