@@ -44,8 +44,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, Int32, Shaped
 
@@ -56,6 +54,8 @@ from ._dispatch import (
     STATUS_NOT_CONVERGED,
     STATUS_SUCCESS,
     SolveKey,
+    host_setup,
+    host_solve,
 )
 from ._pattern import SparsityPattern
 
@@ -999,14 +999,7 @@ def setup(
             print(f"lineax_amgx (pyamg): setup {prepared.hierarchy or prepared}")
         return np.array([entry_id, gen], np.int32)
 
-    args = [values, ok] + ([] if near_nullspace is None else [near_nullspace])
-    args = [jax.lax.stop_gradient(a) for a in args]
-    return jax.pure_callback(
-        host,
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        *args,
-        vmap_method="sequential",
-    )
+    return host_setup(host, values, ok, near_nullspace)
 
 
 def solve(
@@ -1073,12 +1066,4 @@ def solve(
             np.array(resid, out_dtype),
         )
 
-    args = [values, token, b, ok] + ([] if x0 is None else [x0])
-    args += [] if near_nullspace is None else [near_nullspace]
-    args = [jax.lax.stop_gradient(a) for a in args]
-    result_shapes = (
-        jax.ShapeDtypeStruct(b.shape, b.dtype),
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
-    )
-    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+    return host_solve(host, values, token, b, x0, ok, near_nullspace)

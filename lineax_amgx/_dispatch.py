@@ -50,6 +50,37 @@ def invalid_token():
     return jnp.array([-1, -1], dtype=jnp.int32)
 
 
+def solve_result_shapes(b) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The solve contract's outputs: `x` like `b`, `info = int32[2](status,
+    iterations)`, the residual norm as a scalar of `b`'s dtype."""
+    return (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+
+
+def host_setup(host, values, ok, *extra):
+    """A setup as a host callback: `host(values, ok, *extra)` returns the token
+    (`extra` entries that are `None` are not passed)."""
+    args = [values, ok, *(e for e in extra if e is not None)]
+    args = [jax.lax.stop_gradient(a) for a in args]
+    return jax.pure_callback(
+        host, jax.ShapeDtypeStruct((2,), jnp.int32), *args, vmap_method="sequential"
+    )
+
+
+def host_solve(host, values, token, b, x0, ok, *extra):
+    """A solve as a host callback: `host(values, token, b, ok, [x0], *extra)`
+    returns `(x, info, residual)` (`x0` and `extra` entries that are `None` are not
+    passed)."""
+    args = [values, token, b, ok, *(e for e in (x0, *extra) if e is not None)]
+    args = [jax.lax.stop_gradient(a) for a in args]
+    return jax.pure_callback(
+        host, solve_result_shapes(b), *args, vmap_method="sequential"
+    )
+
+
 def _finite(*arrays) -> jax.Array:
     ok = jnp.array(True)
     for a in arrays:
@@ -174,11 +205,7 @@ def _setup_not_on_cuda(pattern, values, ok, key):
 
 def _solve_not_on_cuda(pattern, values, token, b, x0, ok, key):
     del pattern, token, x0, key
-    shapes = (
-        jax.ShapeDtypeStruct(b.shape, b.dtype),
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
-    )
     return jax.pure_callback(
-        _raise_not_on_cuda, shapes, values, b, ok, vmap_method="sequential"
+        _raise_not_on_cuda, solve_result_shapes(b), values, b, ok,
+        vmap_method="sequential",
     )

@@ -57,7 +57,13 @@ import numpy as np
 from jax.custom_derivatives import linear_call
 from jaxtyping import Array, Inexact
 
-from ._dispatch import STATUS_FAILED, STATUS_NONFINITE, SolveKey
+from ._dispatch import (
+    STATUS_FAILED,
+    STATUS_NONFINITE,
+    SolveKey,
+    host_setup,
+    host_solve,
+)
 from ._operator import register_queries
 from ._pattern import SparsityPattern
 from ._sequencer import (
@@ -149,12 +155,18 @@ def _raise_if_any(
         return
     with _turn(comm, kind="raise_if_any"):
         errors = comm.allgather(error)
+    _raise_gathered(errors, exc)
+
+
+def _raise_gathered(errors, exc=DistributedError) -> None:
+    """Raise `exc` if any of the ranks' gathered error messages is set (the same
+    decision on every rank, as every rank has the same list)."""
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not bad:
         return
     if len({e for _, e in bad}) == 1:
         ranks = ", ".join(str(r) for r, _ in bad)
-        msg = f"On rank(s) {ranks} of {comm.Get_size()}: {bad[0][1]}"
+        msg = f"On rank(s) {ranks} of {len(errors)}: {bad[0][1]}"
     else:
         msg = "; ".join(f"rank {r}: {e}" for r, e in bad)
     raise exc(msg)
@@ -1504,13 +1516,17 @@ def _padded_nnz(pattern: DistributedPattern) -> int:
     return int(np.max(np.diff(pattern.nnz_offsets)))
 
 
+def _pad(x, size: int):
+    """`x` (NumPy or JAX, 1-D) followed by zeros up to `size` entries."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    return xp.concatenate([x, xp.zeros((size - x.shape[0],), x.dtype)])
+
+
 def pad_vector(x_local, layout: Layout):
     """This rank's part of a vector, padded with zeros to the largest rank's row
     count: the uniform shard shape `shard_map` needs. Works on NumPy and JAX
     arrays (inside `shard_map` too)."""
-    xp = jnp if isinstance(x_local, jax.Array) else np
-    pad = _padded_rows(layout) - layout.n_local
-    return xp.concatenate([x_local, xp.zeros((pad,), x_local.dtype)])
+    return _pad(x_local, _padded_rows(layout))
 
 
 def unpad_vector(x_padded, layout: Layout):
@@ -1521,9 +1537,7 @@ def unpad_vector(x_padded, layout: Layout):
 def pad_values(values_local, pattern: DistributedPattern):
     """This rank's matrix values padded with zeros to the largest rank's number of
     entries (see `pad_vector`)."""
-    xp = jnp if isinstance(values_local, jax.Array) else np
-    pad = _padded_nnz(pattern) - pattern.nnz
-    return xp.concatenate([values_local, xp.zeros((pad,), values_local.dtype)])
+    return _pad(values_local, _padded_nnz(pattern))
 
 
 def unpad_values(values_padded, pattern: DistributedPattern):
@@ -1614,17 +1628,11 @@ _NATIVE_OFF = (
 )
 
 
-def _refuse_when_run(result_shapes, *args):
-    """A callback that raises the 'path is off' error if it ever runs. The CUDA
-    branch is traced on every machine (`lax.platform_dependent` traces all
-    branches), also for CPU arrays on a GPU machine: refusing at trace time would
-    break those solves, so the refusal waits until the branch really executes."""
-
-    def host(*_):
-        raise NotImplementedError(_NATIVE_OFF)
-
-    args = [jax.lax.stop_gradient(a) for a in args if a is not None]
-    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+def _raise_native_off(*_):
+    """The CUDA branch is traced on every machine (`lax.platform_dependent` traces
+    all branches), also for CPU arrays on a GPU machine: refusing at trace time
+    would break those solves, so the refusal waits until the branch runs."""
+    raise NotImplementedError(_NATIVE_OFF)
 
 
 class _GPUBackend:
@@ -1637,19 +1645,14 @@ class _GPUBackend:
         _no_near_nullspace(kwargs.get("near_nullspace"))
         if native_path_enabled():
             return amgx_setup(pattern, values, ok, key)
-        return _refuse_when_run(jax.ShapeDtypeStruct((2,), jnp.int32), values, ok)
+        return host_setup(_raise_native_off, values, ok)
 
     @classmethod
     def solve(cls, pattern, values, token, b, x0, ok, key, **kwargs):
         _no_near_nullspace(kwargs.get("near_nullspace"))
         if native_path_enabled():
             return amgx_solve(pattern, values, token, b, x0, ok, key)
-        shapes = (
-            jax.ShapeDtypeStruct(b.shape, b.dtype),
-            jax.ShapeDtypeStruct((2,), jnp.int32),
-            jax.ShapeDtypeStruct((), b.dtype),
-        )
-        return _refuse_when_run(shapes, values, token, b, x0, ok)
+        return host_solve(_raise_native_off, values, token, b, x0, ok)
 
 
 # The native path. Each setup and solve is one host callback whose MPI work is a
@@ -1697,13 +1700,19 @@ def _device_ordinal(comm_key: int) -> int:
 def _elf_needed(path: str) -> list[str]:
     """DT_NEEDED entries of a 64-bit little-endian ELF shared library ([] if the
     file cannot be read as one)."""
-    import struct
+    import mmap
 
     try:
         with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return _elf_needed_from(m)  # mapped, not read: ~130 MB for AmgX
+    except (OSError, ValueError):
         return []
+
+
+def _elf_needed_from(data) -> list[str]:
+    import struct
+
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return []
     shoff, = struct.unpack_from("<Q", data, 0x28)
@@ -1723,8 +1732,8 @@ def _elf_needed(path: str) -> list[str]:
             if tag == 0:
                 break
             if tag == 1:  # DT_NEEDED
-                end = data.index(b"\0", str_off + val)
-                out.append(data[str_off + val : end].decode())
+                end = data.find(b"\0", str_off + val)
+                out.append(bytes(data[str_off + val : end]).decode())
     return out
 
 
@@ -1791,48 +1800,23 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
                                         int(token[1]))
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = str(e)
-    _raise_if_any(comm, err, RuntimeError)
-    with _turn(comm, kind="amgx.agree"):
-        action = int(comm.allreduce(int(state), op=MPI.MAX))
+    with _turn(comm, kind="amgx.agree"):  # the probes' errors and outcomes at once
+        everyone = comm.allgather((int(state), err))
+    _raise_gathered([e for _, e in everyone], RuntimeError)
+    action = max(st for st, _ in everyone)
     amgx_comm = _amgx_comm(comm_key)
     err, out = None, (-1, -1)
     try:
         out = native.dist_setup(
-            action, ordinal, comm_key, int(MPI._addressof(amgx_comm)),
-            pattern.fingerprint, key.config, MODES[key.mode], int(key.transposed),
-            pattern.block_size, pattern.layout.n_global,
+            action, ordinal, comm_key, int(MPI._addressof(amgx_comm)), *static[1:],
+            pattern.layout.n_global,
             np.asarray(pattern.layout.offsets, dtype=np.int64), pattern.indptr,
             pattern.global_indices, values,
         )
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = f"AmgX distributed setup failed: {e}"
     _raise_if_any(comm, err, RuntimeError)
-    return action, np.array(out, np.int32)
-
-
-def _setup_callback(host, values, ok):
-    """The host callback of a distributed setup: `host(values, ok)` returns the
-    token (2 int32)."""
-    return jax.pure_callback(
-        host,
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.lax.stop_gradient(values),
-        ok,
-        vmap_method="sequential",
-    )
-
-
-def _solve_callback(host, values, token, b, x0, ok):
-    """The host callback of a distributed solve: `host(values, token, b, ok,
-    *maybe_x0)` returns this rank's `x`, `info` (2 int32) and the residual norm."""
-    args = [values, token, b, ok] + ([] if x0 is None else [x0])
-    args = [jax.lax.stop_gradient(a) for a in args]
-    result_shapes = (
-        jax.ShapeDtypeStruct(b.shape, b.dtype),
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
-    )
-    return jax.pure_callback(host, result_shapes, *args, vmap_method="sequential")
+    return np.array(out, np.int32)
 
 
 def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
@@ -1846,10 +1830,9 @@ def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
         with _turn(comm, site, "amgx.setup"):
             if not agree(int(ok) != 0, comm):
                 return np.array([-1, -1], np.int32)
-            _, token = _native_acquire(pattern, key, values, (-1, -1))
-            return token
+            return _native_acquire(pattern, key, values, (-1, -1))
 
-    return _setup_callback(host, values, ok)
+    return host_setup(host, values, ok)
 
 
 def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
@@ -1871,7 +1854,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
                     np.array([STATUS_NONFINITE, 0], np.int32),
                     np.array(np.inf, out_dtype),
                 )
-            _, tok = _native_acquire(pattern, key, values, np.asarray(token))
+            tok = _native_acquire(pattern, key, values, np.asarray(token))
             x = np.empty(b.shape, out_dtype)
             x0 = np.ascontiguousarray(maybe_x0[0], out_dtype) if maybe_x0 else None
             err, result = None, (STATUS_FAILED, 0, float("inf"))
@@ -1895,7 +1878,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
             np.array(resid, out_dtype),
         )
 
-    return _solve_callback(host, values, token, b, x0, ok)
+    return host_solve(host, values, token, b, x0, ok)
 
 
 gpu_backend = _GPUBackend
@@ -1971,7 +1954,7 @@ def setup(
             _raise_if_any(comm, err, RuntimeError)
             return comm.bcast(token, root=_ROOT)
 
-    return _setup_callback(host, values, ok)
+    return host_setup(host, values, ok)
 
 
 def solve(
@@ -2066,4 +2049,4 @@ def solve(
             np.array(resid, out_dtype),
         )
 
-    return _solve_callback(host, values, token, b, x0, ok)
+    return host_solve(host, values, token, b, x0, ok)
