@@ -430,29 +430,56 @@ struct DeviceBuffer {
   }
 };
 
-// One set of AmgX resources per device (shared by that device's entries).
-struct DeviceResources {
+// One set of AmgX resources per (device, communicator), shared by the entries on
+// them. `comm_key` 0: a single process (no communicator). A distributed set keeps
+// the MPI_Comm* it was given: the Python side passes the address of a
+// communicator it keeps alive (its own Dup of the user's).
+struct AmgxResources {
   ConfigOwner cfg;
   ResourcesOwner rsrc;
 };
 
-std::map<CUdevice, std::unique_ptr<DeviceResources>>& resources() {
-  static auto* r = new std::map<CUdevice, std::unique_ptr<DeviceResources>>();
+std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<AmgxResources>>& resources() {
+  static auto* r =
+      new std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<AmgxResources>>();
   return *r;
 }
 
-AMGX_resources_handle resources_for(CUdevice device) {
+AMGX_resources_handle resources_for(CUdevice device, int64_t comm_key = 0,
+                                    uintptr_t comm_ptr = 0) {
   auto& all = resources();
-  auto it = all.find(device);
+  auto k = std::make_pair(device, comm_key);
+  auto it = all.find(k);
   if (it != all.end()) return it->second->rsrc.h;
-  auto r = std::make_unique<DeviceResources>();
+  auto r = std::make_unique<AmgxResources>();
   // exception_handling=0: AmgX returns error codes (1 would make it exit()).
   LXA_AMGX(AMGX_config_create(&r->cfg.h, "config_version=2, exception_handling=0"));
   int dev = device;
-  LXA_AMGX(AMGX_resources_create(&r->rsrc.h, r->cfg.h, nullptr, 1, &dev));
+  void* comm = comm_key != 0 ? reinterpret_cast<void*>(comm_ptr) : nullptr;
+  LXA_AMGX(AMGX_resources_create(&r->rsrc.h, r->cfg.h, comm, 1, &dev));
   AMGX_resources_handle h = r->rsrc.h;
-  all.emplace(device, std::move(r));
+  all.emplace(k, std::move(r));
   return h;
+}
+
+bool context_healthy(CUdevice device);
+
+// Drops the single-process (`distributed` false) or the distributed resources:
+// destroyed, or leaked when `leak` or when their device's context is broken
+// (AmgX's destructors would then throw).
+void release_resources(bool distributed, bool leak = false) {
+  auto& all = resources();
+  for (auto it = all.begin(); it != all.end();) {
+    if ((it->first.second != 0) != distributed) {
+      ++it;
+      continue;
+    }
+    if (!leak && context_healthy(it->first.first))
+      it->second.reset();
+    else
+      (void)it->second.release();
+    it = all.erase(it);
+  }
 }
 
 // ------------------------------------------------------------------------------
@@ -556,6 +583,42 @@ double run_amgx_solve(AMGX_solver_handle solver, AMGX_vector_handle rhs,
 
 enum class ResetupMode { kResetup, kSetup };
 
+// The AmgX objects of an entry (single-process or distributed): its config from
+// the key, a matrix, two vectors and a solver on `rsrc`.
+template <typename E>
+void create_handles(E& e, AMGX_resources_handle rsrc) {
+  LXA_AMGX(AMGX_config_create(&e.cfg.h, e.key.config.c_str()));
+  LXA_AMGX(AMGX_matrix_create(&e.matrix.h, rsrc, e.key.mode));
+  LXA_AMGX(AMGX_vector_create(&e.rhs.h, rsrc, e.key.mode));
+  LXA_AMGX(AMGX_vector_create(&e.sol.h, rsrc, e.key.mode));
+  LXA_AMGX(AMGX_solver_create(&e.solver.h, rsrc, e.key.mode, e.cfg.h));
+}
+
+// After the matrix upload: bind the vectors to it, set the solver up, wait.
+template <typename E>
+void bind_and_setup(E& e) {
+  LXA_AMGX(AMGX_vector_bind(e.rhs.h, e.matrix.h));
+  LXA_AMGX(AMGX_vector_bind(e.sol.h, e.matrix.h));
+  LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
+  LXA_CU(cuCtxSynchronize());
+}
+
+// New values on the same structure: replace the coefficients and set the solver
+// up again (AMGX_solver_resetup while the library has it and `mode` asks for it).
+// Returns the seconds it took.
+template <typename E>
+double run_amgx_resetup(E& e, int n, int nnz, const void* values, ResetupMode mode) {
+  auto t0 = std::chrono::steady_clock::now();
+  LXA_AMGX(AMGX_matrix_replace_coefficients(e.matrix.h, n, nnz, values, nullptr));
+  if (mode == ResetupMode::kResetup && api().AMGX_solver_resetup) {
+    LXA_AMGX(AMGX_solver_resetup(e.solver.h, e.matrix.h));
+  } else {
+    LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
+  }
+  LXA_CU(cuCtxSynchronize());
+  return seconds_since(t0);
+}
+
 class Cache {
  public:
   static Cache& get() {
@@ -650,19 +713,11 @@ class Cache {
     size_t free_before = 0, total = 0;
     api().cuMemGetInfo_v2(&free_before, &total);
     auto t0 = std::chrono::steady_clock::now();
-    AMGX_resources_handle rsrc = resources_for(key.device);
-    LXA_AMGX(AMGX_config_create(&e->cfg.h, key.config.c_str()));
-    LXA_AMGX(AMGX_matrix_create(&e->matrix.h, rsrc, key.mode));
-    LXA_AMGX(AMGX_vector_create(&e->rhs.h, rsrc, key.mode));
-    LXA_AMGX(AMGX_vector_create(&e->sol.h, rsrc, key.mode));
-    LXA_AMGX(AMGX_solver_create(&e->solver.h, rsrc, key.mode, e->cfg.h));
+    create_handles(*e, resources_for(key.device));
     LXA_AMGX(AMGX_matrix_upload_all(e->matrix.h, e->n, e->nnz, p.block_size,
                                     p.block_size, p.indptr.data(), p.indices.data(),
                                     reinterpret_cast<const void*>(values), nullptr));
-    LXA_AMGX(AMGX_vector_bind(e->rhs.h, e->matrix.h));
-    LXA_AMGX(AMGX_vector_bind(e->sol.h, e->matrix.h));
-    LXA_AMGX(AMGX_solver_setup(e->solver.h, e->matrix.h));
-    LXA_CU(cuCtxSynchronize());
+    bind_and_setup(*e);
     e->last_setup_seconds = seconds_since(t0);
     e->total_setup_seconds += e->last_setup_seconds;
     e->values.allocate(value_bytes);
@@ -677,16 +732,8 @@ class Cache {
   }
 
   void resetup(Entry& e, CUdeviceptr values, CUstream stream) {
-    auto t0 = std::chrono::steady_clock::now();
-    LXA_AMGX(AMGX_matrix_replace_coefficients(
-        e.matrix.h, e.n, e.nnz, reinterpret_cast<const void*>(values), nullptr));
-    if (resetup_mode == ResetupMode::kResetup && api().AMGX_solver_resetup) {
-      LXA_AMGX(AMGX_solver_resetup(e.solver.h, e.matrix.h));
-    } else {
-      LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
-    }
-    LXA_CU(cuCtxSynchronize());
-    e.last_setup_seconds = seconds_since(t0);
+    e.last_setup_seconds = run_amgx_resetup(
+        e, e.n, e.nnz, reinterpret_cast<const void*>(values), resetup_mode);
     e.total_setup_seconds += e.last_setup_seconds;
     LXA_CU(cuMemcpyDtoDAsync_v2(e.values.ptr, values, e.value_bytes, stream));
     LXA_CU(cuStreamSynchronize(stream));
@@ -734,13 +781,7 @@ class Cache {
   void clear() {
     for (auto& e : entries_) dispose(e);
     entries_.clear();
-    for (auto& [device, r] : resources()) {
-      if (context_healthy(device))
-        r.reset();
-      else
-        (void)r.release();
-    }
-    resources().clear();
+    release_resources(false);
   }
 
   const std::list<std::unique_ptr<Entry>>& entries() const { return entries_; }
@@ -956,40 +997,10 @@ struct PrimaryContextScope {
   PrimaryContextScope& operator=(const PrimaryContextScope&) = delete;
 };
 
-// One set of AmgX resources per (device, communicator): AmgX keeps the MPI_Comm*
-// it is given, so the Python side passes the address of a communicator it keeps
-// alive (its own Dup of the user's).
-struct CommResources {
-  ConfigOwner cfg;
-  ResourcesOwner rsrc;
-};
-
-std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<CommResources>>& comm_resources() {
-  static auto* r = new std::map<std::pair<CUdevice, int64_t>, std::unique_ptr<CommResources>>();
-  return *r;
-}
-
-AMGX_resources_handle resources_for_comm(CUdevice device, int ordinal, int64_t comm_key,
-                                         uintptr_t comm_ptr) {
-  auto& all = comm_resources();
-  auto k = std::make_pair(device, comm_key);
-  auto it = all.find(k);
-  if (it != all.end()) return it->second->rsrc.h;
-  auto r = std::make_unique<CommResources>();
-  LXA_AMGX(AMGX_config_create(&r->cfg.h, "config_version=2, exception_handling=0"));
-  int dev = ordinal;
-  LXA_AMGX(AMGX_resources_create(&r->rsrc.h, r->cfg.h, reinterpret_cast<void*>(comm_ptr),
-                                 1, &dev));
-  AMGX_resources_handle h = r->rsrc.h;
-  all.emplace(k, std::move(r));
-  return h;
-}
-
 struct DistEntry {
   int32_t id = 0;
   int32_t generation = 0;
   Key key;
-  int ordinal = 0;
   int n_local = 0, nnz = 0, block_size = 1;
   int64_t n_global = 0;
   std::vector<unsigned char> values;  // exact copy of the values the setup used
@@ -1051,7 +1062,7 @@ class DistCache {
   }
 
   // Collective. `action` is the ranks' agreed probe result (the maximum).
-  DistEntry* acquire(int action, const Key& key, int ordinal, uintptr_t comm_ptr,
+  DistEntry* acquire(int action, const Key& key, uintptr_t comm_ptr,
                      int64_t n_global, const int64_t* offsets, int n_local,
                      const int32_t* indptr, const int64_t* gcols, int nnz, int block_size,
                      const void* values, size_t bytes, size_t capacity,
@@ -1068,15 +1079,8 @@ class DistCache {
     ++totals.misses;
     if (action == 1 && it != entries_.end()) {
       DistEntry& e = **it;
-      auto t0 = std::chrono::steady_clock::now();
       try {
-        LXA_AMGX(AMGX_matrix_replace_coefficients(e.matrix.h, e.n_local, e.nnz, values,
-                                                  nullptr));
-        if (resetup_mode == ResetupMode::kResetup && api().AMGX_solver_resetup)
-          LXA_AMGX(AMGX_solver_resetup(e.solver.h, e.matrix.h));
-        else
-          LXA_AMGX(AMGX_solver_setup(e.solver.h, e.matrix.h));
-        LXA_CU(cuCtxSynchronize());
+        e.last_setup_seconds = run_amgx_resetup(e, e.n_local, e.nnz, values, resetup_mode);
       } catch (...) {
         dispose(*it);
         entries_.erase(it);
@@ -1084,7 +1088,6 @@ class DistCache {
       }
       e.values.assign(static_cast<const unsigned char*>(values),
                       static_cast<const unsigned char*>(values) + bytes);
-      e.last_setup_seconds = seconds_since(t0);
       e.total_setup_seconds += e.last_setup_seconds;
       ++e.generation;
       ++e.counters.misses;
@@ -1107,29 +1110,20 @@ class DistCache {
     auto e = std::make_unique<DistEntry>();
     e->id = next_id_++;
     e->key = key;
-    e->ordinal = ordinal;
     e->n_local = n_local;
     e->nnz = nnz;
     e->block_size = block_size;
     e->n_global = n_global;
     auto t0 = std::chrono::steady_clock::now();
     try {
-      AMGX_resources_handle rsrc = resources_for_comm(key.device, ordinal, key.comm, comm_ptr);
-      LXA_AMGX(AMGX_config_create(&e->cfg.h, key.config.c_str()));
-      LXA_AMGX(AMGX_matrix_create(&e->matrix.h, rsrc, key.mode));
-      LXA_AMGX(AMGX_vector_create(&e->rhs.h, rsrc, key.mode));
-      LXA_AMGX(AMGX_vector_create(&e->sol.h, rsrc, key.mode));
-      LXA_AMGX(AMGX_solver_create(&e->solver.h, rsrc, key.mode, e->cfg.h));
+      create_handles(*e, resources_for(key.device, key.comm, comm_ptr));
       LXA_AMGX(AMGX_distribution_create(&e->dist.h, e->cfg.h));
       LXA_AMGX(AMGX_distribution_set_partition_data(e->dist.h, AMGX_DIST_PARTITION_OFFSETS,
                                                     offsets));
       LXA_AMGX(AMGX_matrix_upload_distributed(
           e->matrix.h, static_cast<int>(n_global), n_local, nnz, block_size, block_size,
           indptr, gcols, values, nullptr, e->dist.h));
-      LXA_AMGX(AMGX_vector_bind(e->rhs.h, e->matrix.h));
-      LXA_AMGX(AMGX_vector_bind(e->sol.h, e->matrix.h));
-      LXA_AMGX(AMGX_solver_setup(e->solver.h, e->matrix.h));
-      LXA_CU(cuCtxSynchronize());
+      bind_and_setup(*e);
     } catch (...) {
       dispose(e);
       throw;
@@ -1167,20 +1161,13 @@ class DistCache {
   void clear() {
     for (auto& e : entries_) dispose(e);
     entries_.clear();
-    for (auto& [k, r] : comm_resources()) {
-      if (context_healthy(k.first))
-        r.reset();
-      else
-        (void)r.release();
-    }
-    comm_resources().clear();
+    release_resources(true);
   }
 
   void abandon() {
     for (auto& e : entries_) (void)e.release();
     entries_.clear();
-    for (auto& [k, r] : comm_resources()) (void)r.release();
-    comm_resources().clear();
+    release_resources(true, /*leak=*/true);
   }
 
   const std::list<std::unique_ptr<DistEntry>>& entries() const { return entries_; }
@@ -1455,7 +1442,7 @@ NB_MODULE(_native, m) {
           {
             nb::gil_scoped_release release;
             e = DistCache::get().acquire(
-                action, key, ordinal, comm_ptr, n_global, offsets.data(),
+                action, key, comm_ptr, n_global, offsets.data(),
                 static_cast<int>(indptr.shape(0) - 1), indptr.data(), gcols.data(),
                 static_cast<int>(gcols.shape(0)), block_size, values.data(),
                 values.nbytes(), c.capacity, c.resetup_mode);
