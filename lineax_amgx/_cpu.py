@@ -50,12 +50,12 @@ from jaxtyping import Array, Int, Int32, Shaped
 from ._dispatch import (
     STATUS_DIVERGED,
     STATUS_FAILED,
-    STATUS_NONFINITE,
     STATUS_NOT_CONVERGED,
     STATUS_SUCCESS,
     SolveKey,
     host_setup,
     host_solve,
+    nonfinite_host_result,
 )
 from ._pattern import SparsityPattern
 
@@ -1044,11 +1044,7 @@ def solve(
         x0_host = rest[0] if has_x0 else None
         nns = np.asarray(rest[-1]) if near_nullspace is not None else None
         if int(ok) == 0:
-            return (
-                np.zeros(b.shape, out_dtype),
-                np.array([STATUS_NONFINITE, 0], np.int32),
-                np.array(np.inf, out_dtype),
-            )
+            return nonfinite_host_result(b.shape, out_dtype)
         entry_id, _, prepared = _cache.acquire(
             ckey, plan, pattern, np.asarray(values), key.mode, token=token,
             near_nullspace=nns,

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._pattern import SparsityPattern
 
@@ -57,6 +58,16 @@ def solve_result_shapes(b) -> tuple[jax.ShapeDtypeStruct, ...]:
         jax.ShapeDtypeStruct(b.shape, b.dtype),
         jax.ShapeDtypeStruct((2,), jnp.int32),
         jax.ShapeDtypeStruct((), b.dtype),
+    )
+
+
+def nonfinite_host_result(shape, dtype) -> tuple[np.ndarray, ...]:
+    """A host solve's answer to non-finite input (AmgX is not called): zeros, the
+    `STATUS_NONFINITE` status, an infinite residual."""
+    return (
+        np.zeros(shape, dtype),
+        np.array([STATUS_NONFINITE, 0], np.int32),
+        np.array(np.inf, dtype),
     )
 
 

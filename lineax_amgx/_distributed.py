@@ -59,10 +59,10 @@ from jaxtyping import Array, Inexact
 
 from ._dispatch import (
     STATUS_FAILED,
-    STATUS_NONFINITE,
     SolveKey,
     host_setup,
     host_solve,
+    nonfinite_host_result,
 )
 from ._operator import register_queries
 from ._pattern import SparsityPattern
@@ -1849,11 +1849,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
         comm = communicator(comm_key)
         with _turn(comm, site, "amgx.solve"):
             if not agree(int(ok) != 0, comm):
-                return (
-                    np.zeros(b.shape, out_dtype),
-                    np.array([STATUS_NONFINITE, 0], np.int32),
-                    np.array(np.inf, out_dtype),
-                )
+                return nonfinite_host_result(b.shape, out_dtype)
             tok = _native_acquire(pattern, key, values, np.asarray(token))
             x = np.empty(b.shape, out_dtype)
             x0 = np.ascontiguousarray(maybe_x0[0], out_dtype) if maybe_x0 else None
@@ -1988,11 +1984,7 @@ def solve(
         rank = comm.Get_rank()
         with _turn(comm, site, "solve"):
             if not agree(int(ok) != 0, comm):
-                return (
-                    np.zeros(b.shape, out_dtype),
-                    np.array([STATUS_NONFINITE, 0], np.int32),
-                    np.array(np.inf, out_dtype),
-                )
+                return nonfinite_host_result(b.shape, out_dtype)
             gpat = pattern.global_pattern(_ROOT)
             ckey = None if gpat is None else _cpu_cache_key(_cpu, gpat, key)
             # Token hit on the root: nobody sends values. One decision for all.

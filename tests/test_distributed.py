@@ -22,7 +22,9 @@ import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _distributed as D  # noqa: E402
+from lineax_amgx import _dispatch, _distributed  # noqa: E402
+
+D = _distributed
 
 pytestmark = pytest.mark.mpi
 
@@ -710,7 +712,7 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
     x, info, _ = D.amgx_solve(pattern, values, tok, bl, None,
                               jnp.int32(0 if RANK == 0 else 1), key)
     assert fake_amgx.actions == [2, 0, 1]
-    assert int(info[0]) == D.STATUS_NONFINITE
+    assert int(info[0]) == _dispatch.STATUS_NONFINITE
 
 
 @collective
