@@ -195,11 +195,11 @@ void load_amgx(const std::string& path) {
     a.load_error = "could not load the AmgX library " + path + ": " + dlerror();
     throw Failure(a.load_error);
   }
-  static bool exit_hook_registered = false;
-  if (!exit_hook_registered) {
-    on_exit(&exit_without_amgx_teardown, nullptr);  // after AmgX's destructors exist
-    exit_hook_registered = true;
-  }
+  // After the static destructors AmgX registers while loading. Those it
+  // registers later (function-local statics built in AMGX_initialize or in a
+  // first solve: its memory pools) would run before this hook, so mark_poisoned
+  // registers it once more at the moment the context breaks.
+  on_exit(&exit_without_amgx_teardown, nullptr);
 #define LXA_RESOLVE(name, ret, args)                                             \
   a.name = reinterpret_cast<ret(*) args>(dlsym(h, #name));                       \
   if (!a.name) {                                                                 \
@@ -282,6 +282,16 @@ std::string& poisoned() {
   return *s;
 }
 
+// Records why the context is unusable, and registers the exit hook again: glibc
+// runs exit handlers in reverse order of registration, so this one runs before
+// every destructor AmgX registered up to now (none are registered later, since
+// nothing reaches AmgX after this).
+void mark_poisoned(const std::string& why) {
+  if (!poisoned().empty()) return;
+  poisoned() = why;
+  on_exit(&exit_without_amgx_teardown, nullptr);
+}
+
 // Whether `device`'s context is healthy (and records why not).
 bool context_healthy(CUdevice device) {
   if (!poisoned().empty()) return false;
@@ -295,9 +305,9 @@ bool context_healthy(CUdevice device) {
   a.cuCtxPopCurrent_v2(&popped);
   a.cuDevicePrimaryCtxRelease_v2(device);
   if (rc != 0) {
-    poisoned() = "the CUDA context of device " + std::to_string(device) +
-                 " hit an unrecoverable error (" + cuda_error_string(rc) +
-                 "); AmgX cannot be used again in this process: restart it";
+    mark_poisoned("the CUDA context of device " + std::to_string(device) +
+                  " hit an unrecoverable error (" + cuda_error_string(rc) +
+                  "); AmgX cannot be used again in this process: restart it");
     return false;
   }
   return true;
@@ -1298,7 +1308,7 @@ NB_MODULE(_native, m) {
   // Why the process can no longer use AmgX (a broken CUDA context), or "".
   m.def("poisoned", []() { return poisoned(); });
   // Tests only: mark the process as if a CUDA fault had broken AmgX's context.
-  m.def("_poison_for_testing", [](const std::string& why) { poisoned() = why; });
+  m.def("_poison_for_testing", [](const std::string& why) { mark_poisoned(why); });
 
   m.def("library_info", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());

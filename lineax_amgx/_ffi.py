@@ -27,6 +27,15 @@ def _prepare(pattern: SparsityPattern) -> None:
     # the structure need not reach the native core (the branch never runs).
     if _library.has_cuda_backend():
         _library.register_ffi_targets()
+        broken = _library.native().poisoned()
+        if broken:
+            # Refuse at trace time: compiling a new program on a broken context
+            # fails inside XLA (its autotuner) with a message that names neither
+            # AmgX nor the fix.
+            raise RuntimeError(
+                f"AmgX cannot run: {broken}. (backend='pyamg' still solves on "
+                "the CPU in this process.)"
+            )
         _library.register_pattern(pattern)
 
 

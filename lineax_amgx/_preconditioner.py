@@ -167,6 +167,17 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     tag); tags that the configured cycle cannot honour (a Gauss–Seidel or DILU
     smoother, unequal pre- and post-sweeps, a Krylov config) raise a `ValueError`.
 
+    **`lx.CG` in float32.** Lineax's CG treats `|pᵀAp| <= 200 ε n |rᵀPr|` as a
+    breakdown and returns NaN. In float32 that test fails from about 84,000
+    unknowns whenever the preconditioner is close to `A⁻¹` (and often with no
+    preconditioner at all): a Lineax limitation, measured on 99,856-unknown
+    Poisson. [`lineax_amgx.AMGXPreconditioned`][] works around it (it hands `lx.CG`
+    the cycle scaled by a power of two, which leaves CG's iterates unchanged);
+    with `options={"preconditioner": P}` pass `P * c` yourself (a power of two
+    `c >= 1e4 ε n`, re-tagged with `lx.TaggedLinearOperator`), use float64
+    vectors (`precision="mixed"` keeps the cycle in float32), or use `lx.GMRES` /
+    `lx.BiCGStab`.
+
     **Transpose.** For a symmetric cycle `P.transpose()` is `P`. Otherwise it is
     the same cycle built on the transposed matrix (its own setup, made when
     `transpose()` is called): a preconditioner for `Aᵀ`, which is what Lineax's
@@ -484,6 +495,35 @@ _register()
 # ---- The solver wrapper (for Optimistix) -----------------------------------------
 
 
+def _scaled_for_cg(P: AMGXPreconditioner, vector):
+    """`P`, or `c P` for a power of two `c` where Lineax's CG needs it.
+
+    `lx.CG` declares a breakdown, and returns NaN, when `|pᵀAp| <= 200 ε n |rᵀPr|`
+    (its `rcond = 2 ε n`, times 100). For `p = P r` the ratio of the two sides is
+    the Rayleigh quotient of `PA`, close to 1 for a good preconditioner: in float32
+    from n ≈ 84,000 unknowns on (ε = 1.2e-7) every step is then a "breakdown"
+    (measured: 99,856-unknown Poisson, first step). CG's iterates do not depend on
+    the scale of the preconditioner (`p` scales by `c`, its step length by
+    `1/c`), and a power of two scales exactly, so the cycle is scaled until a
+    Rayleigh quotient down to 0.02 passes the test."""
+    leaves = jtu.tree_leaves(vector)
+    dtype = jnp.result_type(*leaves)
+    n = sum(int(np.prod(jnp.shape(x))) for x in leaves)
+    need = 1e4 * float(jnp.finfo(dtype).eps) * n
+    if need <= 1:
+        return P
+    c = 2.0 ** int(np.ceil(np.log2(need)))
+    tags = [
+        tag
+        for tag, query in (
+            (lx.symmetric_tag, lx.is_symmetric),
+            (lx.positive_semidefinite_tag, lx.is_positive_semidefinite),
+        )
+        if query(P)
+    ]
+    return lx.TaggedLinearOperator(P * c, frozenset(tags))
+
+
 class _PreconditionedState(eqx.Module):
     inner: Any
     preconditioner: AMGXPreconditioner
@@ -632,7 +672,10 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
     def compute(
         self, state: _PreconditionedState, vector, options: dict[str, Any]
     ):
-        options = dict(options, preconditioner=state.preconditioner)
+        preconditioner = state.preconditioner
+        if isinstance(self.inner, lx.CG):
+            preconditioner = _scaled_for_cg(preconditioner, vector)
+        options = dict(options, preconditioner=preconditioner)
         return self.inner.compute(state.inner, vector, options)
 
     def transpose(self, state: _PreconditionedState, options: dict[str, Any]):
