@@ -474,13 +474,14 @@ AMGX_resources_handle resources_for(CUdevice device, int64_t comm_key = 0,
 
 bool context_healthy(CUdevice device);
 
-// Drops the single-process (`distributed` false) or the distributed resources:
-// destroyed, or leaked when `leak` or when their device's context is broken
-// (AmgX's destructors would then throw).
-void release_resources(bool distributed, bool leak = false) {
+// Drops the single-process (`distributed` false) or the distributed resources (of
+// every device, or of `device`): destroyed, or leaked when `leak` or when their
+// device's context is broken (AmgX's destructors would then throw).
+void release_resources(bool distributed, bool leak = false, int device = -1) {
   auto& all = resources();
   for (auto it = all.begin(); it != all.end();) {
-    if ((it->first.second != 0) != distributed) {
+    if ((it->first.second != 0) != distributed ||
+        (device >= 0 && it->first.first != device)) {
       ++it;
       continue;
     }
@@ -723,6 +724,7 @@ class Cache {
     size_t free_before = 0, total = 0;
     api().cuMemGetInfo_v2(&free_before, &total);
     auto t0 = std::chrono::steady_clock::now();
+    ensure_device(key.device);
     create_handles(*e, resources_for(key.device));
     LXA_AMGX(AMGX_matrix_upload_all(e->matrix.h, e->n, e->nnz, p.block_size,
                                     p.block_size, p.indptr.data(), p.indices.data(),
@@ -765,6 +767,57 @@ class Cache {
     ++totals.solves;
     take_captured();
   }
+
+  // AmgX 2.5 keeps one cuBLAS and one cuSPARSE handle per process (static
+  // singletons), created on the device current at their first use and destroyed
+  // with any resources object. Entries on two devices at once would run one
+  // device's work with the other's handle (CUBLAS_STATUS_INTERNAL_ERROR in the
+  // first solve on the second device: 2 x H200, 2026-11-28). So the process uses
+  // AmgX on one device at a time: a setup on another device first drops every
+  // entry and the resources of the old one (the handles go with them, and AmgX
+  // creates them again on the new device). Switching back and forth therefore
+  // costs a setup each time (`device_switches` counts the switches).
+  void ensure_device(CUdevice device) {
+    std::vector<CUdevice> others;
+    for (const auto& item : resources()) {
+      if (item.first.first == device) continue;
+      if (item.first.second != 0)
+        throw Failure(
+            "AmgX holds distributed setups on CUDA device " +
+            std::to_string(item.first.first) + " of this process; AmgX 2.5 uses " +
+            "one device per process (its cuBLAS/cuSPARSE handles are per process), so "
+            "a single-process solve on device " + std::to_string(device) +
+            " cannot run next to them. Use one device per process, or call "
+            "lineax_amgx.finalize() first.");
+      if (std::find(others.begin(), others.end(), item.first.first) == others.end())
+        others.push_back(item.first.first);
+    }
+    if (others.empty()) return;
+    Api& a = api();
+    for (CUdevice old : others) {
+      CUcontext ctx = nullptr;
+      bool pushed = a.cuDevicePrimaryCtxRetain(&ctx, old) == 0;
+      if (pushed) a.cuCtxPushCurrent_v2(ctx);
+      for (auto it = entries_.begin(); it != entries_.end();) {
+        if ((*it)->key.device == old) {
+          dispose(*it);
+          it = entries_.erase(it);
+          ++totals.evictions;
+        } else {
+          ++it;
+        }
+      }
+      release_resources(false, false, old);
+      if (pushed) {
+        CUcontext popped;
+        a.cuCtxPopCurrent_v2(&popped);
+        a.cuDevicePrimaryCtxRelease_v2(old);
+      }
+    }
+    ++device_switches;
+  }
+
+  int64_t device_switches = 0;
 
   void remove(Entry* e) {
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
@@ -1159,6 +1212,17 @@ class DistCache {
   // Collective.
   void solve(DistEntry& e, const void* b, const void* x0, void* x, int32_t* status,
              int32_t* iterations, double* residual) {
+    // A zero initial guess is uploaded, not set: AMGX_vector_set_zero sizes the
+    // vector to the local rows and ignores the distributed manager, so the solve
+    // then fails "Vector size too small: not enough space for halo elements"
+    // (2 x H200, 2026-11-28); AMGX_vector_upload goes through the manager.
+    std::vector<char> zeros;
+    if (x0 == nullptr) {
+      zeros.assign(static_cast<size_t>(e.n_local) * e.block_size *
+                       element_size(e.key.mode, false),
+                   0);
+      x0 = zeros.data();
+    }
     e.last_solve_seconds = run_amgx_solve(e.solver.h, e.rhs.h, e.sol.h, e.n_local,
                                           e.block_size, b, x0, x, status, iterations,
                                           residual);
@@ -1362,6 +1426,7 @@ NB_MODULE(_native, m) {
     d["isolated"] = c.isolated();
     d["size"] = c.entries().size();
     d["resetup_mode"] = c.resetup_mode == ResetupMode::kResetup ? "resetup" : "setup";
+    d["device_switches"] = c.device_switches;
     nb::dict totals = counters_dict(c.totals);
     for (auto item : totals) d[item.first] = item.second;
     nb::list entries;
@@ -1402,7 +1467,10 @@ NB_MODULE(_native, m) {
   });
 
   // ---- Distributed (MPI) entries; see DistCache. Collective where noted. ----
-  using HostArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+  // Inputs are read-only (host-callback operands are read-only NumPy arrays, which
+  // a writable ndarray parameter refuses); outputs are written.
+  using HostArray = nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu>;
+  using HostOut = nb::ndarray<nb::c_contig, nb::device::cpu>;
 
   m.def(
       "dist_probe",
@@ -1470,7 +1538,7 @@ NB_MODULE(_native, m) {
   m.def(
       "dist_solve",
       [](int32_t ordinal, int32_t id, int32_t gen, HostArray b, nb::object x0,
-         HostArray x) {
+         HostOut x) {
         std::lock_guard<std::recursive_mutex> lock(core_mutex());
         try {
           if (!poisoned().empty()) throw Failure(poisoned());

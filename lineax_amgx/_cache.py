@@ -22,7 +22,8 @@ def _native_or_none():
         return None
 
 
-_COUNTERS = ("hits", "misses", "setups", "resetups", "solves", "evictions")
+_COUNTERS = ("hits", "misses", "setups", "resetups", "solves", "evictions",
+             "device_switches")
 
 
 def cache_info(backend: str | None = None) -> dict[str, Any]:
@@ -32,9 +33,16 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     AmgX cache, GPU) and `"pyamg"` (the CPU hierarchy cache); pass a name to get one.
 
     **Returns:** a dict with `capacity`, `size`, `isolated`, the totals `hits`,
-    `misses`, `setups`, `resetups`, `solves`, `evictions`, and `entries`: one summary
-    per resident setup (shape, nnz, block size, mode, config digest, fingerprint,
-    its own counters, and for AmgX the GPU bytes and last setup/solve seconds).
+    `misses`, `setups`, `resetups`, `solves`, `evictions`, `device_switches`, and
+    `entries`: one summary per resident setup (shape, nnz, block size, mode, config
+    digest, fingerprint, its own counters, and for AmgX the GPU bytes and last
+    setup/solve seconds).
+
+    `device_switches` (AmgX): AmgX 2.5 keeps one cuBLAS and one cuSPARSE handle
+    per process, so a process runs AmgX on one GPU at a time. A setup on another
+    GPU first frees every setup of the previous one (counted in `evictions`);
+    each such switch is counted here. For work on several GPUs, use one process
+    per GPU.
     """
     infos = {}
     n = _native_or_none()

@@ -1737,13 +1737,32 @@ def _elf_needed_from(data) -> list[str]:
     return out
 
 
+def _resolved_path(path: str) -> str:
+    """The file behind a loaded library: `path` itself, or for a bare soname
+    found on the loader path, the file this process mapped."""
+    if os.path.sep in path:
+        return path
+    name = os.path.basename(path)
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                mapped = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(mapped) == name:
+                    return mapped
+    except OSError:
+        pass
+    return path
+
+
 def amgx_mpi_library() -> str | None:
     """The MPI family the loaded AmgX library links (`"Open MPI"` for
     `libmpi.so.40`, `"MPICH"` for `libmpi.so.12`, else the soname), or `None` when
     it links no MPI (a build without MPI: no distributed solves)."""
     from . import _library
 
-    path = _library.native().library_info().get("path") or ""
+    # Loaded first: in a fresh rank the distributed check may be the first thing
+    # that needs AmgX (a missing library then raises AmgXNotFoundError, clearly).
+    path = _resolved_path(_library.load())
     for lib in _elf_needed(path):
         if lib.startswith("libmpi.so.40") or "open-rte" in lib or "open-pal" in lib:
             return "Open MPI"

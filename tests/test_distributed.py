@@ -617,6 +617,9 @@ class FakeDistributedAmgX:
     def cuda_devices(self):
         return ["fake GPU"]
 
+    def is_loaded(self):
+        return True
+
     def library_info(self):
         return {"path": self.path}
 

@@ -153,3 +153,25 @@ def test_native_distribution_args(comm):
     assert args["global_indices"].dtype == np.int64
     assert args["indptr"].dtype == np.int32
     assert args["size"] == 1 and args["rank"] == 0
+
+
+def test_native_distributed_entries_take_read_only_arrays():
+    """Host-callback operands are read-only NumPy arrays: the native distributed
+    entry points must accept them (a writable-only binding failed every
+    distributed GPU solve with "incompatible function arguments", 2 x H200)."""
+    from lineax_amgx import _library
+
+    native = _library.native()
+    values = np.arange(8.0)
+    values.flags.writeable = False
+    calls = [
+        lambda: native.dist_probe(0, 1, 2, "{}", 8193, 0, 1, values, -1, -1),
+        lambda: native.dist_solve(0, 1, 1, values, values, np.zeros(8)),
+    ]
+    for call in calls:
+        try:
+            call()
+        except TypeError as e:  # the binding refused the arguments
+            pytest.fail(f"binding refused a read-only array: {e}")
+        except RuntimeError:
+            pass  # no AmgX here, or no such entry: past the binding

@@ -456,17 +456,27 @@ def test_threads_solve_concurrently(rng):
 @pytest.mark.skipif(
     len([d for d in jax.devices() if d.platform == "gpu"]) < 2, reason="needs 2 GPUs"
 )
-def test_two_devices_separate_entries(rng):
+def test_two_devices_one_at_a_time(rng):
+    """AmgX 2.5 keeps one cuBLAS and one cuSPARSE handle per process, bound to the
+    device of their first use: with setups resident on two GPUs, the first solve
+    on the second failed with CUBLAS_STATUS_INTERNAL_ERROR (2 x H200). The core
+    therefore uses one device at a time: a setup on another GPU frees the old
+    GPU's setups first, and every answer is right."""
     a = poisson2d(50)
     b = rng.standard_normal(a.shape[0])
     solver = lxa.AMGX(rtol=1e-10)
-    for dev in jax.devices("cuda")[:2]:
+    lxa.clear_cache()
+    switches = lxa.cache_info("amgx")["device_switches"]
+    d0, d1 = jax.devices("cuda")[:2]
+    for dev in (d0, d1, d0, d0):
         op = jax.device_put(lxa.CSROperator.from_scipy(a, tags=SPD), dev)
         bd = jax.device_put(jnp.asarray(b), dev)
         x = lx.linear_solve(op, bd, solver=solver).value
+        assert x.devices() == {dev}
         assert rel_residual(a, x, b) < 1e-9
-    devices = {e["device"] for e in lxa.cache_info("amgx")["entries"]}
-    assert len(devices) == 2
+        info = lxa.cache_info("amgx")
+        assert {e["device"] for e in info["entries"]} == {dev.local_hardware_id}
+    assert info["device_switches"] - switches == 2
 
 
 if os.environ.get("LXA_GPU_DEBUG"):

@@ -272,17 +272,23 @@ def test_float32(rng):
     a = poisson2d(N)
     op = gpu_op(a, SPD, dtype=np.float32)
     b = gpu_array(rng.standard_normal(a.shape[0]).astype(np.float32))
-    cg = lx.CG(rtol=1e-5, atol=1e-5, max_steps=1000)
+    # Lineax's CG stops on `|r_i| <= atol + rtol |b_i|` for every i. Here
+    # |y| reaches 50 and (A y)_i sums terms of ~4|y_i| in float32: 1e-5 per entry
+    # was never reached (H200: 1000 steps, max |r_i| drifting to 4e-3), 1e-4 took
+    # 36 steps and 1e-3 29 (relative residual 1.5e-5).
+    cg = lx.CG(rtol=1e-3, atol=1e-3, max_steps=1000)
     sol = eqx.filter_jit(
         lambda op, b: lx.linear_solve(op, b, AMGXPreconditioned(cg), throw=False)
     )(op, b)
+    assert sol.result == lx.RESULTS.successful
     assert sol.value.dtype == jnp.float32
-    assert rel_residual(a, sol.value, b) < 1e-4
+    assert rel_residual(a, sol.value, b) < 1e-3
     assert int(sol.stats["num_steps"]) < 40
     P = AMGXPreconditioner(op)
-    sol = _solve_with(lx.BiCGStab(rtol=1e-5, atol=1e-5, max_steps=1000), op, b, P)
+    sol = _solve_with(lx.BiCGStab(rtol=1e-3, atol=1e-3, max_steps=1000), op, b, P)
+    assert sol.result == lx.RESULTS.successful
     assert sol.value.dtype == jnp.float32
-    assert rel_residual(a, sol.value, b) < 1e-4
+    assert rel_residual(a, sol.value, b) < 1e-3
 
 
 def test_gradient_through_preconditioned_solve(rng):
