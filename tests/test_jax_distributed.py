@@ -9,6 +9,7 @@ computation), so this file runs on its own. On the CPU the solves go through the
 pyamg backend; on GPUs (with LINEAX_AMGX_DISTRIBUTED_GPU=1) through AmgX.
 """
 
+import os
 import socket
 
 import jax
@@ -30,8 +31,16 @@ def _free_port() -> int:
 if SIZE < 2:  # a plain pytest run collects this file: leave JAX alone there
     pytest.skip("run under mpiexec -n 2 (or more)", allow_module_level=True)
 _port = COMM.bcast(_free_port() if RANK == 0 else None, root=0)
+_kwargs = {}
+_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+if _visible and "," not in _visible:
+    # One GPU made visible per rank: it is this process's device 0. Left unset,
+    # JAX's Open MPI detection asks for device `node-local rank`, which rank 1
+    # does not see: it fails while rank 0 waits for it inside the GPU client's
+    # creation (a hang, 2 x H200).
+    _kwargs["local_device_ids"] = [0]
 jax.distributed.initialize(coordinator_address=f"localhost:{_port}",
-                           num_processes=SIZE, process_id=RANK)
+                           num_processes=SIZE, process_id=RANK, **_kwargs)
 
 import _mpi_helpers  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
