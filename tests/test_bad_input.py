@@ -598,6 +598,23 @@ _LOST_CONTEXT_SCRIPT = """
     # As after a CUDA fault inside AmgX (tests/test_gpu_failures.py makes a real
     # one): the exit must skip AmgX's static destructors, keeping the status.
     _library.native()._poison_for_testing("the CUDA context is gone (test)")
+    if sys.argv[1] == "0":
+        # A program traced after the fault is refused at trace time, naming the
+        # fault (on a GPU machine; pretended here), and the CPU backend still works.
+        import jax, jax.numpy as jnp, lineax as lx, numpy as np, pyamg
+        jax.config.update("jax_enable_x64", True)
+        a = pyamg.gallery.poisson((10, 10), format="csr")
+        op = lxa.CSROperator.from_scipy(a, tags=lx.symmetric_tag)
+        b = jnp.asarray(np.arange(1.0, 101.0))
+        _library.has_cuda_backend = lambda: True
+        _library.register_ffi_targets = lambda: None
+        try:
+            lx.linear_solve(op, b, solver=lxa.AMGX())
+            print("not refused")
+        except RuntimeError as e:
+            print("refused:", str(e).replace(chr(10), " "))
+        x = lx.linear_solve(op, b, solver=lxa.AMGX(backend="pyamg")).value
+        print("pyamg residual", float(np.linalg.norm(b - a @ np.asarray(x)) / np.linalg.norm(b)))
     print("done")
     sys.exit(int(sys.argv[1]))
 """
@@ -684,3 +701,11 @@ def test_exit_after_a_lost_cuda_context_keeps_the_status(status, subprocesses):
     assert stdout.strip().endswith("done")
     assert "exiting without AmgX's teardown (the CUDA context is gone (test))" in stderr
     assert f"exit status {status}" in stderr
+    if status == 0:
+        lines = stdout.splitlines()
+        refused = [ln for ln in lines if ln.startswith("refused:")]
+        assert refused and "AmgX cannot run: the CUDA context is gone (test)" in (
+            refused[0]), stdout
+        assert "backend='pyamg'" in refused[0]
+        (res,) = [float(ln.split()[-1]) for ln in lines if ln.startswith("pyamg")]
+        assert res < 1e-6
