@@ -62,10 +62,10 @@ def poisson3d_local_rows(nx: int, ny: int, nz: int, start: int, end: int):
 def _amgx_solve_seconds(comm) -> float | None:
     """AmgX's own time in its last distributed solve (the slowest rank), from the
     native core's distributed cache; None on the CPU backend."""
-    try:
-        from lineax_amgx import _library
+    from lineax_amgx import _distributed as lxd
 
-        entries = _library.native().dist_cache_info()["entries"]
+    try:
+        entries = lxd.cache_info()["entries"]
         mine = max((e["last_solve_seconds"] for e in entries), default=None)
     except Exception:  # noqa: BLE001 - no native core / no GPU: not reported
         mine = None
@@ -73,16 +73,11 @@ def _amgx_solve_seconds(comm) -> float | None:
     return None if any(t is None for t in every) else max(every)
 
 
-def _clear_native_distributed_cache() -> None:
+def _clear_native_distributed_cache(comm) -> None:
     """Collective: drop the AmgX distributed entries (a cold setup next)."""
-    try:
-        from lineax_amgx import _library
+    from lineax_amgx import _distributed as lxd
 
-        native = _library.native()
-    except Exception:  # noqa: BLE001 - no native core
-        return
-    if hasattr(native, "dist_clear_cache"):
-        native.dist_clear_cache()
+    lxd.clear_cache(comm)
 
 
 def _launch(args) -> int:
@@ -163,7 +158,7 @@ def main() -> int:
     jax.block_until_ready(solve.lower(op, b).compile())  # compile: not timed
     lxa.clear_cache()
     if devices:
-        _clear_native_distributed_cache()
+        _clear_native_distributed_cache(comm)
     sol, setup_s = timed(lambda: solve(op, b))
     times = [timed(lambda: solve(op, b))[1] for _ in range(args.repeats)]
     result = dict(

@@ -71,7 +71,9 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
 
 def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
-    hierarchies). Counters are kept."""
+    hierarchies). Counters are kept. The setups of distributed operators (MPI) are
+    not freed here, since destroying them is collective: call
+    `lineax_amgx._distributed.clear_cache(comm)` on every rank for those."""
     n = _native_or_none()
     if n is not None:
         n.clear_cache()

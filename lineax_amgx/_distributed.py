@@ -1797,6 +1797,42 @@ def _check_native_mpi(comm_key: int) -> None:
     _checked_mpi.add(comm_key)
 
 
+def cache_info() -> dict:
+    """This rank's distributed AmgX entries (GPU): counters (`hits`, `misses`,
+    `setups`, `resetups`, `solves`, `evictions`), `size` and `entries`. The ranks'
+    caches change only inside collective calls, so every rank reports the same
+    counters. Empty when AmgX is not loaded (no distributed GPU solve ran)."""
+    from . import _library
+
+    native = _library.native()
+    if not native.is_loaded():
+        return dict(hits=0, misses=0, setups=0, resetups=0, solves=0, evictions=0,
+                    size=0, entries=[])
+    return dict(native.dist_cache_info())
+
+
+def clear_cache(comm=None) -> None:
+    """Collective: destroy the distributed AmgX entries of every rank of `comm`
+    (and free their GPU memory). `lineax_amgx.clear_cache()` frees the
+    single-process setups only: destroying a distributed entry is itself
+    collective (AmgX's MPI), so it needs every rank, at the same point. Call it
+    on every rank of the communicator the operators were built on."""
+    from . import _library
+
+    comm = _comm(comm)
+    with _turn(comm, kind="amgx.clear"):
+        native = _library.native()
+        loaded = agree(native.is_loaded(), comm, op="any")
+        if not loaded:
+            return
+        err = None
+        try:
+            native.dist_clear_cache()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank
+            err = f"clearing the distributed AmgX cache failed: {e}"
+        _raise_if_any(comm, err, RuntimeError)
+
+
 def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     """Collective (inside a turn). The token of the AmgX entry holding `values`:
     every rank probes its cache, the worst outcome wins on every rank (a hit only

@@ -655,6 +655,14 @@ class FakeDistributedAmgX:
         self.entries[key] = e
         return e["id"], e["gen"]
 
+    def dist_clear_cache(self):
+        self.comm.Barrier()  # collective, as destroying AmgX's entries is
+        self.entries.clear()
+
+    def dist_cache_info(self):
+        return dict(hits=0, misses=0, setups=0, resetups=0, solves=0, evictions=0,
+                    size=len(self.entries), entries=[])
+
     def dist_solve(self, ordinal, id, gen, b, x0, x):
         e = next(e for e in self.entries.values() if (e["id"], e["gen"]) == (id, gen))
         rows = np.repeat(np.arange(len(e["indptr"]) - 1), np.diff(e["indptr"]))
@@ -716,6 +724,22 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
                               jnp.int32(0 if RANK == 0 else 1), key)
     assert fake_amgx.actions == [2, 0, 1]
     assert int(info[0]) == _dispatch.STATUS_NONFINITE
+
+
+@collective
+def test_distributed_clear_cache_is_collective(fake_amgx):
+    from lineax_amgx._dispatch import SolveKey
+
+    A = global_matrix()
+    op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
+    key = SolveKey(config='{"solver": "fake"}', mode="dDDI", transposed=False,
+                   verbose=False, backend="amgx")
+    D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
+    assert D.cache_info()["size"] == 1
+    D.clear_cache(COMM)
+    assert D.cache_info()["size"] == 0
+    D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
+    assert fake_amgx.actions == [2, 2]  # set up afresh, together
 
 
 @collective
