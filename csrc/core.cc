@@ -1133,6 +1133,14 @@ class DistCache {
     auto it = entries_.begin();
     for (; it != entries_.end(); ++it)
       if ((*it)->key == key) break;
+    if (!(action == 0 && it != entries_.end())) {
+      // A (re)setup reads the values (a hit need not: the caller may pass none).
+      size_t want = static_cast<size_t>(nnz) * block_size * block_size *
+                    element_size(key.mode, true);
+      if (bytes != want)
+        throw Failure("internal: a distributed (re)setup got " + std::to_string(bytes) +
+                      " bytes of values, expected " + std::to_string(want));
+    }
     if (action == 0 && it != entries_.end()) {
       ++(*it)->counters.hits;
       ++totals.hits;
