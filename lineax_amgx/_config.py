@@ -315,9 +315,9 @@ def parse_config(config: str | Mapping[str, Any]) -> dict[str, Any]:
                "exception_handling", "determinism_flag")}
         cfg["solver"] = top
     _validate_scope(cfg, "")
-    for scope in _walk_solvers(copy.deepcopy(cfg["solver"])):
+    for scope in _walk_solvers(cfg["solver"]):
         if scope.get("solver") == "AMG":
-            _cap_dense_lu(scope)  # refuses a dense_lu_max_rows that overflows
+            _dense_lu_cap(scope)  # refuses a dense_lu_max_rows that overflows
     return cfg
 
 
@@ -393,8 +393,8 @@ def finalise(
     for scope in _walk_solvers(solver):
         for key in _PRINT_KEYS:
             scope[key] = 0
-        if scope.get("solver") == "AMG":
-            _cap_dense_lu(scope)
+        if scope.get("solver") == "AMG" and (cap := _dense_lu_cap(scope)):
+            scope["dense_lu_max_rows"] = cap
     if verbose:
         solver["print_solve_stats"] = 1
         solver["obtain_timings"] = 1
@@ -414,11 +414,14 @@ DENSE_LU_MAX_ROWS = 4096
 _DENSE_LU_OVERFLOW_ROWS = 46340  # 46341^2 > 2^31 - 1
 
 
-def _cap_dense_lu(scope: dict[str, Any]) -> None:
+def _dense_lu_cap(scope: Mapping[str, Any]) -> int | None:
+    """The `dense_lu_max_rows` to set in an AMG scope: `DENSE_LU_MAX_ROWS` when its
+    coarse solver is dense LU and no cap is given, else None. Raises `ConfigError`
+    for a cap that overflows."""
     coarse = scope.get("coarse_solver", "DENSE_LU_SOLVER")  # AmgX's default
     name = coarse.get("solver") if isinstance(coarse, Mapping) else coarse
     if name != "DENSE_LU_SOLVER":
-        return
+        return None
     cap = int(scope.get("dense_lu_max_rows", 0))
     if cap > _DENSE_LU_OVERFLOW_ROWS:
         raise ConfigError(
@@ -428,8 +431,7 @@ def _cap_dense_lu(scope: dict[str, Any]) -> None:
             f"{_DENSE_LU_OVERFLOW_ROWS}, or leave it unset (lineax-amgx then uses "
             f"{DENSE_LU_MAX_ROWS})."
         )
-    if cap <= 0:
-        scope["dense_lu_max_rows"] = DENSE_LU_MAX_ROWS
+    return DENSE_LU_MAX_ROWS if cap <= 0 else None
 
 
 def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:

@@ -249,10 +249,9 @@ def turn(comm, site: int | None = None, kind: str = ""):
     """Run the body as the MPI operation `site` (a number from `new_site()`
     taken when the operation was created; None: the program point of this call,
     for an eager operation) of `comm`: every rank runs it at the same point of a
-    common order. `kind` names
-    the operation: ranks that reach different kinds at the same point never pair
-    them (they time out instead). Nested turns of the same thread are part of the
-    outer one."""
+    common order. `kind` names the operation: ranks that reach different kinds at
+    the same point never pair them (they time out instead). Nested turns of the
+    same thread are part of the outer one."""
     if getattr(_local, "depth", 0) > 0:
         _local.depth += 1
         try:
