@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -173,13 +174,27 @@ std::string& poisoned();  // why the CUDA context is unusable ("" while it is fi
 // process ("terminate called after throwing an instance of 'amgx::amgx_exception'").
 // So when the context is known broken, leave now with the status the program
 // exits with (glibc's on_exit passes it).
+bool& teardown_skipped() {
+  static bool skipped = false;
+  return skipped;
+}
+
 void exit_without_amgx_teardown(int status, void*) {
-  if (poisoned().empty()) return;
-  std::fprintf(stderr,
-               "lineax-amgx: exiting without AmgX's teardown (%s); exit status %d\n",
-               poisoned().c_str(), status);
+  if (poisoned().empty() && !teardown_skipped()) return;
+  if (!poisoned().empty())
+    std::fprintf(stderr,
+                 "lineax-amgx: exiting without AmgX's teardown (%s); exit status %d\n",
+                 poisoned().c_str(), status);
   std::fflush(nullptr);
   _exit(status);
+}
+
+// From now on the process exits without running AmgX's destructors. Registers the
+// exit hook again so that it runs before every destructor AmgX registered so far.
+void skip_amgx_teardown(const char*) {
+  if (teardown_skipped()) return;
+  teardown_skipped() = true;
+  on_exit(&exit_without_amgx_teardown, nullptr);
 }
 
 void load_amgx(const std::string& path) {
@@ -473,10 +488,37 @@ AMGX_resources_handle resources_for(CUdevice device, int64_t comm_key = 0,
 }
 
 bool context_healthy(CUdevice device);
+bool amgx_objects_alive();  // whether either cache holds an entry (defined below)
 
-// Drops the single-process (`distributed` false) or the distributed resources (of
-// every device, or of `device`): destroyed, or leaked when `leak` or when their
-// device's context is broken (AmgX's destructors would then throw).
+// Resources taken out of use but not yet destroyed. Destroying *any* AmgX
+// resources object destroys process-wide state that every other one shares:
+// AmgX 2.5's `~Resources` frees all device and pinned memory pools and the
+// cuBLAS/cuSPARSE handles. Entries on another resources object (a distributed
+// entry next to single-process ones) would keep running on freed pool memory
+// ("detected some memory leaks ... trying to free non-empty temporary device
+// pool", 2 x H200, 2026-11-28). So resources are destroyed only when no entry is
+// left anywhere; until then they wait here.
+std::vector<std::pair<CUdevice, std::unique_ptr<AmgxResources>>>& retired_resources() {
+  static auto* r = new std::vector<std::pair<CUdevice, std::unique_ptr<AmgxResources>>>();
+  return *r;
+}
+
+// Destroys the retired resources once no entry is left (leaks those whose
+// device's context is broken: AmgX's destructors would then throw).
+void collect_resources() {
+  if (amgx_objects_alive()) return;
+  for (auto& [device, r] : retired_resources()) {
+    if (context_healthy(device))
+      r.reset();
+    else
+      (void)r.release();
+  }
+  retired_resources().clear();
+}
+
+// Takes the single-process (`distributed` false) or the distributed resources (of
+// every device, or of `device`) out of use: retired, and destroyed as soon as no
+// entry is left; or leaked when `leak` (their entries were abandoned).
 void release_resources(bool distributed, bool leak = false, int device = -1) {
   auto& all = resources();
   for (auto it = all.begin(); it != all.end();) {
@@ -485,12 +527,13 @@ void release_resources(bool distributed, bool leak = false, int device = -1) {
       ++it;
       continue;
     }
-    if (!leak && context_healthy(it->first.first))
-      it->second.reset();
-    else
+    if (leak)
       (void)it->second.release();
+    else
+      retired_resources().emplace_back(it->first.first, std::move(it->second));
     it = all.erase(it);
   }
+  if (!leak) collect_resources();
 }
 
 // ------------------------------------------------------------------------------
@@ -1066,7 +1109,10 @@ struct DistEntry {
   Key key;
   int n_local = 0, nnz = 0, block_size = 1;
   int64_t n_global = 0;
-  std::vector<unsigned char> values;  // exact copy of the values the setup used
+  // An exact copy of the values the setup used: on the host (host-callback path)
+  // or on the device (FFI path: compared there).
+  std::vector<unsigned char> values;
+  DeviceBuffer dvalues;
   ConfigOwner cfg;
   DistributionOwner dist;
   MatrixOwner matrix;
@@ -1076,6 +1122,7 @@ struct DistEntry {
   double last_setup_seconds = 0, last_solve_seconds = 0;
   double total_setup_seconds = 0, total_solve_seconds = 0;
   ~DistEntry() {
+    dvalues.reset();
     solver.reset();
     sol.reset();
     rhs.reset();
@@ -1115,6 +1162,19 @@ class DistCache {
     return 2;
   }
 
+  // `probe` for values on the device (the FFI path; `stream` is XLA's).
+  int probe_device(const Key& key, CUdeviceptr values, size_t bytes, int32_t id,
+                   int32_t gen, CUstream stream) {
+    for (auto& e : entries_) {
+      if (!(e->key == key)) continue;
+      bool same = (id > 0 && e->id == id && e->generation == gen) ||
+                  (e->dvalues.ptr != 0 && e->dvalues.bytes == bytes &&
+                   device_equal(key.device, e->dvalues.ptr, values, bytes, stream));
+      return same ? 0 : 1;
+    }
+    return 2;
+  }
+
   DistEntry* find(int32_t id, int32_t gen) {
     for (auto it = entries_.begin(); it != entries_.end(); ++it)
       if ((*it)->id == id && (*it)->generation == gen) {
@@ -1129,7 +1189,8 @@ class DistCache {
                      int64_t n_global, const int64_t* offsets, int n_local,
                      const int32_t* indptr, const int64_t* gcols, int nnz, int block_size,
                      const void* values, size_t bytes, size_t capacity,
-                     ResetupMode resetup_mode) {
+                     ResetupMode resetup_mode, CUdeviceptr dev_values = 0,
+                     CUstream stream = nullptr) {
     auto it = entries_.begin();
     for (; it != entries_.end(); ++it)
       if ((*it)->key == key) break;
@@ -1157,8 +1218,7 @@ class DistCache {
         entries_.erase(it);
         throw;
       }
-      e.values.assign(static_cast<const unsigned char*>(values),
-                      static_cast<const unsigned char*>(values) + bytes);
+      keep_values(e, values, bytes, dev_values, stream);
       e.total_setup_seconds += e.last_setup_seconds;
       ++e.generation;
       ++e.counters.misses;
@@ -1199,8 +1259,12 @@ class DistCache {
       dispose(e);
       throw;
     }
-    e->values.assign(static_cast<const unsigned char*>(values),
-                     static_cast<const unsigned char*>(values) + bytes);
+    try {
+      keep_values(*e, values, bytes, dev_values, stream);
+    } catch (...) {
+      dispose(e);
+      throw;
+    }
     e->last_setup_seconds = seconds_since(t0);
     e->total_setup_seconds += e->last_setup_seconds;
     ++e->counters.misses;
@@ -1241,7 +1305,13 @@ class DistCache {
   }
 
   void clear() {
-    for (auto& e : entries_) dispose(e);
+    for (auto& e : entries_) {
+      // Its device's context current (the device copy of the values is freed).
+      std::unique_ptr<PrimaryContextScope> scope;
+      if (context_healthy(e->key.device))
+        scope = std::make_unique<PrimaryContextScope>(static_cast<int>(e->key.device));
+      dispose(e);
+    }
     entries_.clear();
     release_resources(true);
   }
@@ -1255,12 +1325,353 @@ class DistCache {
   const std::list<std::unique_ptr<DistEntry>>& entries() const { return entries_; }
 
  private:
+  // Keeps the exact values of a (re)setup: a device copy when they came from the
+  // device (`dev_values`, copied on `stream`), else a host copy.
+  static void keep_values(DistEntry& e, const void* values, size_t bytes,
+                          CUdeviceptr dev_values, CUstream stream) {
+    if (dev_values != 0) {
+      e.values.clear();
+      e.values.shrink_to_fit();
+      if (e.dvalues.bytes != bytes) e.dvalues.allocate(bytes);
+      LXA_CU(cuMemcpyDtoDAsync_v2(e.dvalues.ptr, dev_values, bytes, stream));
+      LXA_CU(cuStreamSynchronize(stream));
+    } else {
+      e.dvalues.reset();
+      e.values.assign(static_cast<const unsigned char*>(values),
+                      static_cast<const unsigned char*>(values) + bytes);
+    }
+  }
+
   void touch(std::list<std::unique_ptr<DistEntry>>::iterator it) {
     entries_.splice(entries_.begin(), entries_, it);
   }
   std::list<std::unique_ptr<DistEntry>> entries_;
   int32_t next_id_ = 1;
 };
+
+bool amgx_objects_alive() {
+  return !Cache::get().entries().empty() || !DistCache::get().entries().empty();
+}
+
+// ------------------------------------------------------------------------------
+// The device-resident distributed path: XLA FFI handlers that read values and
+// vectors where XLA keeps them (on the GPU), and agree with the other ranks
+// through small MPI allreduces made here, in the handler.
+//
+// MPI is reached through the library AmgX was built with (the Python side checks
+// that mpi4py uses the same one and hands us, once, the addresses of three of its
+// functions and two handles): the package builds without MPI. Handles travel as
+// integers: pointers in Open MPI, `int`s in MPICH; the x86-64 and aarch64 calling
+// conventions read an `int` argument from the low half of its register, so one
+// signature serves both.
+// ------------------------------------------------------------------------------
+
+struct MpiApi {
+  int (*iallreduce)(const void*, void*, int, uintptr_t, uintptr_t, uintptr_t,
+                    void*) = nullptr;
+  int (*test)(void*, int*, void*) = nullptr;
+  int (*comm_dup)(uintptr_t, void*) = nullptr;
+  uintptr_t int64_type = 0, max_op = 0;
+  double timeout = 600;  // seconds (LINEAX_AMGX_MPI_TIMEOUT); 0 waits forever
+};
+
+MpiApi& mpi_api() {
+  static auto* m = new MpiApi();
+  return *m;
+}
+
+// A communicator of distributed operators: the user's, and two duplicates made
+// in the first distributed FFI call on it (collective): one for our agreements,
+// one for AmgX (which keeps the address of its handle: a slot that lives as long
+// as the process).
+struct DistComm {
+  uintptr_t user = 0;
+  uintptr_t agree = 0;
+  uint64_t* amgx = nullptr;
+  std::string broken;  // why the ranks fell out of step (a timeout): no more calls
+  std::map<int64_t, int64_t> executions;  // per program point (site)
+};
+
+// A 64-bit mix (splitmix64's finaliser) for call signatures.
+uint64_t mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+std::map<int64_t, DistComm>& dist_comms() {
+  static auto* c = new std::map<int64_t, DistComm>();
+  return *c;
+}
+
+// The local structure of a distributed pattern, registered at trace time.
+struct DistPattern {
+  int64_t n_global = 0;
+  std::vector<int64_t> offsets, gcols;
+  std::vector<int32_t> indptr;
+  int32_t block_size = 1;
+  int n_local() const { return static_cast<int>(indptr.size()) - 1; }
+  int nnz() const { return static_cast<int>(gcols.size()); }
+};
+
+std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const DistPattern>>&
+dist_patterns() {
+  static auto* p =
+      new std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const DistPattern>>();
+  return *p;
+}
+
+DistComm& dist_comm(int64_t comm_key) {
+  auto it = dist_comms().find(comm_key);
+  if (it == dist_comms().end())
+    throw Failure("internal: communicator " + std::to_string(comm_key) +
+                  " is not registered with the native core");
+  DistComm& c = it->second;
+  if (!c.broken.empty()) throw Failure(c.broken);
+  if (c.amgx == nullptr) {
+    MpiApi& m = mpi_api();
+    uint64_t agree = 0;
+    auto* amgx = new uint64_t(0);
+    int rc = m.comm_dup(c.user, &agree);
+    if (rc == 0) rc = m.comm_dup(c.user, amgx);
+    if (rc != 0) {
+      delete amgx;
+      throw Failure("MPI_Comm_dup failed with error code " + std::to_string(rc));
+    }
+    c.agree = static_cast<uintptr_t>(agree);
+    c.amgx = amgx;
+  }
+  return c;
+}
+
+// Collective over the agreement communicator: `out` = element-wise maximum over
+// the ranks of `in` (`n` int64). Polls, so that a rank whose partners never come
+// raises after the timeout instead of waiting forever.
+void agree_max(DistComm& c, const int64_t* in, int64_t* out, int n,
+               const char* what) {
+  MpiApi& m = mpi_api();
+  alignas(16) unsigned char request[64] = {};  // MPI_Request: a pointer or an int
+  alignas(16) unsigned char status[256];       // MPI_Status: 20-24 bytes
+  int rc = m.iallreduce(in, out, n, m.int64_type, m.max_op, c.agree, request);
+  if (rc != 0) throw Failure("MPI_Iallreduce failed with error code " + std::to_string(rc));
+  auto t0 = std::chrono::steady_clock::now();
+  for (int spins = 0;; ++spins) {
+    int flag = 0;
+    rc = m.test(request, &flag, status);
+    if (rc != 0) throw Failure("MPI_Test failed with error code " + std::to_string(rc));
+    if (flag) return;
+    if (m.timeout > 0 && seconds_since(t0) > m.timeout) {
+      // The allreduce stays pending: this communicator is out of step for good.
+      c.broken = "waited " + std::to_string(static_cast<int>(m.timeout)) +
+                 " s for the other ranks in a distributed AmgX " + what +
+                 " (LINEAX_AMGX_MPI_TIMEOUT): the ranks do not run the same "
+                 "distributed operations in the same order, or one of them failed "
+                 "or stopped. Distributed AmgX solves on this communicator are "
+                 "disabled in this process.";
+      throw Failure(c.broken);
+    }
+    if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+// After a step that may have failed on some ranks: every rank learns whether any
+// did, and raises (the failing rank with its own message).
+void agree_no_error(DistComm& c, const std::string& err, const char* what) {
+  int64_t mine = err.empty() ? 0 : 1, any = 0;
+  agree_max(c, &mine, &any, 1, what);
+  if (any)
+    throw Failure(err.empty() ? std::string("distributed AmgX ") + what +
+                                    " failed on another rank (see its error)"
+                              : err);
+}
+
+// Collective. Reads `ok` and the token from the device, agrees with the other
+// ranks (every rank's cache probe: the worst wins; non-finite input anywhere;
+// errors; and that all run the same call, by `signature`), then sets up or resets
+// up together. Returns nullptr when some rank has non-finite input (AmgX is not
+// called on any rank).
+DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm_key,
+                        int64_t fingerprint, int64_t signature, int64_t site,
+                        std::string_view config, int32_t mode, int32_t transposed,
+                        CUdeviceptr values, size_t bytes, CUdeviceptr ok_ptr,
+                        CUdeviceptr token_ptr, const char* what) {
+  DistComm& c = dist_comm(comm_key);
+  std::shared_ptr<const DistPattern> p;
+  // What this call is, the same on every rank for the same call: the operator,
+  // configuration and direction (`signature`), the program point (`site`) and
+  // how many times this rank has run it. Ranks that reach different calls fail
+  // here, together, instead of letting AmgX mix two solves.
+  int64_t count = c.executions[site]++;
+  int64_t sig = static_cast<int64_t>(
+      mix(mix(static_cast<uint64_t>(signature)) ^ mix(static_cast<uint64_t>(site) + 1) ^
+          mix(static_cast<uint64_t>(count) + 2)) >> 2);
+  int64_t mine[5] = {2, 0, 0, sig, -sig};
+  std::string err;
+  try {
+    if (!poisoned().empty()) throw Failure(poisoned());
+    auto it = dist_patterns().find({comm_key, fingerprint});
+    if (it == dist_patterns().end())
+      throw Failure("internal: distributed pattern " + std::to_string(fingerprint) +
+                    " is not registered with the native core");
+    p = it->second;
+    size_t want = static_cast<size_t>(p->nnz()) * p->block_size * p->block_size *
+                  element_size(mode, true);
+    if (bytes != want)
+      throw Failure("values buffer has " + std::to_string(bytes) + " bytes, expected " +
+                    std::to_string(want));
+    int32_t host[3] = {0, -1, -1};  // ok, token id, token generation
+    LXA_CU(cuMemcpyDtoH_v2(&host[0], ok_ptr, sizeof(int32_t)));
+    if (token_ptr != 0) LXA_CU(cuMemcpyDtoH_v2(&host[1], token_ptr, 2 * sizeof(int32_t)));
+    mine[1] = host[0] == 0 ? 1 : 0;
+    if (host[0] != 0) {
+      Key key{scope.device, fingerprint, p->block_size, mode, std::string(config),
+              transposed != 0, comm_key};
+      mine[0] = DistCache::get().probe_device(key, values, bytes, host[1], host[2], stream);
+    }
+  } catch (const std::exception& e) {
+    err = e.what();
+    mine[2] = 1;
+  }
+  int64_t all[5];
+  agree_max(c, mine, all, 5, what);
+  if (all[2])
+    throw Failure(err.empty() ? std::string("distributed AmgX ") + what +
+                                    " failed on another rank (see its error)"
+                              : err);
+  if (all[3] != -all[4])
+    throw Failure(std::string("the ranks reached different distributed AmgX calls "
+                              "(this rank: a ") + what +
+                  "; another rank: a call from another program point, or with another "
+                  "operator, configuration or transposition). Every rank must make the "
+                  "same distributed solves in the same order. On GPUs XLA runs a "
+                  "program's independent operations in an order fixed per rank at "
+                  "compile time, which can differ between ranks whose programs differ "
+                  "(uneven row counts): chain independent distributed operations with "
+                  "lineax_amgx._distributed.after.");
+  if (all[1]) return nullptr;
+  DistEntry* e = nullptr;
+  try {
+    Key key{scope.device, fingerprint, p->block_size, mode, std::string(config),
+            transposed != 0, comm_key};
+    // A fresh setup goes through AmgX's distributed upload, which copies the
+    // values with a host-side thrust::copy: stage them on the host. A resetup
+    // (AMGX_matrix_replace_coefficients) reads device memory.
+    std::vector<unsigned char> staged;
+    const void* v = reinterpret_cast<const void*>(values);
+    if (all[0] == 2) {
+      staged.resize(bytes);
+      LXA_CU(cuMemcpyDtoH_v2(staged.data(), values, bytes));
+      v = staged.data();
+    }
+    Cache& cache = Cache::get();
+    e = DistCache::get().acquire(static_cast<int>(all[0]), key,
+                                 reinterpret_cast<uintptr_t>(c.amgx), p->n_global,
+                                 p->offsets.data(), p->n_local(), p->indptr.data(),
+                                 p->gcols.data(), p->nnz(), p->block_size, v, bytes,
+                                 cache.capacity, cache.resetup_mode, values, stream);
+  } catch (const std::exception& ex) {
+    err = std::string("AmgX distributed setup failed: ") + ex.what();
+  }
+  agree_no_error(c, err, what);
+  return e;
+}
+
+ffi::Error DistSetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
+                         ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t comm_key,
+                         int64_t fingerprint, int64_t signature, int64_t site,
+                         std::string_view config, int32_t mode, int32_t transposed,
+                         int32_t verbose) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  print_state().verbose = verbose != 0;
+  try {
+    ensure_initialized();
+    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
+    ContextScope scope(stream);
+    LXA_CU(cuStreamSynchronize(stream));
+    DistEntry* e = dist_acquire(
+        scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
+        reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
+        reinterpret_cast<CUdeviceptr>(ok.typed_data()), 0, "setup");
+    int32_t out[2] = {-1, -1};
+    if (e != nullptr) {
+      out[0] = e->id;
+      out[1] = e->generation;
+    }
+    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
+    print_state().verbose = false;
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    print_state().verbose = false;
+    return to_ffi_error(e);
+  }
+}
+
+ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> token,
+                         ffi::AnyBuffer b, ffi::AnyBuffer x0, ffi::Buffer<ffi::S32> ok,
+                         ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::Buffer<ffi::S32>> info,
+                         ffi::Result<ffi::AnyBuffer> residual, int64_t comm_key,
+                         int64_t fingerprint, int64_t signature, int64_t site,
+                         std::string_view config, int32_t mode, int32_t transposed,
+                         int32_t verbose, int32_t has_x0) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  print_state().verbose = verbose != 0;
+  try {
+    ensure_initialized();
+    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
+    ContextScope scope(stream);
+    LXA_CU(cuStreamSynchronize(stream));
+    DistEntry* e = dist_acquire(
+        scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
+        reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
+        reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+        reinterpret_cast<CUdeviceptr>(token.typed_data()), "solve");
+    CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
+    size_t vec_bytes = x->size_bytes();
+    int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
+    double res = std::numeric_limits<double>::quiet_NaN();
+    if (e == nullptr) {
+      LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+      LXA_CU(cuStreamSynchronize(stream));
+    } else {
+      std::string err;
+      try {
+        size_t want = static_cast<size_t>(e->n_local) * e->block_size *
+                      element_size(mode, false);
+        if (b.size_bytes() != want || vec_bytes != want ||
+            (has_x0 && x0.size_bytes() != want))
+          throw Failure("vector buffers do not match the operator's local size");
+        // The initial guess is uploaded, never set (see DistCache::solve): zero
+        // the output buffer and upload that when there is no x0.
+        CUdeviceptr start = reinterpret_cast<CUdeviceptr>(x0.untyped_data());
+        if (!has_x0) {
+          LXA_CU(cuMemsetD32Async(x_ptr, 0u, vec_bytes / 4, stream));
+          LXA_CU(cuStreamSynchronize(stream));
+          start = x_ptr;
+        }
+        DistCache::get().solve(*e, reinterpret_cast<const void*>(b.untyped_data()),
+                               reinterpret_cast<const void*>(start),
+                               reinterpret_cast<void*>(x_ptr), &info_host[0],
+                               &info_host[1], &res);
+      } catch (const std::exception& ex) {
+        err = std::string("AmgX distributed solve failed: ") + ex.what();
+      }
+      agree_no_error(dist_comm(comm_key), err, "solve");
+    }
+    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2, stream);
+    CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual->untyped_data());
+    if (residual->element_type() == ffi::DataType::F64) {
+      write_host(r_ptr, &res, 1, stream);
+    } else {
+      float r = static_cast<float>(res);
+      write_host(r_ptr, &r, 1, stream);
+    }
+    print_state().verbose = false;
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    print_state().verbose = false;
+    return to_ffi_error(e);
+  }
+}
 
 }  // namespace
 }  // namespace lxa
@@ -1289,6 +1700,42 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSolve, lxa::SolveImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()    // info
                                   .Ret<ffi::AnyBuffer>()           // residual
                                   .Attr<int64_t>("fingerprint")
+                                  .Attr<std::string_view>("config")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("verbose")
+                                  .Attr<int32_t>("has_x0"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaDistSetup, lxa::DistSetupImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()           // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // token
+                                  .Attr<int64_t>("comm_key")
+                                  .Attr<int64_t>("fingerprint")
+                                  .Attr<int64_t>("signature")
+                                  .Attr<int64_t>("site")
+                                  .Attr<std::string_view>("config")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("transposed")
+                                  .Attr<int32_t>("verbose"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaDistSolve, lxa::DistSolveImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()           // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // token
+                                  .Arg<ffi::AnyBuffer>()           // b
+                                  .Arg<ffi::AnyBuffer>()           // x0 (b if absent)
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
+                                  .Ret<ffi::AnyBuffer>()           // x
+                                  .Ret<ffi::Buffer<ffi::S32>>()    // info
+                                  .Ret<ffi::AnyBuffer>()           // residual
+                                  .Attr<int64_t>("comm_key")
+                                  .Attr<int64_t>("fingerprint")
+                                  .Attr<int64_t>("signature")
+                                  .Attr<int64_t>("site")
                                   .Attr<std::string_view>("config")
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("transposed")
@@ -1336,6 +1783,8 @@ NB_MODULE(_native, m) {
     nb::dict d;
     d["lineax_amgx_setup"] = make_capsule(LxaSetup);
     d["lineax_amgx_solve"] = make_capsule(LxaSolve);
+    d["lineax_amgx_dist_setup"] = make_capsule(LxaDistSetup);
+    d["lineax_amgx_dist_solve"] = make_capsule(LxaDistSolve);
     return d;
   });
 
@@ -1576,6 +2025,64 @@ NB_MODULE(_native, m) {
       nb::arg("ordinal"), nb::arg("id"), nb::arg("gen"), nb::arg("b"), nb::arg("x0").none(),
       nb::arg("x"));
 
+  // The device-resident distributed path (FFI): MPI functions and handles of the
+  // library AmgX uses (addresses from mpi4py's ctypes view of it), once.
+  m.def(
+      "dist_set_mpi",
+      [](uintptr_t iallreduce, uintptr_t test, uintptr_t comm_dup, uintptr_t int64_type,
+         uintptr_t max_op, double timeout) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        MpiApi& m = mpi_api();
+        m.iallreduce = reinterpret_cast<decltype(m.iallreduce)>(iallreduce);
+        m.test = reinterpret_cast<decltype(m.test)>(test);
+        m.comm_dup = reinterpret_cast<decltype(m.comm_dup)>(comm_dup);
+        m.int64_type = int64_type;
+        m.max_op = max_op;
+        m.timeout = timeout;
+      },
+      nb::arg("iallreduce"), nb::arg("test"), nb::arg("comm_dup"), nb::arg("int64_type"),
+      nb::arg("max_op"), nb::arg("timeout"));
+
+  // A distributed pattern's local structure, for the FFI handlers (trace time).
+  m.def(
+      "dist_register_pattern",
+      [](int64_t comm_key, uintptr_t comm_handle, int64_t fingerprint, int64_t n_global,
+         nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> offsets,
+         nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> indptr,
+         nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> gcols,
+         int32_t block_size) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        if (n_global > INT32_MAX)
+          throw std::invalid_argument(
+              "AmgX's distributed upload takes a 32-bit global size; this matrix has " +
+              std::to_string(n_global) + " block rows");
+        if (mpi_api().iallreduce == nullptr)
+          throw std::runtime_error("internal: dist_set_mpi was not called");
+        auto& comms = dist_comms();
+        auto c = comms.find(comm_key);
+        if (c == comms.end())
+          comms[comm_key].user = comm_handle;
+        else if (c->second.user != comm_handle)
+          throw std::runtime_error("internal: communicator key reused");
+        auto k = std::make_pair(comm_key, fingerprint);
+        if (dist_patterns().count(k)) return;
+        auto p = std::make_shared<DistPattern>();
+        p->n_global = n_global;
+        p->offsets.assign(offsets.data(), offsets.data() + offsets.shape(0));
+        p->indptr.assign(indptr.data(), indptr.data() + indptr.shape(0));
+        p->gcols.assign(gcols.data(), gcols.data() + gcols.shape(0));
+        p->block_size = block_size;
+        dist_patterns().emplace(k, std::move(p));
+      },
+      nb::arg("comm_key"), nb::arg("comm_handle"), nb::arg("fingerprint"),
+      nb::arg("n_global"), nb::arg("offsets"), nb::arg("indptr"),
+      nb::arg("global_indices"), nb::arg("block_size"));
+
+  m.def("dist_unregister_pattern", [](int64_t comm_key, int64_t fingerprint) {
+    std::lock_guard<std::recursive_mutex> lock(core_mutex());
+    dist_patterns().erase({comm_key, fingerprint});
+  });
+
   m.def("dist_cache_info", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
     DistCache& c = DistCache::get();
@@ -1638,11 +2145,24 @@ NB_MODULE(_native, m) {
   m.def("finalize", []() {
     std::lock_guard<std::recursive_mutex> lock(core_mutex());
     Cache::get().clear();
-    // Distributed entries are leaked, not destroyed: destroying them is collective
-    // (AmgX's MPI), and at exit MPI may already be finalized. The driver reclaims
-    // their memory with the process.
-    DistCache::get().abandon();
     Api& a = api();
+    if (!DistCache::get().entries().empty()) {
+      // Distributed entries are leaked, not destroyed: destroying them is
+      // collective (AmgX's MPI), and at exit MPI may already be finalized. Then
+      // AmgX's own teardown is unsafe too (AMGX_finalize, and at exit the
+      // destructors of its memory pools, which the leaked objects still use: an
+      // abort, "Cuda failure: 'invalid argument'", 2 x H200, 2026-11-28). So AmgX
+      // stays initialised, and the process exits without AmgX's teardown (the
+      // driver reclaims the memory). `lineax_amgx._distributed.clear_cache(comm)`,
+      // called on every rank before, avoids all of this.
+      // The retired resources first: destroying any resources object frees the
+      // memory pools that the abandoned entries still hold.
+      for (auto& [device, r] : retired_resources()) (void)r.release();
+      retired_resources().clear();
+      DistCache::get().abandon();
+      skip_amgx_teardown("distributed AmgX setups were still alive");
+      return;
+    }
     if (!poisoned().empty()) {
       // A broken CUDA context: AmgX's teardown (freeing its memory pools) throws
       // from destructors and aborts the process. Leak everything instead; the

@@ -47,6 +47,7 @@ import inspect
 import itertools
 import os
 import threading
+import weakref
 from typing import Any
 
 import equinox as eqx
@@ -70,6 +71,7 @@ from ._sequencer import (
     DistributedOrderError as DistributedOrderError,
     DistributedTimeoutError as DistributedTimeoutError,
     new_site as _new_site,
+    timeout as _timeout,
     turn as _turn,
 )
 
@@ -1505,6 +1507,11 @@ def check_jax_distributed(comm=None) -> None:
         err = (f"this process has {len(jax.local_devices())} JAX devices; use one "
                "device per process (e.g. CUDA_VISIBLE_DEVICES or "
                "jax.distributed.initialize(local_device_ids=[...]))")
+    elif jax.default_backend() == "gpu":
+        try:
+            _check_shard_autotuning()
+        except RuntimeError as e:
+            err = str(e)
     _raise_if_any(comm, err)
 
 
@@ -1609,50 +1616,36 @@ def native_distribution_args(op: DistributedCSROperator | DistributedPattern) ->
     )
 
 
-_GPU_FLAG = "LINEAX_AMGX_DISTRIBUTED_GPU"
+_PATH_ENV = "LINEAX_AMGX_DISTRIBUTED_PATH"
 
 
-def native_path_enabled() -> bool:
-    """Whether distributed solves of CUDA arrays go to AmgX's distributed API.
-
-    The path exists but has **not yet run on GPUs** (docs/distributed.md): it is
-    off unless `LINEAX_AMGX_DISTRIBUTED_GPU=1`."""
-    return os.environ.get(_GPU_FLAG, "").strip() not in ("", "0")
-
-
-_NATIVE_OFF = (
-    "Distributed AmgX solves of CUDA arrays are implemented but not yet validated "
-    f"on GPUs; they are off by default. Set {_GPU_FLAG}=1 (on every rank) to use "
-    "them, or keep the arrays on the CPU (pyamg backend: `jax.device_put(x, "
-    "jax.devices('cpu')[0])`)."
-)
-
-
-def _raise_native_off(*_):
-    """The CUDA branch is traced on every machine (`lax.platform_dependent` traces
-    all branches), also for CPU arrays on a GPU machine: refusing at trace time
-    would break those solves, so the refusal waits until the branch runs."""
-    raise NotImplementedError(_NATIVE_OFF)
+def native_path() -> str:
+    """How distributed solves of CUDA arrays reach AmgX's distributed API:
+    `"ffi"` (the default: XLA FFI handlers on device memory) or `"host"` (host
+    callbacks: values and vectors through the host; slower, kept as a fallback),
+    from `LINEAX_AMGX_DISTRIBUTED_PATH`."""
+    raw = os.environ.get(_PATH_ENV, "").strip().lower() or "ffi"
+    if raw not in ("ffi", "host"):
+        raise ValueError(f"{_PATH_ENV} must be 'ffi' or 'host', got {raw!r}.")
+    return raw
 
 
 class _GPUBackend:
-    """The CUDA branch of `_dispatch` for distributed patterns: `amgx_setup` /
-    `amgx_solve` (AmgX's distributed API through host callbacks) when
-    `native_path_enabled()`, else callbacks that refuse if they run."""
+    """The CUDA branch of `_dispatch` for distributed patterns: AmgX's distributed
+    API through FFI handlers (`ffi_setup` / `ffi_solve`), or through host callbacks
+    (`amgx_setup` / `amgx_solve`) with `LINEAX_AMGX_DISTRIBUTED_PATH=host`."""
 
     @classmethod
     def setup(cls, pattern, values, ok, key, **kwargs):
         _no_near_nullspace(kwargs.get("near_nullspace"))
-        if native_path_enabled():
-            return amgx_setup(pattern, values, ok, key)
-        return host_setup(_raise_native_off, values, ok)
+        fn = ffi_setup if native_path() == "ffi" else amgx_setup
+        return fn(pattern, values, ok, key)
 
     @classmethod
     def solve(cls, pattern, values, token, b, x0, ok, key, **kwargs):
         _no_near_nullspace(kwargs.get("near_nullspace"))
-        if native_path_enabled():
-            return amgx_solve(pattern, values, token, b, x0, ok, key)
-        return host_solve(_raise_native_off, values, token, b, x0, ok)
+        fn = ffi_solve if native_path() == "ffi" else amgx_solve
+        return fn(pattern, values, token, b, x0, ok, key)
 
 
 # The native path. Each setup and solve is one host callback whose MPI work is a
@@ -1854,10 +1847,13 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
             state, _, _ = native.dist_probe(ordinal, *static, as_numpy(), *tok)
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = str(e)
+    what = _call_signature(pattern, key, "acquire")
     with _turn(comm, kind="amgx.agree"):  # the probes' errors and outcomes at once
-        everyone = comm.allgather((int(state), err))
-    _raise_gathered([e for _, e in everyone], RuntimeError)
-    action = max(st for st, _ in everyone)
+        everyone = comm.allgather((int(state), err, what))
+    _raise_gathered([e for _, e, _ in everyone], RuntimeError)
+    if len({w for _, _, w in everyone}) > 1:
+        raise RuntimeError(_DIFFERENT_CALLS)
+    action = max(st for st, _, _ in everyone)
     amgx_comm = _amgx_comm(comm_key)
     err, out = None, (-1, -1)
     try:
@@ -1929,6 +1925,179 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
         )
 
     return host_solve(host, values, token, b, x0, ok)
+
+
+# The device-resident native path (the default): two XLA FFI handlers of the
+# native core (`lineax_amgx_dist_setup` / `lineax_amgx_dist_solve`) read the values
+# and vectors where XLA keeps them, on the GPU. The ranks' agreement (cache probe,
+# finite inputs, errors, same call) is made in the handler, by small MPI
+# allreduces over a private duplicate of the communicator; the values are compared
+# with the resident ones on the device. Nothing travels through the host.
+
+_mpi_handed = False
+_dist_registered: dict[tuple[int, int], int] = {}  # (comm_key, fingerprint) -> refs
+
+
+def _amgx_mpi_path() -> str:
+    """The file of the MPI library the loaded AmgX links (mapped in this process)."""
+    from . import _library
+
+    path = _resolved_path(_library.load())
+    for lib in _elf_needed(path):
+        if lib.startswith("libmpi"):
+            return _resolved_path(lib)
+    raise RuntimeError(
+        "the loaded AmgX library links no MPI library (built without MPI): "
+        "distributed solves need an MPI build of AmgX"
+    )
+
+
+def _hand_mpi_to_native() -> None:
+    """Once per process, at trace time and on this rank only (no MPI call): check
+    that AmgX and mpi4py use one MPI, and give the native core the addresses of
+    `MPI_Iallreduce`, `MPI_Test` and `MPI_Comm_dup` of that library with the
+    handles of `MPI_INT64_T` and `MPI_MAX`."""
+    global _mpi_handed
+    if _mpi_handed:
+        return
+    import ctypes
+
+    from . import _library
+
+    family = amgx_mpi_library()
+    if family is None:
+        raise RuntimeError(
+            "the loaded AmgX library links no MPI library (built without MPI): "
+            "distributed solves need an MPI build of AmgX"
+        )
+    check_mpi_library(family)
+    MPI = mpi()
+    lib = ctypes.CDLL(_amgx_mpi_path())
+
+    def address(name):
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+    _library.native().dist_set_mpi(
+        address("MPI_Iallreduce"), address("MPI_Test"), address("MPI_Comm_dup"),
+        int(MPI._handleof(MPI.INT64_T)), int(MPI._handleof(MPI.MAX)),
+        float(_timeout()),
+    )
+    _mpi_handed = True
+
+
+_AUTOTUNE_FLAG = "--xla_gpu_shard_autotuning=false"
+
+
+def _check_shard_autotuning() -> None:
+    """Under `jax.distributed` on GPUs, XLA shares the autotuning of a program
+    between the processes, which assumes they compile the same program. A
+    distributed operator's programs differ between ranks (each holds its own
+    rows: shapes and constants), and the compilation then waits forever (2 x
+    H200, jax 0.11). Refuse, at trace time, with the fix."""
+    if jax.process_count() <= 1:
+        return
+    if _AUTOTUNE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return
+    raise RuntimeError(
+        "Distributed AmgX solves under jax.distributed on GPUs need XLA's sharded "
+        f"autotuning off: set XLA_FLAGS={_AUTOTUNE_FLAG} (on every rank, before "
+        "JAX starts). Each rank compiles its own program (its own rows), and XLA's "
+        "shared autotuning would wait forever for the other ranks' kernels."
+    )
+
+
+def _release_dist_pattern(k: tuple[int, int]) -> None:
+    from . import _library
+
+    _dist_registered[k] -= 1
+    if _dist_registered[k] == 0:
+        del _dist_registered[k]
+        try:
+            _library.native().dist_unregister_pattern(*k)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _ffi_prepare(pattern: DistributedPattern) -> bool:
+    """Trace time, this rank only. False where the CUDA branch cannot run."""
+    from . import _ffi, _library
+
+    if not _ffi.prepare_native():
+        return False
+    _check_shard_autotuning()
+    _hand_mpi_to_native()
+    if getattr(pattern, "_dist_native_registered", False):
+        return True
+    lay = pattern.layout
+    k = (lay.comm_key, pattern.fingerprint)
+    _library.native().dist_register_pattern(
+        lay.comm_key, int(mpi()._handleof(lay.comm)), pattern.fingerprint, lay.n_global,
+        np.asarray(lay.offsets, dtype=np.int64),
+        np.ascontiguousarray(pattern.indptr, dtype=np.int32),
+        np.ascontiguousarray(pattern.global_indices, dtype=np.int64),
+        pattern.block_size,
+    )
+    _dist_registered[k] = _dist_registered.get(k, 0) + 1
+    pattern._dist_native_registered = True
+    weakref.finalize(pattern, _release_dist_pattern, k)
+    return True
+
+
+_DIFFERENT_CALLS = (
+    "the ranks reached different distributed AmgX calls (another operator, "
+    "configuration or transposition on some rank): every rank must make the same "
+    "distributed solves in the same order"
+)
+
+
+def _call_signature(pattern: DistributedPattern, key: SolveKey, kind: str) -> int:
+    """The same on every rank for the same logical call (operator, configuration,
+    direction, kind), in [0, 2**62): the ranks compare it, so that ranks that
+    reach different calls fail clearly instead of letting AmgX mix them."""
+    sig = hashlib.blake2b(
+        repr((pattern.global_fingerprint, key.config, key.mode, key.transposed,
+              kind)).encode(), digest_size=8).digest()
+    return int.from_bytes(sig, "little") >> 2
+
+
+def _ffi_attrs(pattern: DistributedPattern, key: SolveKey, kind: str) -> dict:
+    from ._dispatch import MODES
+
+    return dict(
+        comm_key=np.int64(pattern.layout.comm_key),
+        fingerprint=np.int64(pattern.fingerprint),
+        signature=np.int64(_call_signature(pattern, key, kind)),
+        site=np.int64(_new_site()),
+        config=key.config,
+        mode=np.int32(MODES[key.mode]),
+        transposed=np.int32(key.transposed),
+        verbose=np.int32(key.verbose),
+    )
+
+
+def ffi_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
+    """Collective. `amgx_setup` through the device-resident FFI handler."""
+    _ffi_prepare(pattern)
+    call = jax.ffi.ffi_call(
+        "lineax_amgx_dist_setup", jax.ShapeDtypeStruct((2,), jnp.int32),
+        vmap_method="sequential",
+    )
+    return call(values, ok, **_ffi_attrs(pattern, key, "setup"))
+
+
+def ffi_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
+    """Collective. `amgx_solve` through the device-resident FFI handler."""
+    from ._dispatch import solve_result_shapes
+
+    _ffi_prepare(pattern)
+    call = jax.ffi.ffi_call(
+        "lineax_amgx_dist_solve", solve_result_shapes(b), vmap_method="sequential"
+    )
+    has_x0 = x0 is not None
+    return call(
+        values, token, b, x0 if has_x0 else b, ok, has_x0=np.int32(has_x0),
+        **_ffi_attrs(pattern, key, "solve"),
+    )
 
 
 gpu_backend = _GPUBackend

@@ -22,20 +22,27 @@ def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:
     )
 
 
+def prepare_native() -> bool:
+    """Trace time: register the FFI targets and refuse after a lost CUDA context.
+    False on machines without a CUDA backend (`lax.platform_dependent` traces the
+    CUDA branch there too; it never runs)."""
+    if not _library.has_cuda_backend():
+        return False
+    _library.register_ffi_targets()
+    broken = _library.native().poisoned()
+    if broken:
+        # Refuse at trace time: compiling a new program on a broken context
+        # fails inside XLA (its autotuner) with a message that names neither
+        # AmgX nor the fix.
+        raise RuntimeError(
+            f"AmgX cannot run: {broken}. (backend='pyamg' still solves on "
+            "the CPU in this process.)"
+        )
+    return True
+
+
 def _prepare(pattern: SparsityPattern) -> None:
-    # `lax.platform_dependent` traces this branch on CPU-only machines too: there
-    # the structure need not reach the native core (the branch never runs).
-    if _library.has_cuda_backend():
-        _library.register_ffi_targets()
-        broken = _library.native().poisoned()
-        if broken:
-            # Refuse at trace time: compiling a new program on a broken context
-            # fails inside XLA (its autotuner) with a message that names neither
-            # AmgX nor the fix.
-            raise RuntimeError(
-                f"AmgX cannot run: {broken}. (backend='pyamg' still solves on "
-                "the CPU in this process.)"
-            )
+    if prepare_native():
         _library.register_pattern(pattern)
 
 

@@ -614,7 +614,8 @@ _LOST_CONTEXT_SCRIPT = """
         except RuntimeError as e:
             print("refused:", str(e).replace(chr(10), " "))
         x = lx.linear_solve(op, b, solver=lxa.AMGX(backend="pyamg")).value
-        print("pyamg residual", float(np.linalg.norm(b - a @ np.asarray(x)) / np.linalg.norm(b)))
+        r = np.linalg.norm(b - a @ np.asarray(x)) / np.linalg.norm(b)
+        print("pyamg residual", float(r))
     print("done")
     sys.exit(int(sys.argv[1]))
 """

@@ -727,6 +727,22 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
 
 
 @collective
+def test_native_path_refuses_ranks_in_different_calls(fake_amgx):
+    """Rank 0 sets up with another configuration: every rank raises, and nobody
+    reaches AmgX (which would mix the two)."""
+    from lineax_amgx._dispatch import SolveKey
+
+    op = lxa.DistributedCSROperator.from_global_scipy(
+        global_matrix() if RANK == 0 else None)
+    key = SolveKey(config=f'{{"solver": "fake{int(RANK == 0)}"}}', mode="dDDI",
+                   transposed=False, verbose=False, backend="amgx")
+    raises_everywhere(Exception, lambda: jax.block_until_ready(
+        D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)),
+        "different distributed AmgX calls")
+    assert fake_amgx.actions == []
+
+
+@collective
 def test_distributed_clear_cache_is_collective(fake_amgx):
     from lineax_amgx._dispatch import SolveKey
 
@@ -759,24 +775,52 @@ def test_native_path_checks_amgx_mpi(fake_amgx, monkeypatch):
                       "links no MPI library")
 
 
-def test_native_path_is_off_by_default_on_cuda(monkeypatch):
-    """Without the flag the CUDA branch still traces (it is traced on every
-    machine, also for CPU arrays on a GPU machine) and refuses only if it runs."""
-    from lineax_amgx import _library
+def test_native_path_selection(monkeypatch):
+    monkeypatch.delenv(D._PATH_ENV, raising=False)
+    assert D.native_path() == "ffi"
+    monkeypatch.setenv(D._PATH_ENV, "host")
+    assert D.native_path() == "host"
+    monkeypatch.setenv(D._PATH_ENV, "gpu")
+    with pytest.raises(ValueError, match="LINEAX_AMGX_DISTRIBUTED_PATH"):
+        D.native_path()
+
+
+def _ffi_eqn(fn, *args):
+    (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).eqns
+              if e.primitive.name == "ffi_call"]
+    return eqn.params["target_name"], dict(eqn.params["attributes"])
+
+
+@collective
+def test_ffi_path_traces_with_a_signature_every_rank_shares(monkeypatch):
+    """The CUDA branch (traced on every machine): one FFI call, named by the
+    local structure, and a signature that is the same on every rank for the same
+    logical call (the handlers compare it), different for another call."""
     from lineax_amgx._dispatch import SolveKey
 
-    monkeypatch.delenv("LINEAX_AMGX_DISTRIBUTED_GPU", raising=False)
-    assert not D.native_path_enabled()
-    monkeypatch.setattr(_library, "has_cuda_backend", lambda: True)
+    monkeypatch.delenv(D._PATH_ENV, raising=False)
+    A = global_matrix("nonsymmetric")
+    op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     key = SolveKey(config="{}", mode="dDDI", transposed=False, verbose=False,
                    backend="amgx")
-    values, b, ok = jnp.ones(5), jnp.ones(3), jnp.int32(1)
-    traced = jax.make_jaxpr(
-        lambda v, o: D.gpu_backend.setup(None, v, o, key))(values, ok)
-    assert traced is not None  # tracing does not refuse
-    jax.make_jaxpr(lambda v, x, o: D.gpu_backend.solve(
-        None, v, jnp.zeros(2, jnp.int32), x, None, o, key))(values, b, ok)
-    with pytest.raises(Exception, match="LINEAX_AMGX_DISTRIBUTED_GPU=1"):
-        jax.block_until_ready(D.gpu_backend.setup(None, values, ok, key))
-    monkeypatch.setenv("LINEAX_AMGX_DISTRIBUTED_GPU", "1")
-    assert D.native_path_enabled()
+    ok, b = jnp.int32(1), jnp.ones(op.layout.n_local)
+    tok = jnp.zeros(2, jnp.int32)
+    name, setup = _ffi_eqn(
+        lambda v, o: D.gpu_backend.setup(op.pattern, v, o, key), op.values, ok)
+    assert name == "lineax_amgx_dist_setup"
+    assert setup["fingerprint"] == op.pattern.fingerprint
+    assert setup["comm_key"] == op.layout.comm_key
+    name, solve = _ffi_eqn(lambda v, t, x, o: D.gpu_backend.solve(
+        op.pattern, v, t, x, None, o, key), op.values, tok, b, ok)
+    assert name == "lineax_amgx_dist_solve" and solve["has_x0"] == 0
+    _, solve_t = _ffi_eqn(lambda v, t, x, o: D.gpu_backend.solve(
+        op.pattern, v, t, x, x, o, key._replace(transposed=True)),
+        op.values, tok, b, ok)
+    assert solve_t["has_x0"] == 1
+    sigs = COMM.allgather((int(setup["signature"]), int(solve["signature"]),
+                           int(solve_t["signature"])))
+    fps = COMM.allgather(int(setup["fingerprint"]))
+    assert len(set(sigs)) == 1  # the same on every rank ...
+    assert len(set(fps)) == SIZE  # ... though each rank's structure differs
+    assert len(set(sigs[0])) == 3  # setup, solve, transposed solve: all differ
+    assert all(0 < s < 2**62 for s in sigs[0])

@@ -2,14 +2,14 @@
 
 Run on the device (AmgX built with the device's MPI):
 
-    cd tests && LINEAX_AMGX_DISTRIBUTED_GPU=1 mpirun --allow-run-as-root -n 2 \
+    cd tests && mpirun --allow-run-as-root -n 2 \
         python -m pytest test_gpu_distributed.py -m "gpu and mpi" -q -p no:cacheprovider
+
+(`LINEAX_AMGX_DISTRIBUTED_PATH=host` runs the same tests on the host-callback path.)
 
 References: the single-GPU AmgX solve of the same global system on every rank
 (float64, to 1e-8), and scipy. Every test is collective (see test_distributed.py).
 """
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,6 @@ COMM = MPI.COMM_WORLD
 RANK = COMM.Get_rank()
 SIZE = COMM.Get_size()
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-
-if os.environ.get("LINEAX_AMGX_DISTRIBUTED_GPU", "") in ("", "0"):
-    pytest.skip("set LINEAX_AMGX_DISTRIBUTED_GPU=1", allow_module_level=True)
-
 
 collective = _mpi_helpers.collective(COMM)
 
@@ -117,4 +113,53 @@ def test_nonsymmetric_solve():
     A, b, op, bl = problem("nonsymmetric", 20)
     sol = lx.linear_solve(op, bl, solver=lxa.AMGX(rtol=1e-12))
     x = D.gather_vector(np.asarray(sol.value), op.layout, root=None)
+    assert rel_err(x, spla.spsolve(sp.csc_matrix(A), b)) < 1e-8
+
+
+@collective
+def test_unchanged_values_are_a_hit_without_resetup():
+    """Fresh `lx.linear_solve` calls with the same values: one setup, then hits
+    (the values are compared with the resident ones, exactly)."""
+    A, b, op, bl = problem("poisson", 22, seed=5)  # a pattern no other test has
+    solver = lxa.AMGX(rtol=1e-10)
+    names = ("setups", "resetups", "hits", "solves")
+    before = D.cache_info()
+    xs = [lx.linear_solve(op, bl * k, solver=solver).value for k in (1.0, 2.0, 3.0)]
+    after = D.cache_info()
+    everyone = COMM.allgather(tuple(after[k] - before[k] for k in names))
+    ref = spla.spsolve(sp.csc_matrix(A), b)
+    for k, x in zip((1.0, 2.0, 3.0), xs):
+        xg = D.gather_vector(np.asarray(x), op.layout, root=None)
+        assert rel_err(xg, k * ref) < 1e-8
+    assert len(set(everyone)) == 1, everyone
+    setups, resetups, hits, solves = everyone[0]
+    assert (setups, resetups, solves) == (1, 0, 3) and hits >= 2, everyone
+
+
+@collective
+def test_nonfinite_input_on_one_rank():
+    """NaN in one rank's right-hand side: no rank calls AmgX, every rank reports
+    the failure; the next solve works."""
+    A, b, op, bl = problem("poisson", 16, seed=6)
+    solver = lxa.AMGX(rtol=1e-10)
+    bad = bl.at[0].set(jnp.nan) if RANK == 0 else bl
+    sol = lx.linear_solve(op, bad, solver=solver, throw=False)
+    good = lx.linear_solve(op, bl, solver=solver).value
+    assert sol.result != lx.RESULTS.successful
+    x = D.gather_vector(np.asarray(good), op.layout, root=None)
+    assert rel_err(x, spla.spsolve(sp.csc_matrix(A), b)) < 1e-8
+
+
+@collective
+def test_ranks_in_different_calls_fail_clearly():
+    """Rank 0 solves with another AmgX configuration than the others: every rank
+    raises, naming the problem (instead of AmgX mixing two setups); the ranks
+    stay in step for the next solve."""
+    A, b, op, bl = problem("poisson", 16, seed=7)
+    steps = 100 if RANK == 0 else 200
+    solver = lxa.AMGX(rtol=1e-8, max_steps=steps)
+    with pytest.raises(Exception, match="different distributed AmgX calls"):
+        jax.block_until_ready(lx.linear_solve(op, bl, solver=solver).value)
+    x = lx.linear_solve(op, bl, solver=lxa.AMGX(rtol=1e-10)).value
+    x = D.gather_vector(np.asarray(x), op.layout, root=None)
     assert rel_err(x, spla.spsolve(sp.csc_matrix(A), b)) < 1e-8

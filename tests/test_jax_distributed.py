@@ -6,7 +6,8 @@ per MPI rank, one device each; run under MPI):
 
 JAX's distributed runtime is initialised when this module is imported (before any
 computation), so this file runs on its own. On the CPU the solves go through the
-pyamg backend; on GPUs (with LINEAX_AMGX_DISTRIBUTED_GPU=1) through AmgX.
+pyamg backend; on GPUs through AmgX (FFI handlers; they need
+`XLA_FLAGS=--xla_gpu_shard_autotuning=false`, which this module sets).
 """
 
 import os
@@ -30,6 +31,10 @@ def _free_port() -> int:
 
 if SIZE < 2:  # a plain pytest run collects this file: leave JAX alone there
     pytest.skip("run under mpiexec -n 2 (or more)", allow_module_level=True)
+# Each rank compiles its own program (its own rows): XLA's autotuning shared
+# between the processes would wait forever for the others' kernels on GPUs.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_gpu_shard_autotuning=false").strip()
 _port = COMM.bcast(_free_port() if RANK == 0 else None, root=0)
 _kwargs = {}
 _visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -121,13 +126,15 @@ def test_solve_and_gradient_inside_shard_map():
         return lx.linear_solve(o, D.unpad_vector(b, layout), solver=solver).value
 
     def f(values, b, w):
-        x = solve_local(values, b)
+        # The solve and its gradient (w.r.t. b of sum(w * x), i.e. A^-T w) as one
+        # chain: the cotangent waits for x (`D.after`), so every rank runs the
+        # two distributed solves in the same order. (On GPUs XLA fixes the order
+        # of independent operations per rank, and the ranks' programs differ.)
+        def solve_b(bl):
+            return solve_local(values, D.pad_vector(bl, layout))
 
-        def loss(bl):
-            xl = solve_local(values, D.pad_vector(bl, layout))
-            return D.allreduce_sum(jnp.sum(D.unpad_vector(w, layout) * xl), layout)
-
-        g = jax.grad(loss)(D.unpad_vector(b, layout))
+        x, vjp = jax.vjp(solve_b, D.unpad_vector(b, layout))
+        (g,) = vjp(D.after(D.unpad_vector(w, layout), x))
         return D.pad_vector(x, layout), D.pad_vector(g, layout)
 
     mapped = jax.jit(shard_map(f, mesh=mesh, in_specs=(P("rows"),) * 3,
