@@ -955,6 +955,20 @@ void write_host(CUdeviceptr dst, const T* src, size_t count, CUstream stream) {
   LXA_CU(cuStreamSynchronize(stream));
 }
 
+// Writes a solve's `info` (status, iterations) and residual norm (in the residual
+// buffer's precision) into XLA's outputs.
+void write_solve_info(ffi::Buffer<ffi::S32>& info, const int32_t* info_host,
+                      ffi::AnyBuffer& residual, double res, CUstream stream) {
+  write_host(reinterpret_cast<CUdeviceptr>(info.typed_data()), info_host, 2, stream);
+  CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual.untyped_data());
+  if (residual.element_type() == ffi::DataType::F64) {
+    write_host(r_ptr, &res, 1, stream);
+  } else {
+    float r = static_cast<float>(res);
+    write_host(r_ptr, &r, 1, stream);
+  }
+}
+
 ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
                      ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t fingerprint,
                      std::string_view config, int32_t mode, int32_t transposed,
@@ -1054,14 +1068,7 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       info_host[0] = st;
       info_host[1] = its;
     }
-    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2, stream);
-    CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual->untyped_data());
-    if (residual->element_type() == ffi::DataType::F64) {
-      write_host(r_ptr, &res, 1, stream);
-    } else {
-      float r = static_cast<float>(res);
-      write_host(r_ptr, &r, 1, stream);
-    }
+    write_solve_info(*info, info_host, *residual, res, stream);
     print_state().verbose = false;
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -1577,10 +1584,10 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
 }
 
 ffi::Error DistSetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
-                         ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t comm_key,
-                         int64_t fingerprint, int64_t signature, int64_t site,
+                         ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t fingerprint,
                          std::string_view config, int32_t mode, int32_t transposed,
-                         int32_t verbose) {
+                         int32_t verbose, int64_t comm_key, int64_t signature,
+                         int64_t site) {
   std::lock_guard<std::recursive_mutex> lock(core_mutex());
   print_state().verbose = verbose != 0;
   try {
@@ -1609,10 +1616,10 @@ ffi::Error DistSetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
 ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> token,
                          ffi::AnyBuffer b, ffi::AnyBuffer x0, ffi::Buffer<ffi::S32> ok,
                          ffi::Result<ffi::AnyBuffer> x, ffi::Result<ffi::Buffer<ffi::S32>> info,
-                         ffi::Result<ffi::AnyBuffer> residual, int64_t comm_key,
-                         int64_t fingerprint, int64_t signature, int64_t site,
+                         ffi::Result<ffi::AnyBuffer> residual, int64_t fingerprint,
                          std::string_view config, int32_t mode, int32_t transposed,
-                         int32_t verbose, int32_t has_x0) {
+                         int32_t verbose, int32_t has_x0, int64_t comm_key,
+                         int64_t signature, int64_t site) {
   std::lock_guard<std::recursive_mutex> lock(core_mutex());
   print_state().verbose = verbose != 0;
   try {
@@ -1657,14 +1664,7 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
       }
       agree_no_error(dist_comm(comm_key), err, "solve");
     }
-    write_host(reinterpret_cast<CUdeviceptr>(info->typed_data()), info_host, 2, stream);
-    CUdeviceptr r_ptr = reinterpret_cast<CUdeviceptr>(residual->untyped_data());
-    if (residual->element_type() == ffi::DataType::F64) {
-      write_host(r_ptr, &res, 1, stream);
-    } else {
-      float r = static_cast<float>(res);
-      write_host(r_ptr, &r, 1, stream);
-    }
+    write_solve_info(*info, info_host, *residual, res, stream);
     print_state().verbose = false;
     return ffi::Error::Success();
   } catch (const std::exception& e) {
@@ -1676,71 +1676,61 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
 }  // namespace
 }  // namespace lxa
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSetup, lxa::SetupImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()           // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // token
-                                  .Attr<int64_t>("fingerprint")
-                                  .Attr<std::string_view>("config")
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("transposed")
-                                  .Attr<int32_t>("verbose"));
+// The bindings: operands, results and attributes. The distributed handlers take
+// those of the single-process ones plus `comm_key`, `signature` and `site` (last).
+// (Attributes are matched by name; their order is the handler's parameter order.)
+namespace lxa {
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSolve, lxa::SolveImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()           // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // token
-                                  .Arg<ffi::AnyBuffer>()           // b
-                                  .Arg<ffi::AnyBuffer>()           // x0 (b if absent)
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
-                                  .Ret<ffi::AnyBuffer>()           // x
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // info
-                                  .Ret<ffi::AnyBuffer>()           // residual
-                                  .Attr<int64_t>("fingerprint")
-                                  .Attr<std::string_view>("config")
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("transposed")
-                                  .Attr<int32_t>("verbose")
-                                  .Attr<int32_t>("has_x0"));
+auto setup_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<void*>>()
+      .Arg<ffi::AnyBuffer>()         // values
+      .Arg<ffi::Buffer<ffi::S32>>()  // ok
+      .Ret<ffi::Buffer<ffi::S32>>()  // token
+      .Attr<int64_t>("fingerprint")
+      .Attr<std::string_view>("config")
+      .Attr<int32_t>("mode")
+      .Attr<int32_t>("transposed")
+      .Attr<int32_t>("verbose");
+}
 
+auto solve_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<void*>>()
+      .Arg<ffi::AnyBuffer>()         // values
+      .Arg<ffi::Buffer<ffi::S32>>()  // token
+      .Arg<ffi::AnyBuffer>()         // b
+      .Arg<ffi::AnyBuffer>()         // x0 (b if absent)
+      .Arg<ffi::Buffer<ffi::S32>>()  // ok
+      .Ret<ffi::AnyBuffer>()         // x
+      .Ret<ffi::Buffer<ffi::S32>>()  // info
+      .Ret<ffi::AnyBuffer>()         // residual
+      .Attr<int64_t>("fingerprint")
+      .Attr<std::string_view>("config")
+      .Attr<int32_t>("mode")
+      .Attr<int32_t>("transposed")
+      .Attr<int32_t>("verbose")
+      .Attr<int32_t>("has_x0");
+}
+
+template <typename B>
+auto distributed(B binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("comm_key")
+      .template Attr<int64_t>("signature")
+      .template Attr<int64_t>("site");
+}
+
+}  // namespace
+}  // namespace lxa
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSetup, lxa::SetupImpl, lxa::setup_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSolve, lxa::SolveImpl, lxa::solve_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaDistSetup, lxa::DistSetupImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()           // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // token
-                                  .Attr<int64_t>("comm_key")
-                                  .Attr<int64_t>("fingerprint")
-                                  .Attr<int64_t>("signature")
-                                  .Attr<int64_t>("site")
-                                  .Attr<std::string_view>("config")
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("transposed")
-                                  .Attr<int32_t>("verbose"));
-
+                              lxa::distributed(lxa::setup_binding()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaDistSolve, lxa::DistSolveImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()           // values
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // token
-                                  .Arg<ffi::AnyBuffer>()           // b
-                                  .Arg<ffi::AnyBuffer>()           // x0 (b if absent)
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // ok
-                                  .Ret<ffi::AnyBuffer>()           // x
-                                  .Ret<ffi::Buffer<ffi::S32>>()    // info
-                                  .Ret<ffi::AnyBuffer>()           // residual
-                                  .Attr<int64_t>("comm_key")
-                                  .Attr<int64_t>("fingerprint")
-                                  .Attr<int64_t>("signature")
-                                  .Attr<int64_t>("site")
-                                  .Attr<std::string_view>("config")
-                                  .Attr<int32_t>("mode")
-                                  .Attr<int32_t>("transposed")
-                                  .Attr<int32_t>("verbose")
-                                  .Attr<int32_t>("has_x0"));
+                              lxa::distributed(lxa::solve_binding()));
 
 // ------------------------------------------------------------------------------
 // Python module.

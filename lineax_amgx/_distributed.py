@@ -692,14 +692,18 @@ class DistributedPattern:
 # -----------------------------------------------------------------------------
 
 
+# The halo exchange moves only what crosses ranks through the host: the entries
+# other ranks need are gathered on the device before the callback, and the
+# transpose's contributions are added up on the device after it. A pattern that
+# communicates with no rank (`communicates` is the same on every rank) makes no
+# callback at all.
+
+
 def _halo_forward_host(
-    pattern: DistributedPattern, site: int, x: np.ndarray
+    pattern: DistributedPattern, site: int, sendbuf: np.ndarray
 ) -> np.ndarray:
-    x = np.asarray(x)
-    out = np.empty(pattern.halo.shape[0], x.dtype)
-    if not pattern.communicates:
-        return out
-    sendbuf = np.ascontiguousarray(x[pattern.send_indices])
+    sendbuf = np.ascontiguousarray(sendbuf)
+    out = np.empty(pattern.halo.shape[0], sendbuf.dtype)
     with _turn(pattern.layout.comm, site, "halo"):
         pattern.layout.comm.Alltoallv(
             [sendbuf, _counts_displs(pattern.send_counts)],
@@ -712,35 +716,40 @@ def _halo_transpose_host(
     pattern: DistributedPattern, site: int, ct: np.ndarray
 ) -> np.ndarray:
     ct = np.ascontiguousarray(ct)
-    out = np.zeros(pattern.shape[0], ct.dtype)
-    if not pattern.communicates:
-        return out
     recv = np.empty(len(pattern.send_indices), ct.dtype)
     with _turn(pattern.layout.comm, site, "halo_transpose"):
         pattern.layout.comm.Alltoallv(
             [ct, _counts_displs(pattern.recv_counts)],
             [recv, _counts_displs(pattern.send_counts)],
         )
-    np.add.at(out, pattern.send_indices, recv)
-    return out
+    return recv
 
 
 def _halo_call(pattern: DistributedPattern, x):
+    if not pattern.communicates:
+        return jnp.zeros(pattern.halo.shape, x.dtype)
+    sendbuf = x[..., jnp.asarray(pattern.send_indices)]
     return jax.pure_callback(
         ft.partial(_halo_forward_host, pattern, _new_site()),
         jax.ShapeDtypeStruct(pattern.halo.shape, x.dtype),
-        x,
+        sendbuf,
         vmap_method="sequential",
     )
 
 
 def _halo_transpose_call(pattern: DistributedPattern, ct):
-    return jax.pure_callback(
+    """The transpose of the exchange: send the halo's cotangents back to their
+    owners and add them up where they came from."""
+    out = jnp.zeros((pattern.shape[0],), ct.dtype)
+    if not pattern.communicates:
+        return out
+    recv = jax.pure_callback(
         ft.partial(_halo_transpose_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct((pattern.shape[0],), ct.dtype),
+        jax.ShapeDtypeStruct((len(pattern.send_indices),), ct.dtype),
         ct,
         vmap_method="sequential",
     )
+    return out.at[jnp.asarray(pattern.send_indices)].add(recv)
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -1395,28 +1404,39 @@ def after(x, *deps):
     exchange, `allreduce_sum`, a solve) with no data dependency between them in
     one `jit`-compiled function can be chained: `y = op.mv(after(x, s))`.
 
-    The dependency is a real one: `x` passes through an identity host callback
-    that also takes `deps` (one host copy of `x`). `lax.optimization_barrier` is
-    not enough: XLA's CPU runtime turns it into a control dependency that its
-    concurrent executor does not always honour (measured: a solve's norm ran
-    before the setup it was chained to), and outside `jit` its output is the
-    input buffer, ready before `deps`.
+    The dependency is a real one: the first entry of `x` passes through an
+    identity host callback that also takes the first entry of every dependency,
+    and is written back into `x` (one element of each crosses to the host, not
+    the arrays: any element of an MPI operation's output needs the whole
+    operation). `lax.optimization_barrier` is not enough: XLA's CPU runtime turns
+    it into a control dependency that its concurrent executor does not always
+    honour (measured: a solve's norm ran before the setup it was chained to), and
+    outside `jit` its output is the input buffer, ready before `deps`.
     """
-    deps = tuple(d for d in deps if d is not None)
-    if not deps:
+    leaves = jax.tree.leaves(tuple(d for d in deps if d is not None))
+    if not leaves:
         return x
-    return _after_callback(jnp.asarray(x), jax.lax.stop_gradient(deps))
+    marks = tuple(jnp.ravel(jnp.asarray(d))[:1] for d in leaves)
+    return _after_callback(jnp.asarray(x), jax.lax.stop_gradient(marks))
 
 
 @jax.custom_jvp
-def _after_callback(x, deps):
-    return jax.pure_callback(
+def _after_callback(x, marks):
+    flat = jnp.ravel(x)
+    if flat.size == 0:  # nothing to write back into: pass the (empty) array
+        head = flat
+    else:
+        head = flat[:1]
+    head = jax.pure_callback(
         _identity_host,
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-        x,
-        *deps,
+        jax.ShapeDtypeStruct(head.shape, head.dtype),
+        head,
+        *marks,
         vmap_method="sequential",
     )
+    if flat.size == 0:
+        return head.reshape(x.shape)
+    return jax.lax.dynamic_update_slice(flat, head, (0,)).reshape(x.shape)
 
 
 @_after_callback.defjvp

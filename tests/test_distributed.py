@@ -726,6 +726,49 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
     assert int(info[0]) == _dispatch.STATUS_NONFINITE
 
 
+def _callback_inputs(fn, *args):
+    """The input shapes of every host callback in `fn`'s jaxpr (nested ones too)."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pure_callback":
+                found.append([tuple(v.aval.shape) for v in e.invars])
+            for p in e.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+@collective
+def test_callbacks_move_only_what_crosses_ranks():
+    """The halo exchange hands the host only the entries other ranks need (and
+    makes no callback when no rank needs any); `after` moves one element of each
+    array, not the arrays."""
+    op = lxa.DistributedCSROperator.from_global_scipy(
+        global_matrix() if RANK == 0 else None)
+    x = jnp.ones(op.layout.n_local)
+    (halo,) = _callback_inputs(op.mv, x)
+    assert halo == [(len(op.pattern.send_indices),)]
+    # The reverse mode: the forward exchange, then its transpose, which hands the
+    # host the halo's cotangents only.
+    vjp = _callback_inputs(lambda v: jax.vjp(op.mv, v)[1](v), x)
+    assert vjp == [[(len(op.pattern.send_indices),)], [(len(op.pattern.halo),)]]
+    assert _callback_inputs(lambda a, b: D.after(a, b, (b, a)), x, x) == [
+        [(1,), (1,), (1,), (1,)]]
+    local = lxa.DistributedCSROperator.from_global_scipy(
+        sp.eye(12, format="csr") * 3.0 if RANK == 0 else None)
+    assert not local.pattern.communicates
+    assert _callback_inputs(local.mv, jnp.ones(local.layout.n_local)) == []
+    y = np.asarray(local.mv(jnp.ones(local.layout.n_local)))
+    assert np.array_equal(y, np.full(local.layout.n_local, 3.0))
+
+
 @collective
 def test_native_path_refuses_ranks_in_different_calls(fake_amgx):
     """Rank 0 sets up with another configuration: every rank raises, and nobody
