@@ -191,7 +191,7 @@ void exit_without_amgx_teardown(int status, void*) {
 
 // From now on the process exits without running AmgX's destructors. Registers the
 // exit hook again so that it runs before every destructor AmgX registered so far.
-void skip_amgx_teardown(const char*) {
+void skip_amgx_teardown() {
   if (teardown_skipped()) return;
   teardown_skipped() = true;
   on_exit(&exit_without_amgx_teardown, nullptr);
@@ -955,6 +955,31 @@ void write_host(CUdeviceptr dst, const T* src, size_t count, CUstream stream) {
   LXA_CU(cuStreamSynchronize(stream));
 }
 
+// Runs the body of an FFI handler: under the core's lock, with AmgX initialised and
+// the context of XLA's stream current (the stream synchronised first); AmgX's
+// output is captured unless `verbose`; an exception becomes an ffi::Error. With
+// `refuse_if_poisoned`, a broken CUDA context is refused first (the distributed
+// handlers report it through their agreement with the other ranks instead).
+template <typename Body>
+ffi::Error run_handler(void* stream_ptr, int32_t verbose, bool refuse_if_poisoned,
+                       Body&& body) {
+  std::lock_guard<std::recursive_mutex> lock(core_mutex());
+  print_state().verbose = verbose != 0;
+  try {
+    if (refuse_if_poisoned && !poisoned().empty()) throw Failure(poisoned());
+    ensure_initialized();
+    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
+    ContextScope scope(stream);
+    LXA_CU(cuStreamSynchronize(stream));
+    body(stream, scope);
+    print_state().verbose = false;
+    return ffi::Error::Success();
+  } catch (const std::exception& e) {
+    print_state().verbose = false;
+    return to_ffi_error(e);
+  }
+}
+
 // Writes a solve's `info` (status, iterations) and residual norm (in the residual
 // buffer's precision) into XLA's outputs.
 void write_solve_info(ffi::Buffer<ffi::S32>& info, const int32_t* info_host,
@@ -973,37 +998,26 @@ ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
                      ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t fingerprint,
                      std::string_view config, int32_t mode, int32_t transposed,
                      int32_t verbose) {
-  std::lock_guard<std::recursive_mutex> lock(core_mutex());
-  print_state().verbose = verbose != 0;
-  try {
-    if (!poisoned().empty()) throw Failure(poisoned());
-    ensure_initialized();
-    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
-    ContextScope scope(stream);
-    LXA_CU(cuStreamSynchronize(stream));
-    auto pattern = find_pattern(fingerprint);
-    check_values(values, *pattern, mode);
-    int32_t ok_host = 0;
-    LXA_CU(cuMemcpyDtoH_v2(&ok_host, reinterpret_cast<CUdeviceptr>(ok.typed_data()),
-                           sizeof(int32_t)));
-    int32_t out[2] = {-1, -1};
-    Cache& cache = Cache::get();
-    if (ok_host != 0 && !cache.isolated()) {
-      Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
-                         transposed);
-      Entry* e = cache.acquire(key, pattern,
-                               reinterpret_cast<CUdeviceptr>(values.untyped_data()),
-                               values.size_bytes(), stream);
-      out[0] = e->id;
-      out[1] = e->generation;
-    }
-    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
-    print_state().verbose = false;
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    print_state().verbose = false;
-    return to_ffi_error(e);
-  }
+  return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/true,
+                     [&](CUstream stream, const ContextScope& scope) {
+      auto pattern = find_pattern(fingerprint);
+      check_values(values, *pattern, mode);
+      int32_t ok_host = 0;
+      LXA_CU(cuMemcpyDtoH_v2(&ok_host, reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+                             sizeof(int32_t)));
+      int32_t out[2] = {-1, -1};
+      Cache& cache = Cache::get();
+      if (ok_host != 0 && !cache.isolated()) {
+        Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
+                           transposed);
+        Entry* e = cache.acquire(key, pattern,
+                                 reinterpret_cast<CUdeviceptr>(values.untyped_data()),
+                                 values.size_bytes(), stream);
+        out[0] = e->id;
+        out[1] = e->generation;
+      }
+      write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
+  });
 }
 
 ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> token,
@@ -1012,69 +1026,58 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
                      ffi::Result<ffi::AnyBuffer> residual, int64_t fingerprint,
                      std::string_view config, int32_t mode, int32_t transposed,
                      int32_t verbose, int32_t has_x0) {
-  std::lock_guard<std::recursive_mutex> lock(core_mutex());
-  print_state().verbose = verbose != 0;
-  try {
-    if (!poisoned().empty()) throw Failure(poisoned());
-    ensure_initialized();
-    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
-    ContextScope scope(stream);
-    LXA_CU(cuStreamSynchronize(stream));
-    auto pattern = find_pattern(fingerprint);
-    check_values(values, *pattern, mode);
-    size_t vec_bytes = static_cast<size_t>(pattern->block_rows) * pattern->block_size *
-                       element_size(mode, false);
-    if (b.size_bytes() != vec_bytes || x->size_bytes() != vec_bytes ||
-        (has_x0 && x0.size_bytes() != vec_bytes))
-      throw Failure("vector buffers do not match the operator's size");
-    int32_t host[3] = {0, -1, -1};  // ok, token id, token generation
-    LXA_CU(cuMemcpyDtoH_v2(&host[0], reinterpret_cast<CUdeviceptr>(ok.typed_data()),
-                           sizeof(int32_t)));
-    LXA_CU(cuMemcpyDtoH_v2(&host[1], reinterpret_cast<CUdeviceptr>(token.typed_data()),
-                           2 * sizeof(int32_t)));
-    int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
-    double res = std::numeric_limits<double>::quiet_NaN();
-    CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
-    if (host[0] == 0) {
-      // NaN/Inf input: AmgX is not called; the output is NaN, flagged by status.
-      LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
-      LXA_CU(cuStreamSynchronize(stream));
-    } else {
-      Cache& cache = Cache::get();
-      Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
-                         transposed);
-      CUdeviceptr v = reinterpret_cast<CUdeviceptr>(values.untyped_data());
-      std::unique_ptr<Entry> isolated;
-      Entry* e = nullptr;
-      if (cache.isolated()) {
-        isolated = cache.create(key, pattern, v, values.size_bytes(), stream);
-        e = isolated.get();
+  return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/true,
+                     [&](CUstream stream, const ContextScope& scope) {
+      auto pattern = find_pattern(fingerprint);
+      check_values(values, *pattern, mode);
+      size_t vec_bytes = static_cast<size_t>(pattern->block_rows) * pattern->block_size *
+                         element_size(mode, false);
+      if (b.size_bytes() != vec_bytes || x->size_bytes() != vec_bytes ||
+          (has_x0 && x0.size_bytes() != vec_bytes))
+        throw Failure("vector buffers do not match the operator's size");
+      int32_t host[3] = {0, -1, -1};  // ok, token id, token generation
+      LXA_CU(cuMemcpyDtoH_v2(&host[0], reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+                             sizeof(int32_t)));
+      LXA_CU(cuMemcpyDtoH_v2(&host[1], reinterpret_cast<CUdeviceptr>(token.typed_data()),
+                             2 * sizeof(int32_t)));
+      int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
+      double res = std::numeric_limits<double>::quiet_NaN();
+      CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
+      if (host[0] == 0) {
+        // NaN/Inf input: AmgX is not called; the output is NaN, flagged by status.
+        LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+        LXA_CU(cuStreamSynchronize(stream));
       } else {
-        e = cache.find_token(key, host[1], host[2]);
-        if (e == nullptr) e = cache.acquire(key, pattern, v, values.size_bytes(), stream);
+        Cache& cache = Cache::get();
+        Key key = make_key(scope.device, fingerprint, pattern->block_size, mode, config,
+                           transposed);
+        CUdeviceptr v = reinterpret_cast<CUdeviceptr>(values.untyped_data());
+        std::unique_ptr<Entry> isolated;
+        Entry* e = nullptr;
+        if (cache.isolated()) {
+          isolated = cache.create(key, pattern, v, values.size_bytes(), stream);
+          e = isolated.get();
+        } else {
+          e = cache.find_token(key, host[1], host[2]);
+          if (e == nullptr) e = cache.acquire(key, pattern, v, values.size_bytes(), stream);
+        }
+        int32_t st = 0, its = 0;
+        try {
+          cache.solve(*e, reinterpret_cast<CUdeviceptr>(b.untyped_data()),
+                      reinterpret_cast<CUdeviceptr>(x0.untyped_data()), has_x0 != 0, x_ptr,
+                      &st, &its, &res);
+        } catch (...) {
+          if (isolated)
+            dispose(isolated);
+          else
+            cache.remove(e);  // unknown AmgX state: drop the entry
+          throw;
+        }
+        info_host[0] = st;
+        info_host[1] = its;
       }
-      int32_t st = 0, its = 0;
-      try {
-        cache.solve(*e, reinterpret_cast<CUdeviceptr>(b.untyped_data()),
-                    reinterpret_cast<CUdeviceptr>(x0.untyped_data()), has_x0 != 0, x_ptr,
-                    &st, &its, &res);
-      } catch (...) {
-        if (isolated)
-          dispose(isolated);
-        else
-          cache.remove(e);  // unknown AmgX state: drop the entry
-        throw;
-      }
-      info_host[0] = st;
-      info_host[1] = its;
-    }
-    write_solve_info(*info, info_host, *residual, res, stream);
-    print_state().verbose = false;
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    print_state().verbose = false;
-    return to_ffi_error(e);
-  }
+      write_solve_info(*info, info_host, *residual, res, stream);
+  });
 }
 
 // ------------------------------------------------------------------------------
@@ -1481,15 +1484,20 @@ void agree_max(DistComm& c, const int64_t* in, int64_t* out, int n,
   }
 }
 
+// Raised on every rank once the ranks agree that some rank failed: the failing
+// rank's own message, or on the others a pointer to it.
+[[noreturn]] void raise_agreed_failure(const std::string& err, const char* what) {
+  throw Failure(err.empty() ? std::string("distributed AmgX ") + what +
+                                  " failed on another rank (see its error)"
+                            : err);
+}
+
 // After a step that may have failed on some ranks: every rank learns whether any
 // did, and raises (the failing rank with its own message).
 void agree_no_error(DistComm& c, const std::string& err, const char* what) {
   int64_t mine = err.empty() ? 0 : 1, any = 0;
   agree_max(c, &mine, &any, 1, what);
-  if (any)
-    throw Failure(err.empty() ? std::string("distributed AmgX ") + what +
-                                    " failed on another rank (see its error)"
-                              : err);
+  if (any) raise_agreed_failure(err, what);
 }
 
 // Collective. Reads `ok` and the token from the device, agrees with the other
@@ -1504,6 +1512,7 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
                         CUdeviceptr token_ptr, const char* what) {
   DistComm& c = dist_comm(comm_key);
   std::shared_ptr<const DistPattern> p;
+  Key key{};
   // What this call is, the same on every rank for the same call: the operator,
   // configuration and direction (`signature`), the program point (`site`) and
   // how many times this rank has run it. Ranks that reach different calls fail
@@ -1521,6 +1530,8 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
       throw Failure("internal: distributed pattern " + std::to_string(fingerprint) +
                     " is not registered with the native core");
     p = it->second;
+    key = Key{scope.device, fingerprint, p->block_size, mode, std::string(config),
+              transposed != 0, comm_key};
     size_t want = static_cast<size_t>(p->nnz()) * p->block_size * p->block_size *
                   element_size(mode, true);
     if (bytes != want)
@@ -1530,21 +1541,15 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
     LXA_CU(cuMemcpyDtoH_v2(&host[0], ok_ptr, sizeof(int32_t)));
     if (token_ptr != 0) LXA_CU(cuMemcpyDtoH_v2(&host[1], token_ptr, 2 * sizeof(int32_t)));
     mine[1] = host[0] == 0 ? 1 : 0;
-    if (host[0] != 0) {
-      Key key{scope.device, fingerprint, p->block_size, mode, std::string(config),
-              transposed != 0, comm_key};
+    if (host[0] != 0)
       mine[0] = DistCache::get().probe_device(key, values, bytes, host[1], host[2], stream);
-    }
   } catch (const std::exception& e) {
     err = e.what();
     mine[2] = 1;
   }
   int64_t all[5];
   agree_max(c, mine, all, 5, what);
-  if (all[2])
-    throw Failure(err.empty() ? std::string("distributed AmgX ") + what +
-                                    " failed on another rank (see its error)"
-                              : err);
+  if (all[2]) raise_agreed_failure(err, what);
   if (all[3] != -all[4])
     throw Failure(std::string("the ranks reached different distributed AmgX calls "
                               "(this rank: a ") + what +
@@ -1558,8 +1563,6 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
   if (all[1]) return nullptr;
   DistEntry* e = nullptr;
   try {
-    Key key{scope.device, fingerprint, p->block_size, mode, std::string(config),
-            transposed != 0, comm_key};
     // A fresh setup goes through AmgX's distributed upload, which copies the
     // values with a host-side thrust::copy: stage them on the host. A resetup
     // (AMGX_matrix_replace_coefficients) reads device memory.
@@ -1588,29 +1591,19 @@ ffi::Error DistSetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
                          std::string_view config, int32_t mode, int32_t transposed,
                          int32_t verbose, int64_t comm_key, int64_t signature,
                          int64_t site) {
-  std::lock_guard<std::recursive_mutex> lock(core_mutex());
-  print_state().verbose = verbose != 0;
-  try {
-    ensure_initialized();
-    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
-    ContextScope scope(stream);
-    LXA_CU(cuStreamSynchronize(stream));
-    DistEntry* e = dist_acquire(
-        scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
-        reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
-        reinterpret_cast<CUdeviceptr>(ok.typed_data()), 0, "setup");
-    int32_t out[2] = {-1, -1};
-    if (e != nullptr) {
-      out[0] = e->id;
-      out[1] = e->generation;
-    }
-    write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
-    print_state().verbose = false;
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    print_state().verbose = false;
-    return to_ffi_error(e);
-  }
+  return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/false,
+                     [&](CUstream stream, const ContextScope& scope) {
+      DistEntry* e = dist_acquire(
+          scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
+          reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
+          reinterpret_cast<CUdeviceptr>(ok.typed_data()), 0, "setup");
+      int32_t out[2] = {-1, -1};
+      if (e != nullptr) {
+        out[0] = e->id;
+        out[1] = e->generation;
+      }
+      write_host(reinterpret_cast<CUdeviceptr>(token->typed_data()), out, 2, stream);
+  });
 }
 
 ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> token,
@@ -1620,57 +1613,47 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
                          std::string_view config, int32_t mode, int32_t transposed,
                          int32_t verbose, int32_t has_x0, int64_t comm_key,
                          int64_t signature, int64_t site) {
-  std::lock_guard<std::recursive_mutex> lock(core_mutex());
-  print_state().verbose = verbose != 0;
-  try {
-    ensure_initialized();
-    CUstream stream = reinterpret_cast<CUstream>(stream_ptr);
-    ContextScope scope(stream);
-    LXA_CU(cuStreamSynchronize(stream));
-    DistEntry* e = dist_acquire(
-        scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
-        reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
-        reinterpret_cast<CUdeviceptr>(ok.typed_data()),
-        reinterpret_cast<CUdeviceptr>(token.typed_data()), "solve");
-    CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
-    size_t vec_bytes = x->size_bytes();
-    int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
-    double res = std::numeric_limits<double>::quiet_NaN();
-    if (e == nullptr) {
-      LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
-      LXA_CU(cuStreamSynchronize(stream));
-    } else {
-      std::string err;
-      try {
-        size_t want = static_cast<size_t>(e->n_local) * e->block_size *
-                      element_size(mode, false);
-        if (b.size_bytes() != want || vec_bytes != want ||
-            (has_x0 && x0.size_bytes() != want))
-          throw Failure("vector buffers do not match the operator's local size");
-        // The initial guess is uploaded, never set (see DistCache::solve): zero
-        // the output buffer and upload that when there is no x0.
-        CUdeviceptr start = reinterpret_cast<CUdeviceptr>(x0.untyped_data());
-        if (!has_x0) {
-          LXA_CU(cuMemsetD32Async(x_ptr, 0u, vec_bytes / 4, stream));
-          LXA_CU(cuStreamSynchronize(stream));
-          start = x_ptr;
+  return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/false,
+                     [&](CUstream stream, const ContextScope& scope) {
+      DistEntry* e = dist_acquire(
+          scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
+          reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
+          reinterpret_cast<CUdeviceptr>(ok.typed_data()),
+          reinterpret_cast<CUdeviceptr>(token.typed_data()), "solve");
+      CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
+      size_t vec_bytes = x->size_bytes();
+      int32_t info_host[2] = {4, 0};  // STATUS_NONFINITE, 0 iterations
+      double res = std::numeric_limits<double>::quiet_NaN();
+      if (e == nullptr) {
+        LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+        LXA_CU(cuStreamSynchronize(stream));
+      } else {
+        std::string err;
+        try {
+          size_t want = static_cast<size_t>(e->n_local) * e->block_size *
+                        element_size(mode, false);
+          if (b.size_bytes() != want || vec_bytes != want ||
+              (has_x0 && x0.size_bytes() != want))
+            throw Failure("vector buffers do not match the operator's local size");
+          // The initial guess is uploaded, never set (see DistCache::solve): zero
+          // the output buffer and upload that when there is no x0.
+          CUdeviceptr start = reinterpret_cast<CUdeviceptr>(x0.untyped_data());
+          if (!has_x0) {
+            LXA_CU(cuMemsetD32Async(x_ptr, 0u, vec_bytes / 4, stream));
+            LXA_CU(cuStreamSynchronize(stream));
+            start = x_ptr;
+          }
+          DistCache::get().solve(*e, reinterpret_cast<const void*>(b.untyped_data()),
+                                 reinterpret_cast<const void*>(start),
+                                 reinterpret_cast<void*>(x_ptr), &info_host[0],
+                                 &info_host[1], &res);
+        } catch (const std::exception& ex) {
+          err = std::string("AmgX distributed solve failed: ") + ex.what();
         }
-        DistCache::get().solve(*e, reinterpret_cast<const void*>(b.untyped_data()),
-                               reinterpret_cast<const void*>(start),
-                               reinterpret_cast<void*>(x_ptr), &info_host[0],
-                               &info_host[1], &res);
-      } catch (const std::exception& ex) {
-        err = std::string("AmgX distributed solve failed: ") + ex.what();
+        agree_no_error(dist_comm(comm_key), err, "solve");
       }
-      agree_no_error(dist_comm(comm_key), err, "solve");
-    }
-    write_solve_info(*info, info_host, *residual, res, stream);
-    print_state().verbose = false;
-    return ffi::Error::Success();
-  } catch (const std::exception& e) {
-    print_state().verbose = false;
-    return to_ffi_error(e);
-  }
+      write_solve_info(*info, info_host, *residual, res, stream);
+  });
 }
 
 }  // namespace
@@ -2150,7 +2133,7 @@ NB_MODULE(_native, m) {
       for (auto& [device, r] : retired_resources()) (void)r.release();
       retired_resources().clear();
       DistCache::get().abandon();
-      skip_amgx_teardown("distributed AmgX setups were still alive");
+      skip_amgx_teardown();
       return;
     }
     if (!poisoned().empty()) {

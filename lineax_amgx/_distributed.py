@@ -1423,18 +1423,14 @@ def after(x, *deps):
 @jax.custom_jvp
 def _after_callback(x, marks):
     flat = jnp.ravel(x)
-    if flat.size == 0:  # nothing to write back into: pass the (empty) array
-        head = flat
-    else:
-        head = flat[:1]
     head = jax.pure_callback(
         _identity_host,
-        jax.ShapeDtypeStruct(head.shape, head.dtype),
-        head,
+        jax.ShapeDtypeStruct(flat[:1].shape, flat.dtype),
+        flat[:1],
         *marks,
         vmap_method="sequential",
     )
-    if flat.size == 0:
+    if flat.size == 0:  # nothing to write back into: the (empty) output is `x`
         return head.reshape(x.shape)
     return jax.lax.dynamic_update_slice(flat, head, (0,)).reshape(x.shape)
 
@@ -1767,16 +1763,26 @@ def _resolved_path(path: str) -> str:
     return path
 
 
+_AMGX_WITHOUT_MPI = (
+    "the loaded AmgX library links no MPI library (built without MPI): "
+    "distributed solves need an MPI build of AmgX"
+)
+
+
+def _amgx_needed() -> list[str]:
+    """The libraries the loaded AmgX links (ELF `DT_NEEDED`). Loads AmgX first: in
+    a fresh rank the distributed check may be the first thing that needs it (a
+    missing library then raises AmgXNotFoundError, clearly)."""
+    from . import _library
+
+    return _elf_needed(_resolved_path(_library.load()))
+
+
 def amgx_mpi_library() -> str | None:
     """The MPI family the loaded AmgX library links (`"Open MPI"` for
     `libmpi.so.40`, `"MPICH"` for `libmpi.so.12`, else the soname), or `None` when
     it links no MPI (a build without MPI: no distributed solves)."""
-    from . import _library
-
-    # Loaded first: in a fresh rank the distributed check may be the first thing
-    # that needs AmgX (a missing library then raises AmgXNotFoundError, clearly).
-    path = _resolved_path(_library.load())
-    for lib in _elf_needed(path):
+    for lib in _amgx_needed():
         if lib.startswith("libmpi.so.40") or "open-rte" in lib or "open-pal" in lib:
             return "Open MPI"
         if lib.startswith("libmpi.so.12") or lib.startswith("libmpich"):
@@ -1798,10 +1804,7 @@ def _check_native_mpi(comm_key: int) -> None:
     try:
         family = amgx_mpi_library()
         if family is None:
-            err = (
-                "the loaded AmgX library links no MPI library (built without MPI): "
-                "distributed solves need an MPI build of AmgX"
-            )
+            err = _AMGX_WITHOUT_MPI
         else:
             check_mpi_library(family)
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
@@ -1958,20 +1961,6 @@ _mpi_handed = False
 _dist_registered: dict[tuple[int, int], int] = {}  # (comm_key, fingerprint) -> refs
 
 
-def _amgx_mpi_path() -> str:
-    """The file of the MPI library the loaded AmgX links (mapped in this process)."""
-    from . import _library
-
-    path = _resolved_path(_library.load())
-    for lib in _elf_needed(path):
-        if lib.startswith("libmpi"):
-            return _resolved_path(lib)
-    raise RuntimeError(
-        "the loaded AmgX library links no MPI library (built without MPI): "
-        "distributed solves need an MPI build of AmgX"
-    )
-
-
 def _hand_mpi_to_native() -> None:
     """Once per process, at trace time and on this rank only (no MPI call): check
     that AmgX and mpi4py use one MPI, and give the native core the addresses of
@@ -1986,13 +1975,13 @@ def _hand_mpi_to_native() -> None:
 
     family = amgx_mpi_library()
     if family is None:
-        raise RuntimeError(
-            "the loaded AmgX library links no MPI library (built without MPI): "
-            "distributed solves need an MPI build of AmgX"
-        )
+        raise RuntimeError(_AMGX_WITHOUT_MPI)
     check_mpi_library(family)
     MPI = mpi()
-    lib = ctypes.CDLL(_amgx_mpi_path())
+    # The file of AmgX's libmpi as this process mapped it (ctypes then gets the
+    # same, already loaded library).
+    libmpi = next(n for n in _amgx_needed() if n.startswith("libmpi"))
+    lib = ctypes.CDLL(_resolved_path(libmpi))
 
     def address(name):
         return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
