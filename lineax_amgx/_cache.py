@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _library
+from ._backends.amgx import _library
 
 
 def _cpu():
-    from . import _cpu
+    from ._backends.pyamg import _backend
 
-    return _cpu
+    return _backend
 
 
 def _native_or_none():
@@ -73,7 +73,7 @@ def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
     hierarchies). Counters are kept. The setups of distributed operators (MPI) are
     not freed here, since destroying them is collective: call
-    `lineax_amgx._distributed.clear_cache(comm)` on every rank for those."""
+    `lineax_amgx.distributed.clear_cache(comm)` on every rank for those."""
     n = _native_or_none()
     if n is not None:
         n.clear_cache()

@@ -101,9 +101,12 @@ def _finite(*arrays) -> jax.Array:
 
 
 def _impls(key: SolveKey, pattern):
-    from . import _cpu, _distributed, _ffi
+    from . import distributed
+    from ._backends.amgx import _ffi
+    from ._backends.pyamg import _backend as _cpu
+    from .distributed import _core as _distributed
 
-    if isinstance(pattern, _distributed.DistributedPattern):
+    if isinstance(pattern, distributed.DistributedPattern):
         # One rank's rows of a distributed matrix: collective backends.
         return _distributed.gpu_backend, _distributed
     return _ffi, _cpu
@@ -175,7 +178,7 @@ def _drop_nns(fn):
 
 
 def _has_cuda() -> bool:
-    from ._library import has_cuda_backend
+    from ._backends.amgx._library import has_cuda_backend
 
     return has_cuda_backend()
 

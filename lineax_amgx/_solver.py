@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, _dispatch, _distributed, _library
+from . import _blocks, _config, _dispatch
+from ._backends.amgx import _library
 from ._dispatch import SolveKey
-from ._distributed import DistributedCSROperator
 from ._operator import CSROperator
+from .distributed import _core as _distributed
+from .distributed._core import DistributedCSROperator
 
 _PRECISIONS = (None, "double", "single", "mixed")
 _BACKENDS = ("auto", "amgx", "pyamg")
@@ -33,7 +35,7 @@ def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
     A [`lineax_amgx.DistributedCSROperator`][] is kept as it is."""
     if isinstance(operator, (CSROperator, DistributedCSROperator)):
         return operator
-    from ._sparsify import as_csr_operator
+    from .matrix_free._sparsify import as_csr_operator
 
     return as_csr_operator(operator)
 

@@ -16,10 +16,11 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 import lineax_amgx as lxa
-from lineax_amgx import _cpu, _dispatch, _operator
+from lineax_amgx import _dispatch, _operator
+from lineax_amgx._backends.pyamg import _backend as _cpu
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::lineax_amgx._cpu.PyamgTranslationWarning",
+    "ignore::lineax_amgx.PyamgTranslationWarning",
     "ignore:.*Indefinite preconditioner:UserWarning",
     "ignore:Having less target vectors:UserWarning",
 )

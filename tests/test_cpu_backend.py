@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import lineax_amgx as lxa
-from lineax_amgx import _cpu
+from lineax_amgx._backends.pyamg import _backend as _cpu
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::lineax_amgx._cpu.PyamgTranslationWarning"
+    "ignore::lineax_amgx.PyamgTranslationWarning"
 )
 
 

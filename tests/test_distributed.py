@@ -22,7 +22,8 @@ import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _dispatch, _distributed  # noqa: E402
+from lineax_amgx import _dispatch  # noqa: E402
+from lineax_amgx.distributed import _core as _distributed  # noqa: E402
 
 D = _distributed
 
@@ -678,7 +679,7 @@ class FakeDistributedAmgX:
 
 @pytest.fixture
 def fake_amgx(monkeypatch):
-    from lineax_amgx import _library
+    from lineax_amgx._backends.amgx import _library
 
     fake = FakeDistributedAmgX()
     monkeypatch.setattr(_library, "native", lambda: fake)

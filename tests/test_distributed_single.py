@@ -14,7 +14,7 @@ import scipy.sparse.linalg as spla
 from helpers import poisson3d, random_nonsymmetric, rel_err
 
 import lineax_amgx as lxa
-from lineax_amgx import _distributed as D
+from lineax_amgx.distributed import _core as D
 
 try:
     from mpi4py import MPI
@@ -159,7 +159,7 @@ def test_native_distributed_entries_take_read_only_arrays():
     """Host-callback operands are read-only NumPy arrays: the native distributed
     entry points must accept them (a writable-only binding failed every
     distributed GPU solve with "incompatible function arguments", 2 x H200)."""
-    from lineax_amgx import _library
+    from lineax_amgx._backends.amgx import _library
 
     native = _library.native()
     values = np.arange(8.0)

@@ -25,7 +25,7 @@ import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _distributed as D  # noqa: E402
+from lineax_amgx.distributed import _core as D  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 

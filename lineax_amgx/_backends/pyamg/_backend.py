@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Array, Int, Int32, Shaped
 
-from ._dispatch import (
+from ..._dispatch import (
     STATUS_DIVERGED,
     STATUS_FAILED,
     STATUS_NOT_CONVERGED,
@@ -57,7 +57,7 @@ from ._dispatch import (
     host_solve,
     nonfinite_host_result,
 )
-from ._pattern import SparsityPattern
+from ..._pattern import SparsityPattern
 
 # Shapes of the arrays that cross the backend boundary.
 _Values = Shaped[Array, "nnz *block"]

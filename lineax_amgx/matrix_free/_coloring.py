@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ._pattern import SparsityPattern
+from .._pattern import SparsityPattern
 
 try:  # numba is optional: it only makes the sequential greedy kernels fast.
     import importlib.util

@@ -11,7 +11,7 @@ import sys
 import threading
 import weakref
 
-from ._pattern import SparsityPattern
+from ..._pattern import SparsityPattern
 
 _LIB_NAME = "libamgxsh.so"
 # Libraries AmgX links against; preloaded from known CUDA locations when the loader
@@ -32,7 +32,7 @@ class AmgXNotFoundError(RuntimeError):
 def native():
     """The compiled extension, or a clear error if the package was not built."""
     try:
-        from . import _native
+        from ... import _native
     except ImportError as e:  # pragma: no cover - a broken install
         raise ImportError(
             "lineax_amgx's native extension is missing; reinstall with "

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._dispatch import MODES, SolveKey
+from ..._pattern import SparsityPattern
 from . import _library
-from ._dispatch import MODES, SolveKey
-from ._pattern import SparsityPattern
 
 
 def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:

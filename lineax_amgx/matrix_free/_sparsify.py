@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
+from .._operator import CSROperator
+from .._pattern import SparsityPattern
 from ._coloring import Coloring, color_columns, star_recovery
-from ._operator import CSROperator
-from ._pattern import SparsityPattern
 from ._sparsity import detect_closed_jaxpr, detection_count as detection_count
 
 __all__ = ["SparsifiedOperator", "sparsify", "as_csr_operator", "detection_count"]

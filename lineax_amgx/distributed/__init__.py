@@ -1,0 +1,80 @@
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
+"""Distributed operators: one process per GPU, rows partitioned contiguously, MPI.
+
+Every process (*rank*) of an MPI communicator holds a contiguous block of rows of
+one square global matrix, with *global* column indices, and the same rows of every
+vector. [`lineax_amgx.distributed.DistributedCSROperator`][] is the Lineax operator
+of one rank: `lx.linear_solve(op, b_local, solver=lineax_amgx.AMGX())` returns the
+local part of the global solution when every rank makes the same call (SPMD, as
+with `mpirun`). See `docs/distributed.md`.
+
+```python
+import lineax_amgx.distributed as lxd
+op = lxd.DistributedCSROperator.from_global_scipy(A if rank == 0 else None)
+b = jnp.asarray(lxd.scatter_vector(b_global if rank == 0 else None, op.layout))
+x = lx.linear_solve(op, b, solver=lineax_amgx.AMGX()).value
+x_global = lxd.gather_vector(x, op.layout)
+```
+
+mpi4py is imported lazily: the package imports without MPI.
+"""
+
+from ._core import (
+    DistributedCSROperator as DistributedCSROperator,
+    DistributedError as DistributedError,
+    DistributedPattern as DistributedPattern,
+    Layout as Layout,
+    after as after,
+    agree as agree,
+    allreduce_sum as allreduce_sum,
+    amgx_mpi_library as amgx_mpi_library,
+    balanced_offsets as balanced_offsets,
+    cache_info as cache_info,
+    check_jax_distributed as check_jax_distributed,
+    check_mpi_library as check_mpi_library,
+    clear_cache as clear_cache,
+    gather_vector as gather_vector,
+    global_dot as global_dot,
+    global_norm as global_norm,
+    local_rank as local_rank,
+    mpi_library as mpi_library,
+    native_distribution_args as native_distribution_args,
+    pad_values as pad_values,
+    pad_vector as pad_vector,
+    scatter_vector as scatter_vector,
+    unpad_values as unpad_values,
+    unpad_vector as unpad_vector,
+)
+from ._sequencer import (
+    DistributedOrderError as DistributedOrderError,
+    DistributedTimeoutError as DistributedTimeoutError,
+)
+
+__all__ = [
+    "DistributedCSROperator",
+    "DistributedError",
+    "DistributedOrderError",
+    "DistributedPattern",
+    "DistributedTimeoutError",
+    "Layout",
+    "after",
+    "agree",
+    "allreduce_sum",
+    "amgx_mpi_library",
+    "balanced_offsets",
+    "cache_info",
+    "check_jax_distributed",
+    "check_mpi_library",
+    "clear_cache",
+    "gather_vector",
+    "global_dot",
+    "global_norm",
+    "local_rank",
+    "mpi_library",
+    "native_distribution_args",
+    "pad_values",
+    "pad_vector",
+    "scatter_vector",
+    "unpad_values",
+    "unpad_vector",
+]
