@@ -12,9 +12,7 @@ import importlib.metadata
 
 from . import distributed as distributed
 from ._backends.amgx._library import AmgXNotFoundError as AmgXNotFoundError
-from ._backends.pyamg._backend import (
-    PyamgTranslationWarning as PyamgTranslationWarning,
-)
+from ._backends.pyamg import PyamgTranslationWarning as PyamgTranslationWarning
 from ._blocks import (
     NearNullspaceWarning as NearNullspaceWarning,
     rigid_body_modes as rigid_body_modes,

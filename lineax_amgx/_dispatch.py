@@ -101,14 +101,13 @@ def _finite(*arrays) -> jax.Array:
 
 
 def _impls(key: SolveKey, pattern):
-    from . import distributed
+    from ._backends import pyamg as _cpu
     from ._backends.amgx import _ffi
-    from ._backends.pyamg import _backend as _cpu
-    from .distributed import _core as _distributed
+    from .distributed import _amgx, _pattern, _pyamg
 
-    if isinstance(pattern, distributed.DistributedPattern):
+    if isinstance(pattern, _pattern.DistributedPattern):
         # One rank's rows of a distributed matrix: collective backends.
-        return _distributed.gpu_backend, _distributed
+        return _amgx.gpu_backend, _pyamg
     return _ffi, _cpu
 
 

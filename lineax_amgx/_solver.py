@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, _dispatch
+from . import _blocks, _config, _dispatch, distributed as _distributed
 from ._backends.amgx import _library
 from ._dispatch import SolveKey
 from ._operator import CSROperator
-from .distributed import _core as _distributed
-from .distributed._core import DistributedCSROperator
+from .distributed._operator import DistributedCSROperator, norm as _dist_norm
+from .distributed._pattern import check_pattern as _check_dist_pattern
 
 _PRECISIONS = (None, "double", "single", "mixed")
 _BACKENDS = ("auto", "amgx", "pyamg")
@@ -214,7 +214,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr = as_csr(operator)
         p = csr.pattern
         if isinstance(csr, DistributedCSROperator):
-            _distributed.check_pattern(p)  # collective: every rank raises
+            _check_dist_pattern(p)  # collective: every rank raises
         else:
             _check_pattern(p)
         cfg, name = self._resolve(operator, csr)
@@ -283,7 +283,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             # The global norm of b through MPI. Every MPI callback is chained to
             # the previous one (here: the setup): all ranks must make their MPI
             # calls in the same order.
-            bnorm = _distributed.norm(csr, b, after=state.token)
+            bnorm = _dist_norm(csr, b, after=state.token)
         else:
             bnorm = jnp.linalg.norm(b)
         if self.precision == "mixed":
@@ -481,7 +481,7 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
 def _norm(csr, v) -> jax.Array:
     """The global 2-norm (through MPI for a distributed operator)."""
     if isinstance(csr, DistributedCSROperator):
-        return _distributed.norm(csr, v)
+        return _dist_norm(csr, v)
     return jnp.linalg.norm(v)
 
 

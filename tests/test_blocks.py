@@ -17,7 +17,7 @@ import scipy.sparse.linalg as spla
 
 import lineax_amgx as lxa
 from lineax_amgx import _dispatch, _operator
-from lineax_amgx._backends.pyamg import _backend as _cpu
+from lineax_amgx._backends import pyamg as _cpu
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::lineax_amgx.PyamgTranslationWarning",

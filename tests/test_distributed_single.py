@@ -14,7 +14,8 @@ import scipy.sparse.linalg as spla
 from helpers import poisson3d, random_nonsymmetric, rel_err
 
 import lineax_amgx as lxa
-from lineax_amgx.distributed import _core as D
+import lineax_amgx.distributed as D
+from lineax_amgx.distributed import _comm as DC
 
 try:
     from mpi4py import MPI
@@ -37,7 +38,7 @@ def test_import_error_without_mpi4py(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     monkeypatch.setitem(sys.modules, "mpi4py.MPI", None)
     with pytest.raises(ImportError, match="pip install mpi4py"):
-        D.mpi()
+        DC.mpi()
 
 
 def test_layout(comm):

@@ -17,37 +17,66 @@ x_global = lxd.gather_vector(x, op.layout)
 ```
 
 mpi4py is imported lazily: the package imports without MPI.
+
+Collective calls: every function documented as *collective* must be called by
+every rank of the communicator, in the same order. Host callbacks inside `jit`
+(the halo exchange, the CPU solve, `allreduce_sum`) are collective too: every rank
+must run the same program. A rank-local error found before communicating is
+agreed on first, so that it is raised on every rank instead of leaving the others
+waiting.
+
+Modules (private): `_sequencer` (one order of MPI calls on every rank), `_comm`
+(mpi4py, agreed errors, the communicator registry), `_layout`, `_pattern`,
+`_collectives` (halo exchange, reductions, `after`), `_vectors`, `_operator`,
+`_shard_map`, `_amgx` / `_pyamg` (the backends for distributed patterns) and
+`_cache`.
 """
 
-from ._core import (
-    DistributedCSROperator as DistributedCSROperator,
-    DistributedError as DistributedError,
-    DistributedPattern as DistributedPattern,
-    Layout as Layout,
-    after as after,
-    agree as agree,
-    allreduce_sum as allreduce_sum,
+from ._amgx import (
     amgx_mpi_library as amgx_mpi_library,
-    balanced_offsets as balanced_offsets,
+    native_distribution_args as native_distribution_args,
+)
+from ._cache import (
     cache_info as cache_info,
-    check_jax_distributed as check_jax_distributed,
-    check_mpi_library as check_mpi_library,
     clear_cache as clear_cache,
-    gather_vector as gather_vector,
+)
+from ._collectives import (
+    after as after,
+    allreduce_sum as allreduce_sum,
     global_dot as global_dot,
     global_norm as global_norm,
+)
+from ._comm import (
+    DistributedError as DistributedError,
+    agree as agree,
+    check_mpi_library as check_mpi_library,
     local_rank as local_rank,
     mpi_library as mpi_library,
-    native_distribution_args as native_distribution_args,
-    pad_values as pad_values,
-    pad_vector as pad_vector,
-    scatter_vector as scatter_vector,
-    unpad_values as unpad_values,
-    unpad_vector as unpad_vector,
+)
+from ._layout import (
+    Layout as Layout,
+    balanced_offsets as balanced_offsets,
+)
+from ._operator import (
+    DistributedCSROperator as DistributedCSROperator,
+)
+from ._pattern import (
+    DistributedPattern as DistributedPattern,
 )
 from ._sequencer import (
     DistributedOrderError as DistributedOrderError,
     DistributedTimeoutError as DistributedTimeoutError,
+)
+from ._shard_map import (
+    check_jax_distributed as check_jax_distributed,
+    pad_values as pad_values,
+    pad_vector as pad_vector,
+    unpad_values as unpad_values,
+    unpad_vector as unpad_vector,
+)
+from ._vectors import (
+    gather_vector as gather_vector,
+    scatter_vector as scatter_vector,
 )
 
 __all__ = [
