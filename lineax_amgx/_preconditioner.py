@@ -28,8 +28,9 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact, Int, PyTree
 
-from . import _config, _dispatch
-from ._dispatch import SolveKey
+from . import _config
+from ._backends import router
+from ._backends.contract import SolveKey, Status
 from ._pattern import SparsityPattern
 
 _PRECISIONS = (None, "double", "single", "mixed")
@@ -333,7 +334,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         )
         values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
         self.values = values
-        self.token = _dispatch.setup(p, values, key)
+        self.token = router.setup(p, values, key)
         self.pattern = p
         self.key = key
         self.tags = tag_set
@@ -374,14 +375,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         return jtu.tree_unflatten(self.structure_treedef, out)
 
     def _apply(self, r: Array) -> Array:
-        x, info, _ = _dispatch.solve(self.pattern, self.values, self.token, r, None,
+        x, info, _ = router.solve(self.pattern, self.values, self.token, r, None,
                                      self.key)
         # A fixed number of cycles reports "not converged" (or "success" when no
         # residual is monitored): both are fine. A non-finite input, or a cycle
         # that blew up, must never come back as a silent finite answer.
         status = info[0]
-        bad = (status == _dispatch.STATUS_NONFINITE) | (
-            status == _dispatch.STATUS_DIVERGED
+        bad = (status == Status.NONFINITE) | (
+            status == Status.DIVERGED
         )
         return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
 
@@ -407,7 +408,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         key_t = self.key._replace(transposed=not self.key.transposed)
         fields = dict(
             values=values_t,
-            token=_dispatch.setup(pattern_t, values_t, key_t),
+            token=router.setup(pattern_t, values_t, key_t),
             pattern=pattern_t,
             key=key_t,
             tags=lx.transpose_tags(self.tags),

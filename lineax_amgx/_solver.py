@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, _dispatch, distributed as _distributed
+from . import _blocks, _config, distributed as _distributed
+from ._backends import router
 from ._backends.amgx import _library
-from ._dispatch import SolveKey
+from ._backends.contract import SolveKey, Status, invalid_token
 from ._operator import CSROperator
 from .distributed._operator import DistributedCSROperator, norm as _dist_norm
 from .distributed._pattern import check_pattern as _check_dist_pattern
@@ -243,7 +244,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         nns = _blocks.check_near_nullspace(
             options.get("near_nullspace"), p.shape[0], _vector_dtype(mode)
         )
-        token = _dispatch.setup(p, values, key, nns, ok=finite & ~zero_row)
+        token = router.setup(p, values, key, nns, ok=finite & ~zero_row)
         symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         return _AMGXState(
             csr, token, zero_row, finite, key, symmetric, tol_mode == "scaled", nns
@@ -292,7 +293,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             x, status, steps, resid = self._solve_once(
                 state, b, x0, out_dtype, ok, bnorm
             )
-        success = status == _dispatch.STATUS_SUCCESS
+        success = status == Status.SUCCESS
         if state.scaled and self.precision != "mixed":
             # Never report success for an answer whose true residual is far from
             # the requested one (AmgX's residual is its Krylov method's recursive
@@ -323,10 +324,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             success,
             R.successful,
             R.where(
-                status == _dispatch.STATUS_NOT_CONVERGED,
+                status == Status.NOT_CONVERGED,
                 R.max_steps_reached,
                 R.where(
-                    status == _dispatch.STATUS_NONFINITE,
+                    status == Status.NONFINITE,
                     # Non-finite from finite inputs: the iteration blew up.
                     R.where(finite, R.singular, R.nonfinite_input),
                     R.breakdown,
@@ -347,7 +348,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         else:
             s = jnp.ones((), b.dtype)
         values = csr.values.astype(_matrix_dtype(key.mode))
-        x, info, resid = _dispatch.solve(
+        x, info, resid = router.solve(
             csr.pattern, values, state.token, b / s,
             None if x0 is None else x0 / s, key, state.near_nullspace, ok=ok,
         )
@@ -372,7 +373,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
         def cond(carry):
             _, _, rnorm, status, k, _ = carry
-            return (rnorm > target) & (status == _dispatch.STATUS_SUCCESS) & (
+            return (rnorm > target) & (status == Status.SUCCESS) & (
                 k < max_refinements
             )
 
@@ -381,26 +382,26 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             # Inner float32 solve to a relative accuracy float32 can deliver.
             scale = _norm(csr, r) * _INNER_RTOL
             scale = jnp.where(scale > 0, scale, 1.0)
-            d, info, _ = _dispatch.solve(
+            d, info, _ = router.solve(
                 csr.pattern, values, state.token, (r / scale).astype(jnp.float32),
                 None, key, state.near_nullspace, ok=ok & jnp.all(jnp.isfinite(r)),
             )
             inner = info[0]
             # An inner "not converged" still improves x; only hard failures stop.
-            inner = jnp.where(inner == _dispatch.STATUS_NOT_CONVERGED,
-                              _dispatch.STATUS_SUCCESS, inner)
+            inner = jnp.where(inner == Status.NOT_CONVERGED,
+                              Status.SUCCESS, inner)
             x = x + d.astype(jnp.float64) * scale
             r = b - matrix.mv(x)
             return x, r, _norm(csr, r), inner, k + 1, steps + info[1]
 
-        init = (x, r, rnorm, jnp.int32(_dispatch.STATUS_SUCCESS), jnp.int32(0),
+        init = (x, r, rnorm, jnp.int32(Status.SUCCESS), jnp.int32(0),
                 jnp.int32(0))
         x, r, rnorm, status, k, steps = jax.lax.while_loop(cond, body, init)
         status = jnp.where(
-            (status == _dispatch.STATUS_SUCCESS) & (rnorm > target),
-            _dispatch.STATUS_NOT_CONVERGED, status,
+            (status == Status.SUCCESS) & (rnorm > target),
+            Status.NOT_CONVERGED, status,
         )
-        status = jnp.where(jnp.isfinite(rnorm), status, _dispatch.STATUS_NONFINITE)
+        status = jnp.where(jnp.isfinite(rnorm), status, Status.NONFINITE)
         return x, status, steps, rnorm
 
     def transpose(self, state: _AMGXState, options: dict[str, Any]):
@@ -414,7 +415,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         # cache entry), so a forward-only computation never pays for it.
         zero_row, finite = _value_checks(op_t.pattern, op_t.values)
         state_t = _AMGXState(
-            op_t, _dispatch.invalid_token(), zero_row, finite, key_t, False,
+            op_t, invalid_token(), zero_row, finite, key_t, False,
             state.scaled, state.near_nullspace,
         )
         return state_t, options

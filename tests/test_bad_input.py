@@ -20,8 +20,9 @@ from helpers import poisson2d, rel_residual
 from jax.experimental import sparse as jsparse
 
 import lineax_amgx as lxa
-from lineax_amgx import _dispatch
+from lineax_amgx._backends import router as _dispatch
 from lineax_amgx._backends.amgx import _library
+from lineax_amgx._backends.contract import Status
 
 # Bad inputs make pyamg and numpy warn (indefinite CG, overflow, ill-conditioned
 # GMRES); the assertions are on results and exceptions.
@@ -215,7 +216,7 @@ def test_success_claim_checked_against_true_residual(claimed_x, problem, monkeyp
                    ok=None):
         scale = jnp.linalg.norm(b) / jnp.linalg.norm(b_scaled)
         x = jnp.asarray(x_claim) / scale
-        return x, jnp.array([_dispatch.STATUS_SUCCESS, 3], jnp.int32), 0.5 / scale
+        return x, jnp.array([Status.SUCCESS, 3], jnp.int32), 0.5 / scale
 
     solver = lxa.AMGX(rtol=1e-8)
     state = solver.init(op, {})

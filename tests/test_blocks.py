@@ -16,8 +16,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 import lineax_amgx as lxa
-from lineax_amgx import _dispatch, _operator
-from lineax_amgx._backends import pyamg as _cpu
+from lineax_amgx import _operator
+from lineax_amgx._backends import pyamg as _cpu, router as _dispatch
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::lineax_amgx.PyamgTranslationWarning",
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings(
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 # Parts of issue #10 that live in files owned by others (see the report):
-# `options["near_nullspace"]` plumbing (_solver.py, _dispatch.py, __init__.py) and
+# `options["near_nullspace"]` plumbing (_solver.py, the router, __init__.py) and
 # the block-size limit (_operator.py).
 HAS_NEAR_NULLSPACE = hasattr(lxa, "rigid_body_modes") and hasattr(_dispatch, "_gpu")
 needs_near_nullspace = pytest.mark.skipif(

@@ -23,7 +23,7 @@ from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
 import lineax_amgx.distributed as _distributed  # noqa: E402
-from lineax_amgx import _dispatch  # noqa: E402
+from lineax_amgx._backends.contract import SolveKey, Status  # noqa: E402
 from lineax_amgx.distributed import _amgx as DA  # noqa: E402
 
 D = _distributed
@@ -692,8 +692,6 @@ def fake_amgx(monkeypatch):
 
 @collective
 def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
-    from lineax_amgx._dispatch import SolveKey
-
     A = global_matrix("nonsymmetric")
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     pattern, lay = op.pattern, op.layout
@@ -725,7 +723,7 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
     x, info, _ = DA.amgx_solve(pattern, values, tok, bl, None,
                               jnp.int32(0 if RANK == 0 else 1), key)
     assert fake_amgx.actions == [2, 0, 1]
-    assert int(info[0]) == _dispatch.STATUS_NONFINITE
+    assert int(info[0]) == Status.NONFINITE
 
 
 def _callback_inputs(fn, *args):
@@ -775,8 +773,6 @@ def test_callbacks_move_only_what_crosses_ranks():
 def test_native_path_refuses_ranks_in_different_calls(fake_amgx):
     """Rank 0 sets up with another configuration: every rank raises, and nobody
     reaches AmgX (which would mix the two)."""
-    from lineax_amgx._dispatch import SolveKey
-
     op = lxa.DistributedCSROperator.from_global_scipy(
         global_matrix() if RANK == 0 else None)
     key = SolveKey(config=f'{{"solver": "fake{int(RANK == 0)}"}}', mode="dDDI",
@@ -789,8 +785,6 @@ def test_native_path_refuses_ranks_in_different_calls(fake_amgx):
 
 @collective
 def test_distributed_clear_cache_is_collective(fake_amgx):
-    from lineax_amgx._dispatch import SolveKey
-
     A = global_matrix()
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     key = SolveKey(config='{"solver": "fake"}', mode="dDDI", transposed=False,
@@ -841,8 +835,6 @@ def test_ffi_path_traces_with_a_signature_every_rank_shares(monkeypatch):
     """The CUDA branch (traced on every machine): one FFI call, named by the
     local structure, and a signature that is the same on every rank for the same
     logical call (the handlers compare it), different for another call."""
-    from lineax_amgx._dispatch import SolveKey
-
     monkeypatch.delenv(DA._PATH_ENV, raising=False)
     A = global_matrix("nonsymmetric")
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)

@@ -32,6 +32,8 @@ Modules (private): `_sequencer` (one order of MPI calls on every rank), `_comm`
 `_cache`.
 """
 
+from .._backends import contract as _contract
+from . import _amgx, _pyamg
 from ._amgx import (
     amgx_mpi_library as amgx_mpi_library,
     native_distribution_args as native_distribution_args,
@@ -78,6 +80,11 @@ from ._vectors import (
     gather_vector as gather_vector,
     scatter_vector as scatter_vector,
 )
+
+# This package's backends serve distributed patterns (the router finds them by
+# the pattern's type).
+_contract.register("amgx", DistributedPattern, _amgx.gpu_backend)
+_contract.register("pyamg", DistributedPattern, _pyamg)
 
 __all__ = [
     "DistributedCSROperator",

@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._dispatch import (
-    STATUS_FAILED,
+from .._backends.amgx import _ffi, _library
+from .._backends.contract import (
+    MODES,
     SolveKey,
+    Status,
     host_setup,
     host_solve,
     nonfinite_host_result,
+    solve_result_shapes,
 )
 from ._comm import (
     _raise_gathered,
@@ -123,7 +126,7 @@ def native_path() -> str:
 
 
 class _GPUBackend:
-    """The CUDA branch of `_dispatch` for distributed patterns: AmgX's distributed
+    """The CUDA branch of the router for distributed patterns: AmgX's distributed
     API through FFI handlers (`ffi_setup` / `ffi_solve`), or through host callbacks
     (`amgx_setup` / `amgx_solve`) with `LINEAX_AMGX_DISTRIBUTED_PATH=host`."""
 
@@ -174,8 +177,6 @@ def _device_ordinal(comm_key: int) -> int:
     if env:
         ordinal = int(env)
     else:
-        from .._backends.amgx import _library
-
         n = max(len(_library.native().cuda_devices()), 1)
         ordinal = 0 if n == 1 else local_rank(communicator(comm_key)) % n
     _ordinals[comm_key] = ordinal
@@ -249,8 +250,6 @@ def _amgx_needed() -> list[str]:
     """The libraries the loaded AmgX links (ELF `DT_NEEDED`). Loads AmgX first: in
     a fresh rank the distributed check may be the first thing that needs it (a
     missing library then raises AmgXNotFoundError, clearly)."""
-    from .._backends.amgx import _library
-
     return _elf_needed(_resolved_path(_library.load()))
 
 
@@ -295,8 +294,6 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     """Collective (inside a turn). The token of the AmgX entry holding `values`:
     every rank probes its cache, the worst outcome wins on every rank (a hit only
     when all hit), and the ranks set up or resetup together."""
-    from .._backends.amgx import _library
-    from .._dispatch import MODES
 
     MPI = mpi()
     comm_key = pattern.layout.comm_key
@@ -342,7 +339,7 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
 
 
 def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
-    """Collective. The AmgX setup of a distributed operator (the `_dispatch`
+    """Collective. The AmgX setup of a distributed operator (the backend
     contract): a token naming this rank's part of the distributed AmgX entry."""
     comm_key = pattern.layout.comm_key
     site = _new_site()
@@ -358,11 +355,9 @@ def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
 
 
 def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
-    """Collective. The AmgX solve of a distributed system (the `_dispatch`
+    """Collective. The AmgX solve of a distributed system (the backend
     contract): this rank's part of `x`, and the same `info` and residual norm (AmgX's
     global norm) on every rank."""
-    from .._backends.amgx import _library
-
     comm_key = pattern.layout.comm_key
     site = _new_site()
     out_dtype = np.dtype(b.dtype)
@@ -375,7 +370,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
             tok = _native_acquire(pattern, key, values, np.asarray(token))
             x = np.empty(b.shape, out_dtype)
             x0 = np.ascontiguousarray(maybe_x0[0], out_dtype) if maybe_x0 else None
-            err, result = None, (STATUS_FAILED, 0, float("inf"))
+            err, result = None, (Status.FAILED, 0, float("inf"))
             try:
                 result = _library.native().dist_solve(
                     _device_ordinal(comm_key), int(tok[0]), int(tok[1]),
@@ -419,9 +414,6 @@ def _hand_mpi_to_native() -> None:
     if _mpi_handed:
         return
     import ctypes
-
-    from .._backends.amgx import _library
-
     family = amgx_mpi_library()
     if family is None:
         raise RuntimeError(_AMGX_WITHOUT_MPI)
@@ -447,8 +439,6 @@ def _hand_mpi_to_native() -> None:
 
 
 def _release_dist_pattern(k: tuple[int, int]) -> None:
-    from .._backends.amgx import _library
-
     _dist_registered[k] -= 1
     if _dist_registered[k] == 0:
         del _dist_registered[k]
@@ -460,8 +450,6 @@ def _release_dist_pattern(k: tuple[int, int]) -> None:
 
 def _ffi_prepare(pattern: DistributedPattern) -> bool:
     """Trace time, this rank only. False where the CUDA branch cannot run."""
-    from .._backends.amgx import _ffi, _library
-
     if not _ffi.prepare_native():
         return False
     _check_shard_autotuning()
@@ -501,8 +489,6 @@ def _call_signature(pattern: DistributedPattern, key: SolveKey, kind: str) -> in
 
 
 def _ffi_attrs(pattern: DistributedPattern, key: SolveKey, kind: str) -> dict:
-    from .._dispatch import MODES
-
     return dict(
         comm_key=np.int64(pattern.layout.comm_key),
         fingerprint=np.int64(pattern.fingerprint),
@@ -527,8 +513,6 @@ def ffi_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
 
 def ffi_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveKey):
     """Collective. `amgx_solve` through the device-resident FFI handler."""
-    from .._dispatch import solve_result_shapes
-
     _ffi_prepare(pattern)
     call = jax.ffi.ffi_call(
         "lineax_amgx_dist_solve", solve_result_shapes(b), vmap_method="sequential"

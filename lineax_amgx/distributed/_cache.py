@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._backends.amgx import _library
 from ._comm import _comm, _raise_if_any
 from ._sequencer import (
     turn as _turn,
@@ -19,8 +20,6 @@ def cache_info() -> dict:
     `setups`, `resetups`, `solves`, `evictions`), `size` and `entries`. The ranks'
     caches change only inside collective calls, so every rank reports the same
     counters. Empty when AmgX is not loaded (no distributed GPU solve ran)."""
-    from .._backends.amgx import _library
-
     return dict(_library.native().dist_cache_info())
 
 
@@ -30,8 +29,6 @@ def clear_cache(comm=None) -> None:
     single-process setups only: destroying a distributed entry is itself
     collective (AmgX's MPI), so it needs every rank, at the same point. Call it
     on every rank of the communicator the operators were built on."""
-    from .._backends.amgx import _library
-
     comm = _comm(comm)
     with _turn(comm, kind="amgx.clear"):
         err = None

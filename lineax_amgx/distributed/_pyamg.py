@@ -9,9 +9,9 @@ import inspect
 
 import numpy as np
 
-from .._dispatch import (
-    STATUS_FAILED,
+from .._backends.contract import (
     SolveKey,
+    Status,
     host_setup,
     host_solve,
     nonfinite_host_result,
@@ -28,7 +28,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 # -----------------------------------------------------------------------------
-# The CPU backend for distributed operators (the `_dispatch` contract).
+# The CPU backend for distributed operators (the backend contract).
 # -----------------------------------------------------------------------------
 
 _ROOT = 0
@@ -159,7 +159,7 @@ def solve(
                     x = np.asarray(x, out_dtype)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank
                     x = np.zeros(pattern.layout.n_global, out_dtype)
-                    result = (STATUS_FAILED, 0, float("inf"), repr(e))
+                    result = (Status.FAILED, 0, float("inf"), repr(e))
             status, steps, resid, err = comm.bcast(result, root=_ROOT)
             if err is not None:
                 raise RuntimeError(f"pyamg solve failed on rank {_ROOT}: {err}")

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..._dispatch import MODES, SolveKey
 from ..._pattern import SparsityPattern
+from ..contract import MODES, SolveKey
 from . import _library
 
 

@@ -6,6 +6,9 @@ Modules: `_translate` (AmgX config -> pyamg plan), `_build` (a plan and a matrix
 of the backend contract, as host callbacks).
 """
 
+from ..._pattern import SparsityPattern
+from .. import contract
+from . import _backend
 from ._backend import setup as setup, solve as solve
 from ._cache import (
     cache_info as cache_info,
@@ -14,3 +17,5 @@ from ._cache import (
     set_cache_size as set_cache_size,
 )
 from ._translate import PyamgTranslationWarning as PyamgTranslationWarning
+
+contract.register("pyamg", SparsityPattern, _backend)

@@ -3,7 +3,7 @@
 
 [`lineax_amgx.AMGX`][] dispatches here when its arrays live on the CPU (or with
 `backend="pyamg"`). The two entry points, `setup` and `solve`, follow the
-contract in `_dispatch.py`; both run as `jax.pure_callback`s with
+contract in `_backends/contract.py`; both run as `jax.pure_callback`s with
 `vmap_method="sequential"`, so `vmap` over right-hand sides gives one setup and
 one solve per member, and `vmap` over values one setup per member.
 
@@ -38,13 +38,13 @@ import warnings
 import numpy as np
 from jaxtyping import Array, Int, Int32, Shaped
 
-from ..._dispatch import (
+from ..._pattern import SparsityPattern
+from ..contract import (
     SolveKey,
     host_setup,
     host_solve,
     nonfinite_host_result,
 )
-from ..._pattern import SparsityPattern
 from ._cache import _cache
 from ._translate import (
     PyamgTranslationWarning,
@@ -68,7 +68,7 @@ __all__ = ["setup", "solve"]
 
 
 # -----------------------------------------------------------------------------
-# The backend entry points (the `_dispatch` contract).
+# The backend entry points (the backend contract).
 # -----------------------------------------------------------------------------
 
 
@@ -116,7 +116,7 @@ def setup(
     - `pattern`: the static sparsity pattern.
     - `values`: the matrix values, shape `pattern.value_shape`.
     - `ok`: int32 scalar, 0 when `values` holds NaN or Inf (no setup is made).
-    - `key`: the static [`lineax_amgx._dispatch.SolveKey`][].
+    - `key`: the static [`SolveKey`][].
     - `near_nullspace`: `None` or an `(n, k)` array: the near-null space that
         smoothed aggregation interpolates exactly (pyamg's `B`; by default one
         constant vector per block component). Part of the cache comparison.
@@ -167,13 +167,13 @@ def solve(
     - `b`: the right-hand side.
     - `x0`: the initial guess, or `None` for zeros.
     - `ok`: int32 scalar, 0 when `values`, `b` or `x0` holds NaN or Inf: pyamg is
-        skipped, `x` is zeros, the status `STATUS_NONFINITE`, the residual `inf`.
+        skipped, `x` is zeros, the status `Status.NONFINITE`, the residual `inf`.
     - `near_nullspace`: as for `setup` (used when the token is stale).
 
     **Returns:**
 
     `(x, info, residual)`: `x` like `b`; `info = int32[2](status, iterations)`
-    with the statuses of `_dispatch`; `residual = ||b - A x||_2` recomputed on the
+    with a `Status`; `residual = ||b - A x||_2` recomputed on the
     host, a scalar of `b`'s dtype.
     """
     plan = _plan(key.config)

@@ -12,13 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ..._dispatch import (
-    STATUS_DIVERGED,
-    STATUS_FAILED,
-    STATUS_NOT_CONVERGED,
-    STATUS_SUCCESS,
-)
 from ..._pattern import SparsityPattern
+from ..contract import (
+    Status,
+)
 from ._translate import _AMGPlan, _DirectPlan, _Plan, _RelaxPlan
 
 # -----------------------------------------------------------------------------
@@ -204,16 +201,16 @@ class _Prepared:
             target = plan.tolerance * r0
         rn = r0
         used = 0
-        status = STATUS_NOT_CONVERGED
+        status = Status.NOT_CONVERGED
         if rn <= target:
-            status = STATUS_SUCCESS
+            status = Status.SUCCESS
         elif plan.method == "stationary":
             status, used, x = self._stationary(b, x, r, target, plan)
         else:
             status, used, x = self._krylov(b, x, target, plan)
         resid = float(np.linalg.norm(b - A @ x)) if np.all(np.isfinite(x)) else np.inf
         if not np.all(np.isfinite(x)):
-            status = STATUS_DIVERGED
+            status = Status.DIVERGED
             x = np.zeros_like(x)
         return x, status, used, resid
 
@@ -224,10 +221,10 @@ class _Prepared:
             r = b - A @ x
             rn = _norm(r, plan.norm)
             if not math.isfinite(rn):
-                return STATUS_DIVERGED, it + 1, x
+                return Status.DIVERGED, it + 1, x
             if rn <= target:
-                return STATUS_SUCCESS, it + 1, x
-        return STATUS_NOT_CONVERGED, plan.max_iters, x
+                return Status.SUCCESS, it + 1, x
+        return Status.NOT_CONVERGED, plan.max_iters, x
 
     def _krylov(self, b, x, target, plan):
         from pyamg import krylov
@@ -256,20 +253,20 @@ class _Prepared:
             steps = max(len(res) - 1, 0)
             used += steps
             if not np.all(np.isfinite(x)):
-                return STATUS_DIVERGED, used, x
+                return Status.DIVERGED, used, x
             rn = _norm(b - A @ x, plan.norm)
             if rn <= target:
-                return STATUS_SUCCESS, used, x
+                return Status.SUCCESS, used, x
             if flag < 0:
                 # breakdown: indefinite matrix or preconditioner, stagnation
-                return STATUS_FAILED, used, x
+                return Status.FAILED, used, x
             if flag == 0 or steps == 0:
                 # pyamg's (recursive) residual met the test, the true one did
                 # not: tighten pyamg's tolerance by the observed gap and go on.
                 retries += 1
                 if retries > 4 or steps == 0 and retries > 2:
-                    return STATUS_FAILED, used, x
+                    return Status.FAILED, used, x
                 tol = tol * 0.5 * _l2_bound(target, plan.norm, n) / max(
                     float(np.linalg.norm(b - A @ x)), 1e-300
                 )
-        return STATUS_NOT_CONVERGED, used, x
+        return Status.NOT_CONVERGED, used, x
