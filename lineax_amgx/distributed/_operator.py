@@ -12,7 +12,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact
 
-from .._operator import register_queries
+from .._operator import as_tag_set, register_queries
 from ._collectives import _halo, after, global_norm
 from ._comm import _comm, _raise_if_any, mpi
 from ._layout import Layout, balanced_offsets
@@ -28,12 +28,6 @@ _INT32_MAX = np.iinfo(np.int32).max
 # -----------------------------------------------------------------------------
 # The operator.
 # -----------------------------------------------------------------------------
-
-
-def _frozenset(tags: object) -> frozenset[object]:
-    if isinstance(tags, (list, tuple, set, frozenset)):
-        return frozenset(tags)
-    return frozenset([tags])
 
 
 def _check_values(values, pattern: DistributedPattern):
@@ -99,7 +93,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             )
         self.pattern = pattern
         self.values = _check_values(values, pattern)
-        self.tags = _frozenset(tags)
+        self.tags = as_tag_set(tags)
 
     # -- constructors (collective) -------------------------------------------------
 

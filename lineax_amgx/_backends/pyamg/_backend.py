@@ -33,12 +33,11 @@ comparison and no setup.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from jaxtyping import Array, Int, Int32, Shaped
 
 from ..._pattern import SparsityPattern
+from ..._warnings import warn_once
 from ..contract import (
     SolveKey,
     host_setup,
@@ -51,8 +50,6 @@ from ._translate import (
     _AMGPlan,
     _Plan,
     _plan,
-    _warned,
-    _warned_lock,
 )
 
 # Shapes of the arrays that cross the backend boundary.
@@ -89,11 +86,8 @@ def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace)
     p = plan.precond
     if isinstance(p, _AMGPlan) and p.algorithm == "sa":
         return
-    with _warned_lock:
-        if ("near_nullspace", "") in _warned:
-            return
-        _warned.add(("near_nullspace", ""))
-    warnings.warn(
+    warn_once(
+        ("near_nullspace", ""),
         'options["near_nullspace"] is used only by aggregation AMG; this '
         "configuration (no smoothed-aggregation preconditioner) ignores it "
         "(pyamg CPU backend; see docs/blocks.md).",
