@@ -43,6 +43,7 @@ from ._backends.contract import (
 from ._operator import as_tag_set
 from ._pattern import SparsityPattern
 from ._solver import AMGX
+from .matrix_free import as_csr_operator
 
 _DEFAULT_CONFIG = "AMG_VCYCLE"
 # Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
@@ -217,15 +218,13 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         precision: Literal["double", "single", "mixed"] | None = None,
         verbose: bool = False,
     ):
-        from ._solver import as_csr
-
         _check_options(cycles, backend, precision)
         if not isinstance(operator, lx.AbstractLinearOperator):
             raise TypeError(
                 "AMGXPreconditioner needs a Lineax operator (for example a "
                 f"lineax_amgx.CSROperator), got {type(operator).__name__}."
             )
-        csr = as_csr(operator)
+        csr = as_csr_operator(operator)
         p = csr.pattern
         if p.shape[0] != p.shape[1]:
             raise ValueError(

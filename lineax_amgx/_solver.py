@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, distributed as _distributed
+from . import _blocks, _config, _protocol
 from ._backends import router
-from ._backends.amgx import _library
 from ._backends.contract import (
     BACKENDS,
     PRECISIONS,
@@ -28,8 +27,7 @@ from ._backends.contract import (
     vector_dtype as _vector_dtype,
 )
 from ._operator import CSROperator
-from .distributed._operator import DistributedCSROperator, norm as _dist_norm
-from .distributed._pattern import check_pattern as _check_dist_pattern
+from .matrix_free import as_csr_operator
 
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
 # many times the requested bound `atol + rtol ||b||_2` is reported as a breakdown
@@ -38,18 +36,8 @@ from .distributed._pattern import check_pattern as _check_dist_pattern
 _RESIDUAL_SLACK = 1e3
 
 
-def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
-    """The CSR form of any Lineax operator (matrix-free ones are sparsified).
-    A [`lineax_amgx.DistributedCSROperator`][] is kept as it is."""
-    if isinstance(operator, (CSROperator, DistributedCSROperator)):
-        return operator
-    from .matrix_free._sparsify import as_csr_operator
-
-    return as_csr_operator(operator)
-
-
 class _AMGXState(eqx.Module):
-    operator: CSROperator | DistributedCSROperator
+    operator: lx.AbstractLinearOperator  # the CSR form (`as_csr_operator`)
     token: Int[Array, " 2"]
     # Value checks made once per setup (not per solve): a scalar row of zeros
     # (singular), and whether every value is finite.
@@ -184,13 +172,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     # -- Lineax interface ------------------------------------------------------------
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        _check_backend_available(self.backend)
-        csr = as_csr(operator)
+        router.check_available(self.backend)
+        csr = as_csr_operator(operator)
         p = csr.pattern
-        if isinstance(csr, DistributedCSROperator):
-            _check_dist_pattern(p)  # collective: every rank raises
-        else:
-            _check_pattern(p)
+        _protocol.check_structure(p)
         resolved = self._resolve(operator, csr)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
@@ -252,14 +237,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             finite = finite & jnp.all(jnp.isfinite(x0))
         # `ok == 0` makes the backend skip AmgX (a zero row, or NaN/Inf input).
         ok = finite & ~zero_row
-        distributed = isinstance(csr, DistributedCSROperator)
-        if distributed:
-            # The global norm of b through MPI. Every MPI callback is chained to
-            # the previous one (here: the setup): all ranks must make their MPI
-            # calls in the same order.
-            bnorm = _dist_norm(csr, b, after=state.token)
-        else:
-            bnorm = jnp.linalg.norm(b)
+        # The norm of b, after the setup (operators whose operations must run in
+        # one order, such as MPI calls on every rank, chain them).
+        bnorm = _protocol.norm(csr, b, after=state.token)
         if self.precision == "mixed":
             x, status, steps, resid = self._refine(state, b, x0, ok, bnorm)
         else:
@@ -276,19 +256,16 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             success = success & (true_resid <= _RESIDUAL_SLACK * bound)
             # Report the true residual (the backend's is its Krylov method's).
             resid = jnp.where(jnp.isfinite(true_resid), true_resid, resid)
-        if distributed:
-            # One verdict on every rank: combine the rank-local checks (after the
-            # solve's own MPI calls, in the same order everywhere).
-            flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
-            flags = _distributed.allreduce_sum(
-                _distributed.after(flags, x, success), csr.layout
-            )
-            finite, zero_row = flags[0] == 0, flags[1] > 0
-            # The solution is ready only when this solve's last MPI call is done:
-            # whoever waits for `x` (the next solve, `gather_vector`) cannot start
-            # MPI calls while this solve still has one pending (with few threads
-            # the two would wait for each other across ranks).
-            x = _distributed.after(x, flags)
+        # One verdict for the whole operator: the checks combined (over the ranks
+        # of a distributed operator, after the solve's own MPI calls).
+        flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
+        flags = _protocol.agree_flags(csr, flags, x, success)
+        finite, zero_row = flags[0] == 0, flags[1] > 0
+        # The solution is ready only when this solve's last ordered call is done:
+        # whoever waits for `x` (the next solve, `gather_vector`) cannot start MPI
+        # calls while this solve still has one pending (with few threads the two
+        # would wait for each other across ranks).
+        x = _protocol.sequence(csr, x, flags)
         x = x.astype(out_dtype)
         R = lx.RESULTS
         result = R.where(
@@ -331,8 +308,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         target = atol + rtol * bnorm
         values = csr.values.astype(jnp.float32)
         x = jnp.zeros_like(b) if x0 is None else x0
-        if isinstance(csr, DistributedCSROperator):
-            x = _distributed.after(x, bnorm)  # MPI call order
+        x = _protocol.sequence(csr, x, bnorm)  # after the norm (MPI call order)
         r = b - matrix.mv(x)
         rnorm = _norm(csr, r)
         max_refinements = 30
@@ -397,37 +373,6 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 _INNER_RTOL = 1e-4
 
 
-def _check_backend_available(backend: str) -> None:
-    if backend == "amgx" and not _library.has_cuda_backend():
-        raise RuntimeError(
-            "AMGX(backend='amgx') needs a CUDA device, but JAX sees none (devices: "
-            f"{jax.devices()}). Install a CUDA build of jaxlib, or use "
-            "backend='auto' (AmgX for arrays on a CUDA device, pyamg for arrays on "
-            "the CPU) or backend='pyamg'."
-        )
-
-
-def _check_pattern(p) -> None:
-    """Trace-time checks of the static structure."""
-    if p.shape[0] != p.shape[1]:
-        raise ValueError(
-            f"AMGX needs a square operator, got shape {p.shape}. For least "
-            "squares use lx.NormalCG or lx.LSMR."
-        )
-    if p.shape[0] == 0:
-        raise ValueError("AMGX got an empty (0 x 0) operator.")
-    for what, empty in (("row", p.empty_rows), ("column", p.empty_cols)):
-        if empty.size:
-            unit = "block " if p.block_size > 1 else ""
-            raise ValueError(
-                f"The operator is structurally singular: {unit}{what} "
-                f"{int(empty[0])} stores no entries ({empty.size} empty "
-                f"{unit}{what}s in all). Check the assembly (e.g. a missing "
-                "boundary condition), or use a least-squares solver such as "
-                "lx.LSMR."
-            )
-
-
 def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
     """`(zero_row, finite)`: whether some scalar row holds only zeros while every
     value is finite (a singular matrix: `RESULTS.singular`), and whether every
@@ -446,10 +391,8 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
 
 
 def _norm(csr, v) -> jax.Array:
-    """The global 2-norm (through MPI for a distributed operator)."""
-    if isinstance(csr, DistributedCSROperator):
-        return _dist_norm(csr, v)
-    return jnp.linalg.norm(v)
+    """The 2-norm of a vector of the operator's space (global when distributed)."""
+    return _protocol.norm(csr, v)
 
 
 def _matvec(csr, mode: str, x) -> jax.Array:

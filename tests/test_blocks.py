@@ -658,6 +658,4 @@ def test_sparsify_with_block_size(rng):
 
 
 def _as_csr(op):
-    from lineax_amgx._solver import as_csr
-
-    return as_csr(op)
+    return lxa.as_csr_operator(op)

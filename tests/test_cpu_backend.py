@@ -106,7 +106,7 @@ def test_classical_config(rng):
     op = lxa.CSROperator.from_scipy(a, tags=h.SPD)
     sol = lx.linear_solve(op, b, solver=lxa.AMGX("PCG_CLASSICAL", rtol=1e-10))
     assert h.rel_err(sol.value, h.reference(a, b)) < 1e-6
-    assert _translate._plan(_key_config("PCG_CLASSICAL")).precond.algorithm == "rs"
+    assert _translate.translate(_key_config("PCG_CLASSICAL")).precond.algorithm == "rs"
 
 
 def _key_config(name, **kw):
@@ -416,7 +416,7 @@ def test_dilu_smoother_warns():
                                                    '"postsweeps": 4')
     _warnings.forget(("smoother", '"MULTICOLOR_DILU"'))
     with pytest.warns(_cpu.PyamgTranslationWarning, match="MULTICOLOR_DILU"):
-        plan = _translate._plan(cfg)
+        plan = _translate.translate(cfg)
     assert plan.method == "fgmres" and plan.precond.presmoother.kind == "gauss_seidel"
 
 

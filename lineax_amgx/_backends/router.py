@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from .. import _blocks
 from . import amgx as _amgx, pyamg as _pyamg  # noqa: F401 - register the backends
-from .amgx._library import has_cuda_backend
+from .amgx import _library
 from .contract import SolveKey, lookup, solve_result_shapes
 
 
@@ -99,7 +99,7 @@ def _drop_nns(fn):
 
 
 def _has_cuda() -> bool:
-    return has_cuda_backend()
+    return _library.has_cuda_backend()
 
 
 def _platform_dependent(gpu_fn, cpu_fn, pattern, *args):
@@ -142,3 +142,14 @@ def _solve_not_on_cuda(pattern, values, token, b, x0, ok, key):
         _raise_not_on_cuda, solve_result_shapes(b), values, b, ok,
         vmap_method="sequential",
     )
+
+
+def check_available(backend: str) -> None:
+    """Refuse `backend="amgx"` up front where JAX sees no CUDA device."""
+    if backend == "amgx" and not _library.has_cuda_backend():
+        raise RuntimeError(
+            "AMGX(backend='amgx') needs a CUDA device, but JAX sees none (devices: "
+            f"{jax.devices()}). Install a CUDA build of jaxlib, or use "
+            "backend='auto' (AmgX for arrays on a CUDA device, pyamg for arrays on "
+            "the CPU) or backend='pyamg'."
+        )

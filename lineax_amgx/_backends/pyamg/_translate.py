@@ -345,7 +345,7 @@ def _precond_plan(value: Any, *, outer: bool):
 
 
 @ft.lru_cache(maxsize=64)
-def _plan(config: str) -> _Plan:
+def translate(config: str) -> _Plan:
     """Translate a finalised AmgX config (JSON) into a pyamg plan. Warnings (once
     per key and value) and errors are raised here, at trace time."""
     cfg = json.loads(config)
