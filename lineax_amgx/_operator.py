@@ -315,7 +315,10 @@ class CSROperator(lx.AbstractLinearOperator):
 # ---- Lineax's singledispatch queries -------------------------------------------
 
 
-def _diag(op: CSROperator):
+def csr_diagonal(op) -> jax.Array:
+    """The diagonal of a CSR-like operator (`pattern.diagonal_positions` and
+    `values`; shared with `DistributedCSROperator`, whose local rows hold their
+    diagonal)."""
     p = op.pattern
     pos = p.diagonal_positions
     b = p.block_size
@@ -369,7 +372,7 @@ def _register():
             ),
         },
     )
-    lx.diagonal.register(CSROperator)(_diag)
+    lx.diagonal.register(CSROperator)(csr_diagonal)
     lx.conj.register(CSROperator)(
         lambda op: CSROperator(op.pattern, op.values.conj(), op.tags)
     )

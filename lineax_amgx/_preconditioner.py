@@ -653,22 +653,26 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         return self.inner.compute(state.inner, vector, options)
 
     def transpose(self, state: _PreconditionedState, options: dict[str, Any]):
-        options = dict(options, preconditioner=state.preconditioner)
-        inner_t, options_t = self.inner.transpose(state.inner, options)
-        options_t = dict(options_t)
-        p_t = options_t.pop("preconditioner", None)
-        if not isinstance(p_t, AMGXPreconditioner):
-            p_t = state.preconditioner.transpose()
-        return _PreconditionedState(inner_t, p_t), options_t
+        return _through_inner(
+            self.inner.transpose, state, options, state.preconditioner.transpose
+        )
 
     def conj(self, state: _PreconditionedState, options: dict[str, Any]):
-        options = dict(options, preconditioner=state.preconditioner)
-        inner_c, options_c = self.inner.conj(state.inner, options)
-        options_c = dict(options_c)
-        p_c = options_c.pop("preconditioner", None)
-        if not isinstance(p_c, AMGXPreconditioner):
-            p_c = state.preconditioner
-        return _PreconditionedState(inner_c, p_c), options_c
+        return _through_inner(
+            self.inner.conj, state, options, lambda: state.preconditioner
+        )
 
     def assume_full_rank(self):
         return self.inner.assume_full_rank()
+
+
+def _through_inner(method, state: _PreconditionedState, options, fallback):
+    """The inner solver's `transpose` or `conj` with the preconditioner in the
+    options; the preconditioner it hands back (or `fallback()`) in the new state."""
+    options = dict(options, preconditioner=state.preconditioner)
+    inner, options = method(state.inner, options)
+    options = dict(options)
+    p = options.pop("preconditioner", None)
+    if not isinstance(p, AMGXPreconditioner):
+        p = fallback()
+    return _PreconditionedState(inner, p), options

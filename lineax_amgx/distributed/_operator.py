@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from .. import _protocol
-from .._operator import as_tag_set, register_queries
+from .._operator import as_tag_set, csr_diagonal, register_queries
 from ..matrix_free import as_csr_operator
 from ._collectives import _halo, after as _after, allreduce_sum, global_norm
 from ._comm import _comm, _raise_if_any, mpi
@@ -342,12 +342,6 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         return sp.csr_array(sp.vstack(parts, format="csr"))
 
 
-def _diag(op: DistributedCSROperator):
-    pos = op.pattern.diagonal_positions
-    present = pos >= 0
-    return jnp.where(jnp.asarray(present), op.values[np.where(present, pos, 0)], 0)
-
-
 def _register_queries():
     register_queries(
         DistributedCSROperator,
@@ -359,7 +353,7 @@ def _register_queries():
             or lx.diagonal_tag in op.tags,
         },
     )
-    lx.diagonal.register(DistributedCSROperator)(_diag)
+    lx.diagonal.register(DistributedCSROperator)(csr_diagonal)
     lx.conj.register(DistributedCSROperator)(
         lambda op: DistributedCSROperator(op.pattern, op.values.conj(), op.tags)
     )
