@@ -62,7 +62,7 @@ def poisson3d_local_rows(nx: int, ny: int, nz: int, start: int, end: int):
 def _amgx_solve_seconds(comm) -> float | None:
     """AmgX's own time in its last distributed solve (the slowest rank), from the
     native core's distributed cache; None on the CPU backend."""
-    from lineax_amgx import _distributed as lxd
+    import lineax_amgx.distributed as lxd
 
     try:
         entries = lxd.cache_info()["entries"]
@@ -75,7 +75,7 @@ def _amgx_solve_seconds(comm) -> float | None:
 
 def _clear_native_distributed_cache(comm) -> None:
     """Collective: drop the AmgX distributed entries (a cold setup next)."""
-    from lineax_amgx import _distributed as lxd
+    import lineax_amgx.distributed as lxd
 
     lxd.clear_cache(comm)
 
@@ -116,11 +116,11 @@ def main() -> int:
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import lineax as lx
+    from mpi4py import MPI
 
     import lineax_amgx as lxa
-    from lineax_amgx import _distributed as D
+    import lineax_amgx.distributed as D
 
-    MPI = D.mpi()
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     n = args.n

@@ -49,7 +49,7 @@ import scipy.sparse as sp  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _library  # noqa: E402
+from lineax_amgx._backends.amgx import _library  # noqa: E402
 
 MiB = 2**20
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lineax_amgx._coloring import color_columns
-from lineax_amgx._sparsity import detect_sparsity
+from lineax_amgx import color_columns, detect_sparsity
 
 
 def lap2(n):

@@ -10,6 +10,9 @@ x = lx.linear_solve(A, b, solver=lxa.AMGX()).value
 
 import importlib.metadata
 
+from . import distributed as distributed
+from ._backends.amgx._library import AmgXNotFoundError as AmgXNotFoundError
+from ._backends.pyamg import PyamgTranslationWarning as PyamgTranslationWarning
 from ._blocks import (
     NearNullspaceWarning as NearNullspaceWarning,
     rigid_body_modes as rigid_body_modes,
@@ -21,15 +24,8 @@ from ._cache import (
     reset_counters as reset_counters,
     set_cache_size as set_cache_size,
 )
-from ._coloring import Coloring as Coloring, color_columns as color_columns
 from ._config import ConfigError as ConfigError, configs as configs
-from ._distributed import (
-    DistributedCSROperator as DistributedCSROperator,
-    DistributedPattern as DistributedPattern,
-    Layout as Layout,
-)
 from ._info import info as info
-from ._library import AmgXNotFoundError as AmgXNotFoundError
 from ._operator import CSROperator as CSROperator
 from ._pattern import SparsityPattern as SparsityPattern
 from ._preconditioner import (
@@ -37,12 +33,54 @@ from ._preconditioner import (
     AMGXPreconditioner as AMGXPreconditioner,
 )
 from ._solver import AMGX as AMGX
-from ._sparsify import (
+from .distributed import (
+    DistributedCSROperator as DistributedCSROperator,
+    DistributedError as DistributedError,
+    DistributedOrderError as DistributedOrderError,
+    DistributedPattern as DistributedPattern,
+    DistributedTimeoutError as DistributedTimeoutError,
+    Layout as Layout,
+)
+from .matrix_free._coloring import Coloring as Coloring, color_columns as color_columns
+from .matrix_free._sparsify import (
     SparsifiedOperator as SparsifiedOperator,
     as_csr_operator as as_csr_operator,
     sparsify as sparsify,
 )
-from ._sparsity import detect_sparsity as detect_sparsity
+from .matrix_free._sparsity import detect_sparsity as detect_sparsity
+
+__all__ = [
+    "AMGX",
+    "AMGXPreconditioned",
+    "AMGXPreconditioner",
+    "AmgXNotFoundError",
+    "CSROperator",
+    "Coloring",
+    "ConfigError",
+    "DistributedCSROperator",
+    "DistributedError",
+    "DistributedOrderError",
+    "DistributedPattern",
+    "DistributedTimeoutError",
+    "Layout",
+    "NearNullspaceWarning",
+    "PyamgTranslationWarning",
+    "SparsifiedOperator",
+    "SparsityPattern",
+    "as_csr_operator",
+    "cache_info",
+    "clear_cache",
+    "color_columns",
+    "configs",
+    "detect_sparsity",
+    "distributed",
+    "finalize",
+    "info",
+    "reset_counters",
+    "rigid_body_modes",
+    "set_cache_size",
+    "sparsify",
+]
 
 try:
     __version__ = importlib.metadata.version("lineax-amgx")

@@ -6,13 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _library
-
-
-def _cpu():
-    from . import _cpu
-
-    return _cpu
+from ._backends import pyamg as _pyamg
+from ._backends.amgx import _library
 
 
 def _native_or_none():
@@ -49,7 +44,7 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     if n is not None and backend in (None, "amgx"):
         infos["amgx"] = dict(n.cache_info(), backend="amgx")
     if backend in (None, "pyamg"):
-        infos["pyamg"] = dict(_cpu().cache_info(), backend="pyamg")
+        infos["pyamg"] = dict(_pyamg.cache_info(), backend="pyamg")
     if backend is not None:
         if backend not in infos:
             raise ValueError(
@@ -73,11 +68,11 @@ def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
     hierarchies). Counters are kept. The setups of distributed operators (MPI) are
     not freed here, since destroying them is collective: call
-    `lineax_amgx._distributed.clear_cache(comm)` on every rank for those."""
+    `lineax_amgx.distributed.clear_cache(comm)` on every rank for those."""
     n = _native_or_none()
     if n is not None:
         n.clear_cache()
-    _cpu().clear_cache()
+    _pyamg.clear_cache()
 
 
 def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
@@ -95,7 +90,7 @@ def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
     native = _native_or_none()
     if native is not None:
         native.set_cache_size(n, 1 if entries_per_key is None else entries_per_key)
-    _cpu().set_cache_size(n, entries_per_key)
+    _pyamg.set_cache_size(n, entries_per_key)
 
 
 def reset_counters() -> None:
@@ -103,9 +98,7 @@ def reset_counters() -> None:
     native = _native_or_none()
     if native is not None:
         native.reset_counters()
-    cpu = _cpu()
-    if hasattr(cpu, "reset_counters"):
-        cpu.reset_counters()
+    _pyamg.reset_counters()
 
 
 def finalize() -> None:
@@ -114,7 +107,7 @@ def finalize() -> None:
     native = _native_or_none()
     if native is not None:
         native.finalize()
-    _cpu().clear_cache()
+    _pyamg.clear_cache()
 
 
 def _apply_environment() -> None:

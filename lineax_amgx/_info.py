@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _library
+from ._backends.amgx import _library
 
 
 def info() -> dict[str, Any]:

@@ -20,7 +20,9 @@ from helpers import poisson2d, rel_residual
 from jax.experimental import sparse as jsparse
 
 import lineax_amgx as lxa
-from lineax_amgx import _dispatch, _library
+from lineax_amgx._backends import router as _dispatch
+from lineax_amgx._backends.amgx import _library
+from lineax_amgx._backends.contract import Status
 
 # Bad inputs make pyamg and numpy warn (indefinite CG, overflow, ill-conditioned
 # GMRES); the assertions are on results and exceptions.
@@ -214,7 +216,7 @@ def test_success_claim_checked_against_true_residual(claimed_x, problem, monkeyp
                    ok=None):
         scale = jnp.linalg.norm(b) / jnp.linalg.norm(b_scaled)
         x = jnp.asarray(x_claim) / scale
-        return x, jnp.array([_dispatch.STATUS_SUCCESS, 3], jnp.int32), 0.5 / scale
+        return x, jnp.array([Status.SUCCESS, 3], jnp.int32), 0.5 / scale
 
     solver = lxa.AMGX(rtol=1e-8)
     state = solver.init(op, {})
@@ -535,7 +537,7 @@ _LOAD_SCRIPT = """
     import jax, jax.numpy as jnp, lineax as lx, numpy as np, pyamg
     jax.config.update("jax_enable_x64", True)
     import lineax_amgx as lxa
-    from lineax_amgx import _library
+    from lineax_amgx._backends.amgx import _library
     tmp = sys.argv[1]
     junk = os.path.join(tmp, "libamgxsh.so")
     with open(junk, "w") as f:
@@ -593,7 +595,7 @@ _LOST_CONTEXT_SCRIPT = """
     import ctypes.util, os, sys
     os.environ["LINEAX_AMGX_LIBRARY"] = ctypes.util.find_library("m")
     import lineax_amgx as lxa
-    from lineax_amgx import _library
+    from lineax_amgx._backends.amgx import _library
     _library.try_load()  # dlopen succeeds (libm), the symbol check fails
     # As after a CUDA fault inside AmgX (tests/test_gpu_failures.py makes a real
     # one): the exit must skip AmgX's static destructors, keeping the status.

@@ -16,10 +16,11 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 import lineax_amgx as lxa
-from lineax_amgx import _cpu, _dispatch, _operator
+from lineax_amgx import _operator
+from lineax_amgx._backends import pyamg as _cpu, router as _dispatch
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::lineax_amgx._cpu.PyamgTranslationWarning",
+    "ignore::lineax_amgx.PyamgTranslationWarning",
     "ignore:.*Indefinite preconditioner:UserWarning",
     "ignore:Having less target vectors:UserWarning",
 )
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings(
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 # Parts of issue #10 that live in files owned by others (see the report):
-# `options["near_nullspace"]` plumbing (_solver.py, _dispatch.py, __init__.py) and
+# `options["near_nullspace"]` plumbing (_solver.py, the router, __init__.py) and
 # the block-size limit (_operator.py).
 HAS_NEAR_NULLSPACE = hasattr(lxa, "rigid_body_modes") and hasattr(_dispatch, "_gpu")
 needs_near_nullspace = pytest.mark.skipif(
@@ -599,13 +600,13 @@ def test_near_nullspace_validation(rng):
 
 @needs_near_nullspace
 def test_near_nullspace_ignored_by_amgx_with_a_warning(fresh_cache):
-    from lineax_amgx import _blocks
+    from lineax_amgx import _blocks, _warnings
 
     a, B = elasticity2d(6)
     op = lxa.CSROperator.from_scipy(a, tags=SPD)
     state = lxa.AMGX(backend="pyamg").init(op, {})
     key = state.key._replace(backend="amgx")
-    _blocks._warned.clear()
+    _warnings.forget(_blocks.NEAR_NULLSPACE_IGNORED)
 
     def setup(values, nns):
         return _dispatch.setup(op.pattern, values, key, nns)
@@ -657,6 +658,4 @@ def test_sparsify_with_block_size(rng):
 
 
 def _as_csr(op):
-    from lineax_amgx._solver import as_csr
-
-    return as_csr(op)
+    return lxa.as_csr_operator(op)

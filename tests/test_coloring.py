@@ -11,13 +11,13 @@ import scipy.sparse as sp  # noqa: E402
 import scipy.spatial  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
-from lineax_amgx._coloring import (  # noqa: E402
+from lineax_amgx._pattern import SparsityPattern  # noqa: E402
+from lineax_amgx.matrix_free._coloring import (  # noqa: E402
     Coloring,
     color_columns,
     is_valid_column_coloring,
     star_recovery,
 )
-from lineax_amgx._pattern import SparsityPattern  # noqa: E402
 
 
 def _pattern(A):

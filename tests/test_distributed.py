@@ -22,7 +22,9 @@ import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _dispatch, _distributed  # noqa: E402
+import lineax_amgx.distributed as _distributed  # noqa: E402
+from lineax_amgx._backends.contract import SolveKey, Status  # noqa: E402
+from lineax_amgx.distributed import _amgx as DA  # noqa: E402
 
 D = _distributed
 
@@ -678,20 +680,18 @@ class FakeDistributedAmgX:
 
 @pytest.fixture
 def fake_amgx(monkeypatch):
-    from lineax_amgx import _library
+    from lineax_amgx._backends.amgx import _library
 
     fake = FakeDistributedAmgX()
     monkeypatch.setattr(_library, "native", lambda: fake)
-    monkeypatch.setattr(D, "_checked_mpi", set())
-    monkeypatch.setattr(D, "_ordinals", {})
-    monkeypatch.setattr(D, "_amgx_comms", {})
+    monkeypatch.setattr(DA, "_checked_mpi", set())
+    monkeypatch.setattr(DA, "_ordinals", {})
+    monkeypatch.setattr(DA, "_amgx_comms", {})
     return fake
 
 
 @collective
 def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
-    from lineax_amgx._dispatch import SolveKey
-
     A = global_matrix("nonsymmetric")
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     pattern, lay = op.pattern, op.layout
@@ -701,9 +701,9 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
     key = SolveKey(config='{"solver": "fake"}', mode="dDDI", transposed=False,
                    verbose=False, backend="amgx")
     ok = jnp.int32(1)
-    tok = D.amgx_setup(pattern, op.values, ok, key)
+    tok = DA.amgx_setup(pattern, op.values, ok, key)
     assert fake_amgx.actions == [2]  # nobody had it: set up together
-    x, info, _ = D.amgx_solve(pattern, op.values, tok, bl, None, ok, key)
+    x, info, _ = DA.amgx_solve(pattern, op.values, tok, bl, None, ok, key)
     assert fake_amgx.actions == [2, 0]  # the token names the setup: a hit
     assert int(info[0]) == 0
     xg = D.gather_vector(x, lay, root=None)
@@ -713,17 +713,17 @@ def test_native_path_agrees_on_setup_hit_and_resetup(fake_amgx):
     scale = 2.0 if RANK == SIZE - 1 else 1.0
     values = op.values * scale
     bad = tok if RANK != SIZE - 1 else jnp.array([-5, -5], jnp.int32)
-    x, info, _ = D.amgx_solve(pattern, values, bad, bl, None, ok, key)
+    x, info, _ = DA.amgx_solve(pattern, values, bad, bl, None, ok, key)
     assert fake_amgx.actions == [2, 0, 1]
     A2 = sp.vstack(COMM.allgather(
         sp.csr_matrix(A)[lay.row_start : lay.row_end] * scale)).tocsc()
     xg = D.gather_vector(x, lay, root=None)
     assert rel_err(xg, spla.spsolve(A2, b)) < 1e-10
     # Non-finite values on one rank: nobody calls AmgX, everybody gets NONFINITE.
-    x, info, _ = D.amgx_solve(pattern, values, tok, bl, None,
+    x, info, _ = DA.amgx_solve(pattern, values, tok, bl, None,
                               jnp.int32(0 if RANK == 0 else 1), key)
     assert fake_amgx.actions == [2, 0, 1]
-    assert int(info[0]) == _dispatch.STATUS_NONFINITE
+    assert int(info[0]) == Status.NONFINITE
 
 
 def _callback_inputs(fn, *args):
@@ -773,31 +773,27 @@ def test_callbacks_move_only_what_crosses_ranks():
 def test_native_path_refuses_ranks_in_different_calls(fake_amgx):
     """Rank 0 sets up with another configuration: every rank raises, and nobody
     reaches AmgX (which would mix the two)."""
-    from lineax_amgx._dispatch import SolveKey
-
     op = lxa.DistributedCSROperator.from_global_scipy(
         global_matrix() if RANK == 0 else None)
     key = SolveKey(config=f'{{"solver": "fake{int(RANK == 0)}"}}', mode="dDDI",
                    transposed=False, verbose=False, backend="amgx")
     raises_everywhere(Exception, lambda: jax.block_until_ready(
-        D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)),
+        DA.amgx_setup(op.pattern, op.values, jnp.int32(1), key)),
         "different distributed AmgX calls")
     assert fake_amgx.actions == []
 
 
 @collective
 def test_distributed_clear_cache_is_collective(fake_amgx):
-    from lineax_amgx._dispatch import SolveKey
-
     A = global_matrix()
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     key = SolveKey(config='{"solver": "fake"}', mode="dDDI", transposed=False,
                    verbose=False, backend="amgx")
-    D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
+    DA.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
     assert D.cache_info()["size"] == 1
     D.clear_cache(COMM)
     assert D.cache_info()["size"] == 0
-    D.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
+    DA.amgx_setup(op.pattern, op.values, jnp.int32(1), key)
     assert fake_amgx.actions == [2, 2]  # set up afresh, together
 
 
@@ -807,25 +803,25 @@ def test_native_path_checks_amgx_mpi(fake_amgx, monkeypatch):
     assert family == D.mpi_library()
     key = lxa.DistributedCSROperator.from_global_scipy(
         global_matrix() if RANK == 0 else None).layout.comm_key
-    D._check_native_mpi(key)
+    DA._check_native_mpi(key)
     other = "Open MPI" if family == "MPICH" else "MPICH"
-    monkeypatch.setattr(D, "_checked_mpi", set())
-    monkeypatch.setattr(D, "amgx_mpi_library", lambda: other)
-    raises_everywhere(RuntimeError, lambda: D._check_native_mpi(key),
+    monkeypatch.setattr(DA, "_checked_mpi", set())
+    monkeypatch.setattr(DA, "amgx_mpi_library", lambda: other)
+    raises_everywhere(RuntimeError, lambda: DA._check_native_mpi(key),
                       "cannot cross MPI libraries")
-    monkeypatch.setattr(D, "amgx_mpi_library", lambda: None)
-    raises_everywhere(RuntimeError, lambda: D._check_native_mpi(key),
+    monkeypatch.setattr(DA, "amgx_mpi_library", lambda: None)
+    raises_everywhere(RuntimeError, lambda: DA._check_native_mpi(key),
                       "links no MPI library")
 
 
 def test_native_path_selection(monkeypatch):
-    monkeypatch.delenv(D._PATH_ENV, raising=False)
-    assert D.native_path() == "ffi"
-    monkeypatch.setenv(D._PATH_ENV, "host")
-    assert D.native_path() == "host"
-    monkeypatch.setenv(D._PATH_ENV, "gpu")
+    monkeypatch.delenv(DA._PATH_ENV, raising=False)
+    assert DA.native_path() == "ffi"
+    monkeypatch.setenv(DA._PATH_ENV, "host")
+    assert DA.native_path() == "host"
+    monkeypatch.setenv(DA._PATH_ENV, "gpu")
     with pytest.raises(ValueError, match="LINEAX_AMGX_DISTRIBUTED_PATH"):
-        D.native_path()
+        DA.native_path()
 
 
 def _ffi_eqn(fn, *args):
@@ -839,9 +835,7 @@ def test_ffi_path_traces_with_a_signature_every_rank_shares(monkeypatch):
     """The CUDA branch (traced on every machine): one FFI call, named by the
     local structure, and a signature that is the same on every rank for the same
     logical call (the handlers compare it), different for another call."""
-    from lineax_amgx._dispatch import SolveKey
-
-    monkeypatch.delenv(D._PATH_ENV, raising=False)
+    monkeypatch.delenv(DA._PATH_ENV, raising=False)
     A = global_matrix("nonsymmetric")
     op = lxa.DistributedCSROperator.from_global_scipy(A if RANK == 0 else None)
     key = SolveKey(config="{}", mode="dDDI", transposed=False, verbose=False,
@@ -849,14 +843,14 @@ def test_ffi_path_traces_with_a_signature_every_rank_shares(monkeypatch):
     ok, b = jnp.int32(1), jnp.ones(op.layout.n_local)
     tok = jnp.zeros(2, jnp.int32)
     name, setup = _ffi_eqn(
-        lambda v, o: D.gpu_backend.setup(op.pattern, v, o, key), op.values, ok)
+        lambda v, o: DA.gpu_backend.setup(op.pattern, v, o, key), op.values, ok)
     assert name == "lineax_amgx_dist_setup"
     assert setup["fingerprint"] == op.pattern.fingerprint
     assert setup["comm_key"] == op.layout.comm_key
-    name, solve = _ffi_eqn(lambda v, t, x, o: D.gpu_backend.solve(
+    name, solve = _ffi_eqn(lambda v, t, x, o: DA.gpu_backend.solve(
         op.pattern, v, t, x, None, o, key), op.values, tok, b, ok)
     assert name == "lineax_amgx_dist_solve" and solve["has_x0"] == 0
-    _, solve_t = _ffi_eqn(lambda v, t, x, o: D.gpu_backend.solve(
+    _, solve_t = _ffi_eqn(lambda v, t, x, o: DA.gpu_backend.solve(
         op.pattern, v, t, x, x, o, key._replace(transposed=True)),
         op.values, tok, b, ok)
     assert solve_t["has_x0"] == 1

@@ -357,7 +357,7 @@ def test_memory_returns_after_clear_and_finalize():
         import jax, jax.numpy as jnp, lineax as lx, numpy as np
         jax.config.update("jax_enable_x64", True)
         import lineax_amgx as lxa, pyamg
-        from lineax_amgx import _library
+        from lineax_amgx._backends.amgx import _library
         MiB = 2**20
         free = lambda: _library.native().free_device_memory()[0]
         jnp.ones(1).block_until_ready()

@@ -25,7 +25,8 @@ import _mpi_helpers  # noqa: E402
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _distributed as D  # noqa: E402
+import lineax_amgx.distributed as D  # noqa: E402
+from lineax_amgx.distributed import _amgx as DA, _comm as DC  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 
@@ -39,7 +40,7 @@ collective = _mpi_helpers.collective(COMM)
 
 def gpu():
     devices = jax.devices("cuda")
-    return devices[D._device_ordinal(D._register(COMM)) % len(devices)]
+    return devices[DA._device_ordinal(DC._register(COMM)) % len(devices)]
 
 
 def problem(kind="poisson", n=40, seed=3):

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 import lineax_amgx as lxa
-from lineax_amgx import _library
+from lineax_amgx._backends.amgx import _library
 
 pytestmark = pytest.mark.gpu
 
@@ -390,7 +390,7 @@ def test_gpu_solve_without_amgx_library(tmp_path):
         import jax, jax.numpy as jnp, lineax as lx, pyamg
         jax.config.update("jax_enable_x64", True)
         import lineax_amgx as lxa
-        from lineax_amgx import _library
+        from lineax_amgx._backends.amgx import _library
         try:
             print("LOADED", _library.load())
         except lxa.AmgXNotFoundError as e:

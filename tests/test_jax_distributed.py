@@ -77,7 +77,7 @@ from helpers import poisson3d, rel_err  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
-from lineax_amgx import _distributed as D  # noqa: E402
+import lineax_amgx.distributed as D  # noqa: E402
 
 try:
     from jax import shard_map as _shard_map

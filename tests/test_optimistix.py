@@ -17,7 +17,7 @@ import optimistix as optx
 import pytest
 
 import lineax_amgx as lxa
-from lineax_amgx import _sparsify
+from lineax_amgx.matrix_free import _sparsify
 
 N = 16  # interior grid: 256 unknowns
 LAM = 5.0  # below the fold (~6.81): the lower branch, an SPD Jacobian

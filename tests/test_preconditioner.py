@@ -595,7 +595,7 @@ def _bratu_n(u, n, lam):
 
 
 def test_matrix_free_operator_is_sparsified(rng):
-    pytest.importorskip("lineax_amgx._sparsify")
+    pytest.importorskip("lineax_amgx.matrix_free._sparsify")
     n = 16
     lap = poisson2d(n)
     u = jnp.asarray(rng.random(n * n))

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from lineax_amgx._operator import CSROperator  # noqa: E402
-from lineax_amgx._sparsify import (  # noqa: E402
+from lineax_amgx.matrix_free._sparsify import (  # noqa: E402
     SparsifiedOperator,
     as_csr_operator,
     detection_count,
@@ -176,7 +176,7 @@ def test_star_coloring_symmetric_decompression():
     op = sparsify(lx.JacobianLinearOperator(f, u), symmetric=True)
     J = np.asarray(jax.jacfwd(f)(u))
     # force a star coloring and check symmetric decompression
-    from lineax_amgx._coloring import Coloring, _greedy_star, star_recovery
+    from lineax_amgx.matrix_free._coloring import Coloring, _greedy_star, star_recovery
     p = op.pattern
     rows = p.row_ids.astype(np.int64)
     cols = p.indices.astype(np.int64)

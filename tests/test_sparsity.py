@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import scipy.spatial  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
-from lineax_amgx._sparsity import detect_sparsity  # noqa: E402
+from lineax_amgx.matrix_free._sparsity import detect_sparsity  # noqa: E402
 
 
 def _dense(p):

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ._pattern import SparsityPattern
+from .._pattern import SparsityPattern
 
 try:  # numba is optional: it only makes the sequential greedy kernels fast.
     import importlib.util
@@ -119,12 +119,6 @@ def is_valid_column_coloring(pattern: SparsityPattern, colors) -> bool:
         return int(np.bincount(key, minlength=1).max()) <= 1
     key.sort(kind="stable")
     return not bool(np.any(key[1:] == key[:-1]))
-
-
-def _color_counts_lookup(pattern, colors, K):
-    key = _row_color_keys(pattern, colors, K)
-    uniq, counts = np.unique(key, return_counts=True)
-    return uniq, counts
 
 
 def star_recovery(pattern: SparsityPattern, colors) -> np.ndarray | None:

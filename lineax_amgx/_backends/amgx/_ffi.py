@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._pattern import SparsityPattern
+from ..contract import MODES, SolveKey
 from . import _library
-from ._dispatch import MODES, SolveKey
-from ._pattern import SparsityPattern
 
 
 def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:

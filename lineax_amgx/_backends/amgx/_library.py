@@ -11,7 +11,7 @@ import sys
 import threading
 import weakref
 
-from ._pattern import SparsityPattern
+from ..._pattern import SparsityPattern
 
 _LIB_NAME = "libamgxsh.so"
 # Libraries AmgX links against; preloaded from known CUDA locations when the loader

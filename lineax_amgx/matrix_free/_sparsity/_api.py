@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
-from .._pattern import SparsityPattern
+from ..._pattern import SparsityPattern
 from . import _sets as S
 from ._interpret import Context, Unsupported, _Val, eval_jaxpr
 

@@ -1,0 +1,191 @@
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
+"""The backend contract: what a solver asks of a backend, and what it gets back.
+
+Every backend (AmgX through XLA FFI on CUDA devices, pyamg on the host, and the
+collective variants of both for distributed patterns) implements the same two
+calls, with the same shapes and meaning:
+
+- `setup(pattern, values, ok, key, near_nullspace=None) -> token`: AmgX *setup*
+  (or resetup) for these values. `token` (int32[2]: cache entry id, generation)
+  names the resident setup.
+- `solve(pattern, values, token, b, x0, ok, key, near_nullspace=None)
+  -> (x, info, residual)`: a solve; when `token` still names the resident setup
+  no setup runs, otherwise the backend sets up from `values` first (a stale token
+  is slow, never wrong). `info` is int32[2] = (`Status`, iterations); `residual`
+  the final residual norm (`solve_result_shapes`).
+
+`ok` is an int32 scalar, 0 when an input holds NaN or Inf (or the matrix has a
+zero row): the backend then skips the solver and reports `Status.NONFINITE`.
+`near_nullspace` (an `(n, k)` array or `None`: `options["near_nullspace"]`,
+pyamg's `B`) is used by the CPU backend; AmgX has no such input.
+
+Backends register themselves here (`register(name, pattern_type, backend)`), by
+the kind of pattern they serve; the router (`router.py`) looks them up by name
+and by the pattern's type. This module imports nothing of the package:
+backends import it, and nothing above it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# Codes shared with the native core. ONE definition on the Python side.
+#
+# NATIVE CODES: the native module is being taught to export these (status codes
+# and AmgX mode codes defined once in C++). When it does, wire them in here, and
+# only here: e.g. `Status = enum.IntEnum("Status", _native.status_codes())` and
+# `MODES = dict(_native.mode_codes())`, with a test that the two sides agree.
+# -----------------------------------------------------------------------------
+
+
+class Status(enum.IntEnum):
+    """A backend's verdict on one solve (`info[0]`)."""
+
+    SUCCESS = 0
+    FAILED = 1
+    DIVERGED = 2
+    NOT_CONVERGED = 3
+    NONFINITE = 4
+
+
+# AmgX modes (`AMGX_Mode`): d = device, then matrix, vector precision, int index.
+MODES = {"dDDI": 8193, "dDFI": 8449, "dFFI": 8465}
+
+# -----------------------------------------------------------------------------
+# Precision -> mode -> dtypes (one definition, for every solver and backend).
+# -----------------------------------------------------------------------------
+
+PRECISIONS = (None, "double", "single", "mixed")
+BACKENDS = ("auto", "amgx", "pyamg")
+
+
+def mode_for(precision: str | None, dtype) -> str:
+    """The AmgX mode for a solver's `precision` and the operator's dtype.
+    `"mixed"` runs AmgX in float32 (`dFFI`) inside float64 iterative refinement
+    or between float64 vectors: AmgX's own mixed mode (`dDFI`) fails on
+    CUDA >= 10.1 ("Mixed precision modes not currently supported")."""
+    if precision in ("mixed", "single"):
+        return "dFFI"
+    if precision == "double":
+        return "dDDI"
+    return "dDDI" if dtype == jnp.float64 else "dFFI"
+
+
+def matrix_dtype(mode: str):
+    """The dtype of the matrix values a backend receives in `mode`."""
+    return jnp.float64 if mode == "dDDI" else jnp.float32
+
+
+def vector_dtype(mode: str):
+    """The dtype of the vectors a backend receives in `mode`."""
+    return jnp.float32 if mode == "dFFI" else jnp.float64
+
+
+def check_choice(what: str, value: Any, choices: tuple) -> None:
+    """`ValueError` naming the allowed values (for `precision` and `backend`)."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}.")
+
+
+# -----------------------------------------------------------------------------
+# The solve key, tokens and result shapes.
+# -----------------------------------------------------------------------------
+
+
+class SolveKey(NamedTuple):
+    """Everything static about a solve (hashable; part of the cache key)."""
+
+    config: str  # finalised AmgX JSON
+    mode: str  # "dDDI" | "dDFI" | "dFFI"
+    transposed: bool
+    verbose: bool
+    backend: str  # "auto" | "amgx" | "pyamg"
+
+
+def invalid_token():
+    """A token that names no setup: the next solve sets up from its values."""
+    return jnp.array([-1, -1], dtype=jnp.int32)
+
+
+def solve_result_shapes(b) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The solve contract's outputs: `x` like `b`, `info = int32[2](status,
+    iterations)`, the residual norm as a scalar of `b`'s dtype."""
+    return (
+        jax.ShapeDtypeStruct(b.shape, b.dtype),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+        jax.ShapeDtypeStruct((), b.dtype),
+    )
+
+
+def nonfinite_host_result(shape, dtype) -> tuple[np.ndarray, ...]:
+    """A host solve's answer to non-finite input (the solver is not called):
+    zeros, `Status.NONFINITE`, an infinite residual."""
+    return (
+        np.zeros(shape, dtype),
+        np.array([Status.NONFINITE, 0], np.int32),
+        np.array(np.inf, dtype),
+    )
+
+
+def host_setup(host, values, ok, *extra):
+    """A setup as a host callback: `host(values, ok, *extra)` returns the token
+    (`extra` entries that are `None` are not passed)."""
+    args = [values, ok, *(e for e in extra if e is not None)]
+    args = [jax.lax.stop_gradient(a) for a in args]
+    return jax.pure_callback(
+        host, jax.ShapeDtypeStruct((2,), jnp.int32), *args, vmap_method="sequential"
+    )
+
+
+def host_solve(host, values, token, b, x0, ok, *extra):
+    """A solve as a host callback: `host(values, token, b, ok, [x0], *extra)`
+    returns `(x, info, residual)` (`x0` and `extra` entries that are `None` are not
+    passed)."""
+    args = [values, token, b, ok, *(e for e in (x0, *extra) if e is not None)]
+    args = [jax.lax.stop_gradient(a) for a in args]
+    return jax.pure_callback(
+        host, solve_result_shapes(b), *args, vmap_method="sequential"
+    )
+
+
+# -----------------------------------------------------------------------------
+# The registry.
+# -----------------------------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What a backend provides (module-level functions or a class)."""
+
+    def setup(self, pattern, values, ok, key: SolveKey, near_nullspace=None): ...
+
+    def solve(
+        self, pattern, values, token, b, x0, ok, key: SolveKey, near_nullspace=None
+    ): ...
+
+
+_registry: dict[tuple[str, type], Backend] = {}
+
+
+def register(name: str, pattern_type: type, backend: Backend) -> None:
+    """Make `backend` the `name` (`"amgx"` or `"pyamg"`) backend for patterns of
+    `pattern_type` (and its subclasses)."""
+    if name not in BACKENDS[1:]:
+        raise ValueError(f"backend name must be one of {BACKENDS[1:]}, got {name!r}.")
+    _registry[(name, pattern_type)] = backend
+
+
+def lookup(name: str, pattern) -> Backend:
+    """The `name` backend registered for `pattern`'s type (its nearest base)."""
+    for cls in type(pattern).__mro__:
+        backend = _registry.get((name, cls))
+        if backend is not None:
+            return backend
+    raise TypeError(
+        f"No {name!r} backend is registered for a {type(pattern).__name__}."
+    )
