@@ -92,6 +92,16 @@ _CHOICES: dict[str, frozenset[str]] = {
         "PARALLEL_GREEDY_SELECTOR",
     }),
 }
+# Parameters AmgX reads from its *resources* (`AMGX_resources_create`), never from
+# a solver's config (AmgX's resources.cu and distributed_manager.cu). lineax-amgx
+# creates one resources object per device and communicator, shared by every
+# solver, so in a solver config these keys would be silently ignored: refused.
+_RESOURCE_KEYS = frozenset({
+    "communicator", "device_mem_pool_size", "device_mem_pool_size_limit",
+    "device_consolidation_pool_size", "device_mem_pool_max_alloc_size",
+    "device_alloc_scaling_factor", "device_alloc_scaling_threshold", "num_streams",
+    "high_priority_stream", "serialize_threads",
+})
 # Solvers whose iteration needs a symmetric positive definite preconditioner.
 _CG_LIKE = frozenset({"CG", "PCG", "PCGF"})
 # Smoothers that keep a V-cycle symmetric when presweeps == postsweeps.
@@ -251,6 +261,18 @@ def _validate_scope(d: Mapping[str, Any], where: str) -> None:
             raise ConfigError(
                 f"Unknown AmgX config key {key!r} at {path!r}."
                 + _suggest(key, _AMGX_PARAMETERS | _STRUCTURAL_KEYS)
+            )
+        if key in _RESOURCE_KEYS:
+            hint = (
+                " AmgX's halo exchange here uses its host-staged 'MPI' communicator;"
+                " 'MPI_DIRECT' needs a CUDA-aware MPI and is not supported (see the"
+                " multi-GPU guide)." if key == "communicator" else ""
+            )
+            raise ConfigError(
+                f"{path!r}: {key!r} is a setting of AmgX's resources, which "
+                "lineax-amgx creates once per device (and communicator) and shares "
+                "between solvers; AmgX ignores it in a solver config, so it is "
+                "refused rather than silently dropped. Remove it." + hint
             )
         if key in _SOLVER_KEYS:
             if isinstance(value, Mapping):

@@ -445,6 +445,13 @@ def test_sizes_beyond_int32_rejected_before_allocation():
         ('{"config_version": 3, "solver": "PCG"}', "config_version 2"),
         ({"config_version": 2}, "needs an outer 'solver' entry"),
         (42, "must be a preset name, a JSON string or a dict"),
+        ({"config_version": 2, "communicator": "MPI_DIRECT", "solver": "PCG"},
+         "'communicator' is a setting of AmgX's resources.*MPI_DIRECT' needs a "
+         "CUDA-aware MPI"),
+        ({"config_version": 2, "solver": {"solver": "PCG",
+                                          "device_mem_pool_size": 1 << 20}},
+         "'solver.device_mem_pool_size': 'device_mem_pool_size' is a setting of "
+         "AmgX's resources"),
     ],
 )
 def test_bad_config(config, message):
