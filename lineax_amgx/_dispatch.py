@@ -26,15 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._library import codes as _codes
 from ._pattern import SparsityPattern
 
-STATUS_SUCCESS = 0
-STATUS_FAILED = 1
-STATUS_DIVERGED = 2
-STATUS_NOT_CONVERGED = 3
-STATUS_NONFINITE = 4
+# Defined once, in the native core (csrc/codes.h).
+STATUS_SUCCESS: int = _codes.STATUS_SUCCESS
+STATUS_FAILED: int = _codes.STATUS_FAILED
+STATUS_DIVERGED: int = _codes.STATUS_DIVERGED
+STATUS_NOT_CONVERGED: int = _codes.STATUS_NOT_CONVERGED
+STATUS_NONFINITE: int = _codes.STATUS_NONFINITE
 
-MODES = {"dDDI": 8193, "dDFI": 8449, "dFFI": 8465}
+MODES: dict[str, int] = dict(_codes.MODES)
 
 
 class SolveKey(NamedTuple):

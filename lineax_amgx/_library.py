@@ -29,8 +29,7 @@ class AmgXNotFoundError(RuntimeError):
     """AmgX (libamgxsh.so) or a library it needs could not be loaded."""
 
 
-def native():
-    """The compiled extension, or a clear error if the package was not built."""
+def _import_native():
     try:
         from . import _native
     except ImportError as e:  # pragma: no cover - a broken install
@@ -39,6 +38,18 @@ def native():
             "`pip install .` (a C++17 compiler is all it needs)."
         ) from e
     return _native
+
+
+def native():
+    """The compiled extension, or a clear error if the package was not built."""
+    return _import_native()
+
+
+# The codes and names shared with the native core (status and mode codes, FFI
+# target names, ...: see `_native.pyi`), defined once in csrc/codes.h and read
+# from the extension here. (Not through `native()`, which tests replace with
+# stand-ins.)
+codes = _import_native()
 
 
 def candidate_paths() -> list[tuple[str, str]]:
@@ -150,7 +161,8 @@ def register_ffi_targets() -> None:
 def _finalize_at_exit() -> None:
     # After a CUDA fault inside AmgX the native core leaks instead of tearing
     # down, and leaves the process at exit() before AmgX's static destructors
-    # (which would throw and abort): see `exit_without_amgx_teardown` in core.cc.
+    # (which would throw and abort): see `exit_without_amgx_teardown` in
+    # csrc/loader.cc.
     try:
         n = native()
         if n.is_initialized():
