@@ -67,10 +67,11 @@ def check_block_size(block_size: int, *, where: str = "block_size") -> int:
     if b > MAX_BLOCK_SIZE:
         raise ValueError(
             f"{where}={b} is not supported: lineax-amgx handles square blocks of "
-            f"1 to {MAX_BLOCK_SIZE} unknowns (1 to 5 on the GPU, where AmgX's "
-            "block aggregation stops; see docs/blocks.md). Use the scalar form "
-            "(block_size=1, e.g. `CSROperator.from_scipy(matrix.tocsr())`) or "
-            f"group the unknowns into blocks of at most {MAX_BLOCK_SIZE}."
+            f"1 to {MAX_BLOCK_SIZE} unknowns (fewer on the GPU, where AmgX's block "
+            "aggregation stops: the GPU backend says how many; see docs/blocks.md). "
+            "Use the "
+            "scalar form (block_size=1, e.g. `CSROperator.from_scipy(matrix.tocsr())`) "
+            f"or group the unknowns into blocks of at most {MAX_BLOCK_SIZE}."
         )
     return b
 

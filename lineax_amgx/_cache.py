@@ -17,8 +17,7 @@ def _native_or_none():
         return None
 
 
-_COUNTERS = ("hits", "misses", "setups", "resetups", "solves", "evictions",
-             "device_switches")
+_COUNTERS = (*_library.codes.COUNTER_NAMES, "device_switches")
 
 
 def cache_info(backend: str | None = None) -> dict[str, Any]:

@@ -630,24 +630,28 @@ class FakeDistributedAmgX:
 
     def dist_probe(self, ordinal, comm_key, fingerprint, config, mode, transposed,
                    block_size, values, id, gen):
+        from lineax_amgx._backends import _native as codes
+
         e = self.entries.get(self._key(comm_key, fingerprint, config, mode, transposed,
                                        block_size))
         if e is None:
-            return 2, -1, -1
+            return codes.PROBE_SETUP, -1, -1
         same = (e["id"], e["gen"]) == (id, gen) or np.array_equal(e["values"], values)
-        return (0 if same else 1), e["id"], e["gen"]
+        return (codes.PROBE_HIT if same else codes.PROBE_RESETUP), e["id"], e["gen"]
 
     def dist_setup(self, action, ordinal, comm_key, comm_ptr, fingerprint, config, mode,
                    transposed, block_size, n_global, offsets, indptr, global_indices,
                    values):
+        from lineax_amgx._backends import _native as codes
+
         assert comm_ptr != MPI._addressof(COMM)  # AmgX gets its own Dup
         self.comm.Barrier()  # collective, as AmgX's setup is
         self.actions.append(action)
         key = self._key(comm_key, fingerprint, config, mode, transposed, block_size)
         e = self.entries.get(key)
-        if action == 0:
+        if action == codes.PROBE_HIT:
             return e["id"], e["gen"]
-        if action == 1:
+        if action == codes.PROBE_RESETUP:
             e["values"] = np.array(values)
             e["gen"] += 1
             return e["id"], e["gen"]

@@ -166,7 +166,8 @@ def test_native_distributed_entries_take_read_only_arrays():
     values = np.arange(8.0)
     values.flags.writeable = False
     calls = [
-        lambda: native.dist_probe(0, 1, 2, "{}", 8193, 0, 1, values, -1, -1),
+        lambda: native.dist_probe(0, 1, 2, "{}", native.MODES["dDDI"], 0, 1, values,
+                                  -1, -1),
         lambda: native.dist_solve(0, 1, 1, values, values, np.zeros(8)),
     ]
     for call in calls:

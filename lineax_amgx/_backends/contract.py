@@ -34,28 +34,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _native
+
 # -----------------------------------------------------------------------------
-# Codes shared with the native core. ONE definition on the Python side.
-#
-# NATIVE CODES: the native module is being taught to export these (status codes
-# and AmgX mode codes defined once in C++). When it does, wire them in here, and
-# only here: e.g. `Status = enum.IntEnum("Status", _native.status_codes())` and
-# `MODES = dict(_native.mode_codes())`, with a test that the two sides agree.
+# Codes shared with the native core: defined once, in csrc/codes.h, and read here
+# from the compiled module (tests/test_native.py checks them against AmgX's
+# headers).
 # -----------------------------------------------------------------------------
 
 
 class Status(enum.IntEnum):
     """A backend's verdict on one solve (`info[0]`)."""
 
-    SUCCESS = 0
-    FAILED = 1
-    DIVERGED = 2
-    NOT_CONVERGED = 3
-    NONFINITE = 4
+    SUCCESS = _native.STATUS_SUCCESS
+    FAILED = _native.STATUS_FAILED
+    DIVERGED = _native.STATUS_DIVERGED
+    NOT_CONVERGED = _native.STATUS_NOT_CONVERGED
+    NONFINITE = _native.STATUS_NONFINITE
 
 
 # AmgX modes (`AMGX_Mode`): d = device, then matrix, vector precision, int index.
-MODES = {"dDDI": 8193, "dDFI": 8449, "dFFI": 8465}
+MODES: dict[str, int] = dict(_native.MODES)
 
 # -----------------------------------------------------------------------------
 # Precision -> mode -> dtypes (one definition, for every solver and backend).

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._backends import _native
 from .._backends.amgx import _ffi, _library
 from .._backends.contract import (
     MODES,
@@ -308,11 +309,11 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     # the token does not name a resident entry (probe), or for a (re)setup.
     as_numpy = ft.cache(lambda: np.ascontiguousarray(values))
     no_values = np.empty(0, np.uint8)
-    err, state = None, 2
+    err, state = None, _native.PROBE_SETUP
     try:
         tok = (int(token[0]), int(token[1]))
         state, _, _ = native.dist_probe(ordinal, *static, no_values, *tok)
-        if state == 1:  # an entry of this key, not named by the token: compare
+        if state == _native.PROBE_RESETUP:  # not named by the token: compare
             state, _, _ = native.dist_probe(ordinal, *static, as_numpy(), *tok)
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = str(e)
@@ -330,7 +331,8 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
             action, ordinal, comm_key, int(MPI._addressof(amgx_comm)), *static[1:],
             pattern.layout.n_global,
             np.asarray(pattern.layout.offsets, dtype=np.int64), pattern.indptr,
-            pattern.global_indices, as_numpy() if action != 0 else no_values,
+            pattern.global_indices,
+            as_numpy() if action != _native.PROBE_HIT else no_values,
         )
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = f"AmgX distributed setup failed: {e}"
@@ -505,7 +507,7 @@ def ffi_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
     """Collective. `amgx_setup` through the device-resident FFI handler."""
     _ffi_prepare(pattern)
     call = jax.ffi.ffi_call(
-        "lineax_amgx_dist_setup", jax.ShapeDtypeStruct((2,), jnp.int32),
+        _native.FFI_TARGETS["dist_setup"], jax.ShapeDtypeStruct((2,), jnp.int32),
         vmap_method="sequential",
     )
     return call(values, ok, **_ffi_attrs(pattern, key, "setup"))
@@ -515,7 +517,8 @@ def ffi_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: SolveK
     """Collective. `amgx_solve` through the device-resident FFI handler."""
     _ffi_prepare(pattern)
     call = jax.ffi.ffi_call(
-        "lineax_amgx_dist_solve", solve_result_shapes(b), vmap_method="sequential"
+        _native.FFI_TARGETS["dist_solve"], solve_result_shapes(b),
+        vmap_method="sequential",
     )
     has_x0 = x0 is not None
     return call(

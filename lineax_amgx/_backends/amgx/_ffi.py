@@ -49,7 +49,7 @@ def _prepare(pattern: SparsityPattern) -> None:
 def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
     _prepare(pattern)
     call = jax.ffi.ffi_call(
-        "lineax_amgx_setup",
+        _library.codes.FFI_TARGETS["setup"],
         jax.ShapeDtypeStruct((2,), jnp.int32),
         vmap_method="sequential",
     )
@@ -59,7 +59,7 @@ def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
 def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):
     _prepare(pattern)
     call = jax.ffi.ffi_call(
-        "lineax_amgx_solve",
+        _library.codes.FFI_TARGETS["solve"],
         (
             jax.ShapeDtypeStruct(b.shape, b.dtype),
             jax.ShapeDtypeStruct((2,), jnp.int32),

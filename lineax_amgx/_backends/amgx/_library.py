@@ -30,15 +30,17 @@ class AmgXNotFoundError(RuntimeError):
 
 
 def native():
-    """The compiled extension, or a clear error if the package was not built."""
-    try:
-        from . import _native
-    except ImportError as e:  # pragma: no cover - a broken install
-        raise ImportError(
-            "lineax_amgx's native extension is missing; reinstall with "
-            "`pip install .` (a C++17 compiler is all it needs)."
-        ) from e
+    """The compiled extension (imported, with a clear error if it is missing, by
+    `lineax_amgx/__init__.py`). Tests replace this function with stand-ins."""
+    from .. import _native
+
     return _native
+
+
+# The codes and names shared with the native core (status and mode codes, FFI
+# target names, ...: see `_native.pyi`), defined once in csrc/codes.h. (Not
+# through `native()`, which tests replace with stand-ins.)
+from .. import _native as codes  # noqa: E402, F401
 
 
 def candidate_paths() -> list[tuple[str, str]]:
@@ -150,7 +152,8 @@ def register_ffi_targets() -> None:
 def _finalize_at_exit() -> None:
     # After a CUDA fault inside AmgX the native core leaks instead of tearing
     # down, and leaves the process at exit() before AmgX's static destructors
-    # (which would throw and abort): see `exit_without_amgx_teardown` in core.cc.
+    # (which would throw and abort): see `exit_without_amgx_teardown` in
+    # csrc/loader.cc.
     try:
         n = native()
         if n.is_initialized():
