@@ -13,7 +13,9 @@ AMG, the smoother, sweeps, cycle, coarsening limits, the coarse solver, the
 iteration limit and the convergence criterion (honoured exactly: the stopping
 test is made on the true residual `||b - A x||`). A key with no pyamg equivalent
 warns once per `(key, value)` ([`lineax_amgx._cpu.PyamgTranslationWarning`][]);
-one whose omission would change the answer raises a `ValueError`.
+one whose omission would change the answer raises a `ValueError` (reaching the
+caller inside JAX's callback error). Both happen when a CPU solve first runs,
+never at trace time: a GPU solve traces this branch too (`_run_plan`).
 
 Block operators (`block_size = b > 1`) reach pyamg as BSR matrices: smoothed
 aggregation then aggregates block rows (nodes), its default near-null space is
@@ -409,7 +411,8 @@ def _precond_plan(value: Any, *, outer: bool):
 @ft.lru_cache(maxsize=64)
 def _plan(config: str) -> _Plan:
     """Translate a finalised AmgX config (JSON) into a pyamg plan. Warnings (once
-    per key and value) and errors are raised here, at trace time."""
+    per key and value) and errors are raised here; it is called when the CPU
+    branch runs (`_run_plan`), not when it is traced."""
     cfg = json.loads(config)
     outer = _as_scope(cfg["solver"])
     top_extra = {k: v for k, v in cfg.items() if k != "solver"}
@@ -936,7 +939,8 @@ def _cache_key(pattern: SparsityPattern, key: SolveKey, near_nullspace) -> tuple
             key.transposed, width)
 
 
-def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace):
+def _check_near_nullspace(pattern: SparsityPattern, near_nullspace):
+    """The near-null space's shape (an input error on any platform: trace time)."""
     if near_nullspace is None:
         return
     if near_nullspace.ndim != 2 or near_nullspace.shape[0] != pattern.shape[0]:
@@ -944,6 +948,9 @@ def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace)
             f"The near-null space has shape {near_nullspace.shape}; expected "
             f"({pattern.shape[0]}, k)."
         )
+
+
+def _warn_unused_near_nullspace(plan: _Plan):
     p = plan.precond
     if isinstance(p, _AMGPlan) and p.algorithm == "sa":
         return
@@ -958,6 +965,20 @@ def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace)
         PyamgTranslationWarning,
         stacklevel=4,
     )
+
+
+def _run_plan(config: str, near_nullspace: bool) -> _Plan:
+    """The pyamg plan, made when the CPU branch *runs* (inside the host
+    callback), never when it is traced: with `backend="auto"`,
+    `lax.platform_dependent` traces the CPU branch on a GPU too, where a
+    translation warning would be about a backend that does not run, and a config
+    pyamg cannot translate would fail a solve that AmgX can do. Warnings are
+    emitted, and config errors raised (a `ValueError`, which reaches the caller
+    inside JAX's callback error), at the first solve that runs them."""
+    plan = _plan(config)
+    if near_nullspace:
+        _warn_unused_near_nullspace(plan)
+    return plan
 
 
 def setup(
@@ -984,11 +1005,11 @@ def setup(
     The token `int32[2] = (entry id, generation)` naming the resident setup, or
     `(-1, -1)` when nothing was kept (non-finite values, isolated mode).
     """
-    plan = _plan(key.config)  # warnings and config errors surface at trace time
-    _check_near_nullspace(plan, pattern, near_nullspace)
+    _check_near_nullspace(pattern, near_nullspace)
     ckey = _cache_key(pattern, key, near_nullspace)
 
     def host(values, ok, *maybe_nns):
+        plan = _run_plan(key.config, bool(maybe_nns))
         if int(ok) == 0 or _cache.capacity == 0:
             return np.array([-1, -1], np.int32)
         nns = np.asarray(maybe_nns[0]) if maybe_nns else None
@@ -1034,13 +1055,13 @@ def solve(
     with the statuses of `_dispatch`; `residual = ||b - A x||_2` recomputed on the
     host, a scalar of `b`'s dtype.
     """
-    plan = _plan(key.config)
-    _check_near_nullspace(plan, pattern, near_nullspace)
+    _check_near_nullspace(pattern, near_nullspace)
     ckey = _cache_key(pattern, key, near_nullspace)
     out_dtype = np.dtype(b.dtype)
     has_x0 = x0 is not None
 
     def host(values, token, b, ok, *rest):
+        plan = _run_plan(key.config, near_nullspace is not None)
         x0_host = rest[0] if has_x0 else None
         nns = np.asarray(rest[-1]) if near_nullspace is not None else None
         if int(ok) == 0:

@@ -2154,11 +2154,14 @@ def setup(
     from . import _cpu
 
     _no_near_nullspace(near_nullspace)
-    plan = _cpu._plan(key.config)
     comm_key = pattern.layout.comm_key
     site = _new_site()
 
     def host(values, ok):
+        # Translated when this branch runs, not when traced (see _cpu._run_plan);
+        # every rank translates the same config, so a config error is raised on
+        # all of them, before any collective.
+        plan = _cpu._run_plan(key.config, False)
         comm = communicator(comm_key)
         with _turn(comm, site, "setup"):
             all_ok = agree(int(ok) != 0, comm)
@@ -2204,7 +2207,6 @@ def solve(
     from . import _cpu
 
     _no_near_nullspace(near_nullspace)
-    plan = _cpu._plan(key.config)
     comm_key = pattern.layout.comm_key
     site = _new_site()
     out_dtype = np.dtype(b.dtype)
@@ -2212,6 +2214,7 @@ def solve(
     nnz_counts = np.diff(pattern.nnz_offsets)
 
     def host(values, token, b, ok, *maybe_x0):
+        plan = _cpu._run_plan(key.config, False)  # as in setup: at run time
         comm = communicator(comm_key)
         rank = comm.Get_rank()
         with _turn(comm, site, "solve"):
