@@ -61,3 +61,41 @@ def rel_residual(a, x, b) -> float:
     x = np.asarray(x, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(b - a @ x) / np.linalg.norm(b))
+
+
+def jacobian_nonzeros(fn, x, points=2, seed=0) -> np.ndarray:
+    """The nonzero pattern (dense bool) of `jax.jacfwd(fn)` at `points` random
+    points near `x`, united: a reference for sparsity detection from a different
+    method (differentiation, not index-set propagation)."""
+    import jax
+    import jax.flatten_util
+
+    rng = np.random.default_rng(seed)
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    xps = flat + rng.standard_normal((points,) + flat.shape)
+    J = jax.jit(jax.vmap(jax.jacfwd(
+        lambda v: jax.flatten_util.ravel_pytree(fn(unravel(v)))[0])))(xps)
+    return np.any(np.asarray(J) != 0, axis=0)
+
+
+def import_asdex():
+    """`asdex`, or skip the calling test saying why: asdex is not installed, or it
+    is installed but does not import with this JAX (asdex 0.5.2 imports
+    `jax._src.core.ClosedJaxpr`, which jax 0.12 removed)."""
+    from importlib.metadata import version
+
+    import jax
+    import pytest
+
+    try:
+        import asdex
+    except ModuleNotFoundError as e:
+        if e.name != "asdex":
+            raise
+        pytest.skip("asdex is not installed")
+    except ImportError as e:
+        pytest.skip(
+            f"asdex {version('asdex')} does not import with jax {jax.__version__}: "
+            f"{e}"
+        )
+    return asdex

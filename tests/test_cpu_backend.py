@@ -421,15 +421,92 @@ def test_dilu_smoother_warns():
 
 
 def test_unsupported_solver_raises(rng):
+    # Raised when the solve runs (inside the host callback: JAX re-raises it as a
+    # JaxRuntimeError, a RuntimeError, carrying the ValueError's text).
     a, op = _poisson_op(12)
     b = _rhs(rng, a.shape[0])
     cfg = {"config_version": 2, "solver": {"solver": "ARNOLDI", "max_iters": 10}}
-    with pytest.raises(ValueError, match="ARNOLDI.*eigensolver"):
+    with pytest.raises(RuntimeError, match="ValueError: .*ARNOLDI.*eigensolver"):
         lx.linear_solve(op, b, solver=lxa.AMGX(cfg, rtol=1e-8))
     cfg = _user_config()
     cfg["solver"]["preconditioner"] = {"solver": "PCG", "max_iters": 2}
-    with pytest.raises(ValueError, match="Krylov method"):
+    with pytest.raises(RuntimeError, match="ValueError: .*Krylov method"):
         lx.linear_solve(op, b, solver=lxa.AMGX(cfg, rtol=1e-8))
+
+
+# ---- the translation runs with the CPU solve, never at trace time -------------
+# (`lax.platform_dependent` traces the CPU branch on a GPU too: a GPU solve must
+# not warn about, or fail in, a backend that does not run.)
+
+
+@pytest.fixture
+def first_translation(monkeypatch):
+    """As if no config had been translated and no warning shown yet in this
+    process (the translation is cached per config, the warnings shown once per
+    (key, value))."""
+    _translate.translate.cache_clear()
+    monkeypatch.setattr(_warnings, "_warned", set())
+    yield
+    _translate.translate.cache_clear()
+
+
+def _lower_then_run(solver, op, b, **solve_kw):
+    """`(warnings while lowering and compiling, warnings while running, run)`."""
+    f = jax.jit(lambda o, v: lx.linear_solve(o, v, solver=solver, **solve_kw).value)
+    with warnings.catch_warnings(record=True) as at_trace:
+        warnings.simplefilter("always")
+        compiled = f.lower(op, b).compile()
+    assert _translate.translate.cache_info().currsize == 0  # nothing translated yet
+
+    def run():
+        with warnings.catch_warnings(record=True) as at_run:
+            warnings.simplefilter("always")
+            x = jax.block_until_ready(compiled(op, b))
+        return x, at_run
+
+    return at_trace, run
+
+
+def _translation_warnings(caught):
+    return [w for w in caught if issubclass(w.category, _cpu.PyamgTranslationWarning)]
+
+
+def test_translation_warning_comes_with_the_solve(first_translation, rng):
+    a, op = _poisson_op(12)
+    b = _rhs(rng, a.shape[0])
+    solver = lxa.AMGX(_user_config(interp_max_elements=7), rtol=1e-8)
+    at_trace, run = _lower_then_run(solver, op, b)
+    assert not _translation_warnings(at_trace)
+    x, at_run = run()
+    (w,) = _translation_warnings(at_run)
+    assert "interp_max_elements" in str(w.message)
+    assert h.true_residual(a, x, b) <= 1e-6 * float(jnp.linalg.norm(b))
+
+
+def test_untranslatable_config_fails_with_the_solve(first_translation, rng):
+    a, op = _poisson_op(12)
+    b = _rhs(rng, a.shape[0])
+    solver = lxa.AMGX({"config_version": 2, "solver": {"solver": "KACZMARZ"}})
+    at_trace, run = _lower_then_run(solver, op, b)  # raises nothing
+    assert not _translation_warnings(at_trace)
+    with pytest.raises(
+        RuntimeError, match="ValueError: The AmgX solver 'KACZMARZ' cannot be used "
+        "on the CPU backend"
+    ):
+        run()
+
+
+def test_unused_near_nullspace_warning_comes_with_the_solve(first_translation, rng):
+    a, op = _poisson_op(12)
+    b = _rhs(rng, a.shape[0])
+    nns = jnp.ones((a.shape[0], 1))
+    solver = lxa.AMGX("PCG_CLASSICAL", rtol=1e-8)  # classical AMG: no use for it
+    at_trace, run = _lower_then_run(solver, op, b,
+                                    options={"near_nullspace": nns})
+    assert not _translation_warnings(at_trace)
+    _, at_run = run()
+    assert any("near_nullspace" in str(w.message)
+               for w in _translation_warnings(at_run))
 
 
 @pytest.mark.parametrize(

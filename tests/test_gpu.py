@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,43 @@ def test_jit_and_eager_agree(rng):
     eager = lx.linear_solve(op, b, solver=solver).value
     jitted = jax.jit(lambda o, v: lx.linear_solve(o, v, solver=solver).value)(op, b)
     assert rel_err(jitted, eager) < 1e-8
+
+
+def _kaczmarz_config():
+    """FGMRES around aggregation AMG smoothed by Kaczmarz: AmgX runs it, the pyamg
+    backend cannot (it raises when its branch runs)."""
+    cfg = lxa.configs["FGMRES_AGGREGATION"]  # a fresh copy
+    cfg["solver"]["preconditioner"]["smoother"] = {"scope": "kz",
+                                                   "solver": "KACZMARZ"}
+    return cfg
+
+
+@pytest.mark.parametrize("config", ["auto", "kaczmarz"])
+def test_gpu_solve_never_translates_for_pyamg(config, rng, monkeypatch):
+    """`backend="auto"` traces the CPU (pyamg) branch too (`lax.platform_dependent`);
+    on the GPU it never runs. A non-symmetric `AMGX()` solve (DILU smoothing,
+    which pyamg translates with a warning) warns nothing about pyamg, and a config
+    pyamg cannot translate solves with AmgX instead of failing."""
+    from lineax_amgx import _warnings
+    from lineax_amgx._backends.pyamg import _translate
+
+    _translate.translate.cache_clear()
+    monkeypatch.setattr(_warnings, "_warned", set())  # as in a fresh process
+    a = convection_diffusion2d(100)
+    b = rng.standard_normal(a.shape[0])
+    solver = lxa.AMGX(rtol=1e-8) if config == "auto" else lxa.AMGX(
+        _kaczmarz_config(), rtol=1e-8)
+    op = gpu_op(a)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sol = lx.linear_solve(op, gpu_array(b), solver=solver, throw=False)
+        jax.block_until_ready(sol.value)
+    assert not [w for w in caught
+                if issubclass(w.category, lxa.PyamgTranslationWarning)], [
+        str(w.message) for w in caught]
+    assert _translate.translate.cache_info().currsize == 0  # nothing was translated
+    assert sol.result == lx.RESULTS.successful
+    assert rel_residual(a, sol.value, b) < 1e-7
 
 
 def test_jitted_loop_of_dependent_solves(rng):

@@ -9,6 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scipy.spatial  # noqa: E402
+from helpers import import_asdex, jacobian_nonzeros  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
 from lineax_amgx.matrix_free._sparsity import detect_sparsity  # noqa: E402
@@ -18,20 +19,10 @@ def _dense(p):
     return p.to_scipy(np.ones(p.nnz)).toarray() != 0
 
 
-def _truth(fn, x, points=2, seed=0):
-    """Nonzero pattern of jax.jacfwd at a few random points (a different method)."""
-    rng = np.random.default_rng(seed)
-    flat, unravel = jax.flatten_util.ravel_pytree(x)
-    xps = flat + rng.standard_normal((points,) + flat.shape)
-    J = jax.jit(jax.vmap(jax.jacfwd(
-        lambda v: jax.flatten_util.ravel_pytree(fn(unravel(v)))[0])))(xps)
-    return np.any(np.asarray(J) != 0, axis=0)
-
-
 def _check_exact(fn, x, method="traced"):
     p = detect_sparsity(fn, x, memo=False)
     assert p.method == method
-    np.testing.assert_array_equal(_dense(p), _truth(fn, x))
+    np.testing.assert_array_equal(_dense(p), jacobian_nonzeros(fn, x))
     return p
 
 
@@ -92,7 +83,7 @@ def test_random_compositions_exact(names):
     x = jnp.linspace(0.3, 1.7, N)
     p = detect_sparsity(fn, x, memo=False)
     assert p.method == "traced"
-    np.testing.assert_array_equal(_dense(p), _truth(fn, x, points=3))
+    np.testing.assert_array_equal(_dense(p), jacobian_nonzeros(fn, x, points=3))
 
 
 @settings(max_examples=6, deadline=None)
@@ -107,7 +98,7 @@ def test_random_compositions_superset(names):
     fn = _compose(names, table)
     x = jnp.linspace(0.3, 1.7, N)
     p = detect_sparsity(fn, x, memo=False)
-    truth = _truth(fn, x, points=3)
+    truth = jacobian_nonzeros(fn, x, points=3)
     assert np.all(_dense(p) >= truth)
     if not any(n in VALUE_OPS for n in names):
         np.testing.assert_array_equal(_dense(p), truth)
@@ -195,7 +186,7 @@ def test_realistic_exact(fn, n):
 
 
 def _asdex_dense(fn, x):
-    asdex = pytest.importorskip("asdex")
+    asdex = import_asdex()
     return np.asarray(asdex.jacobian_sparsity(fn, x).todense()) != 0
 
 
@@ -268,7 +259,7 @@ def test_pytree_inputs_and_outputs():
     x = {"a": jnp.ones((3, 4)), "b": jnp.ones(2)}
     p = detect_sparsity(fn, x, memo=False)
     assert p.shape == (15, 14)
-    np.testing.assert_array_equal(_dense(p), _truth(fn, x))
+    np.testing.assert_array_equal(_dense(p), jacobian_nonzeros(fn, x))
 
 
 def test_probing_fallback():
@@ -278,7 +269,7 @@ def test_probing_fallback():
     x = jnp.linspace(0.5, 1.5, 10)
     p = detect_sparsity(fn, x, memo=False)
     assert p.method == "probed"
-    np.testing.assert_array_equal(_dense(p), _truth(fn, x))
+    np.testing.assert_array_equal(_dense(p), jacobian_nonzeros(fn, x))
     with pytest.raises(Exception):
         detect_sparsity(fn, x, method="traced", memo=False)
 

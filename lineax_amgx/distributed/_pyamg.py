@@ -50,11 +50,12 @@ def setup(
     global matrix; every rank receives the same token. `ok` is agreed over the
     ranks: non-finite values anywhere skip the setup everywhere."""
     _no_near_nullspace(near_nullspace)
-    pyamg.translate(key.config)  # warnings and config errors at trace time
     comm_key = pattern.layout.comm_key
     site = _new_site()
 
     def host(values, ok):
+        # The config is translated when this runs, on the root, never at trace
+        # time (see pyamg.Host); a config error is raised on every rank.
         comm = communicator(comm_key)
         with _turn(comm, site, "setup"):
             all_ok = agree(int(ok) != 0, comm)
@@ -94,7 +95,6 @@ def solve(
     residual norm are broadcast, so every rank returns the same `info` and
     `residual` and its own part of `x`."""
     _no_near_nullspace(near_nullspace)
-    pyamg.translate(key.config)  # warnings and config errors at trace time
     comm_key = pattern.layout.comm_key
     site = _new_site()
     out_dtype = np.dtype(b.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 
 import numpy as np
 
@@ -442,6 +443,29 @@ def color_columns(
     return _finish(best)
 
 
+class AsdexWarning(UserWarning):
+    """`asdex` is installed but failed during the coloring search (an API or JAX
+    version mismatch): its colorings were left out, so the coloring may need more
+    colors than asdex would give."""
+
+
+def _warn_asdex(error: BaseException) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        where = f"asdex {version('asdex')}"
+    except PackageNotFoundError:  # pragma: no cover - a module without metadata
+        where = "asdex"
+    warnings.warn(
+        f"{where} failed in lineax_amgx's coloring search "
+        f"({type(error).__name__}: {error}); its colorings are left out, so the "
+        "coloring may use more colors. Install an asdex that works with this "
+        "JAX, or uninstall it.",
+        AsdexWarning,
+        stacklevel=4,
+    )
+
+
 def _asdex_candidates(pattern, sym_ok, offer, best, lower):
     if best is not None and best[0] <= lower and not sym_ok:
         return
@@ -449,7 +473,12 @@ def _asdex_candidates(pattern, sym_ok, offer, best, lower):
         return  # asdex's greedy is one of ours (largest-first) at this size
     try:
         import asdex
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "asdex":
+            _warn_asdex(e)  # installed, but a dependency of it is missing
+        return  # not installed: it is optional
+    except ImportError as e:  # e.g. asdex 0.5.2 under jax 0.12 (no ClosedJaxpr)
+        _warn_asdex(e)
         return
     try:
         sp = asdex.SparsityPattern.from_coo(
@@ -465,8 +494,8 @@ def _asdex_candidates(pattern, sym_ok, offer, best, lower):
                 colors, _, _ = asdex.color_symmetric(sp, postprocess=post)
                 if star_recovery(pattern, colors) is not None:
                     offer(colors, True, "asdex-star")
-    except Exception:  # pragma: no cover - asdex API drift
-        return
+    except Exception as e:  # noqa: BLE001 - asdex API drift: ours still stand
+        _warn_asdex(e)
 
 
 def _finish(best) -> Coloring:

@@ -12,7 +12,7 @@ is in `docs/cpu-backend.md`): the outer Krylov method, classical or aggregation
 AMG, the smoother, sweeps, cycle, coarsening limits, the coarse solver, the
 iteration limit and the convergence criterion (honoured exactly: the stopping
 test is made on the true residual `||b - A x||`). A key with no pyamg equivalent
-warns once per `(key, value)` ([`lineax_amgx._cpu.PyamgTranslationWarning`][]);
+warns once per `(key, value)` ([`lineax_amgx.PyamgTranslationWarning`][]);
 one whose omission would change the answer raises a `ValueError`.
 
 Block operators (`block_size = b > 1`) reach pyamg as BSR matrices: smoothed
@@ -75,9 +75,14 @@ def _width(near_nullspace) -> int:
 class Host:
     """One pyamg problem on the host: a pattern and a solve key, translated once.
 
-    Build it where errors and translation warnings should surface (at trace
-    time); call `setup` / `holds` / `solve` inside host callbacks with NumPy
-    arrays. Backed by the package's hierarchy cache.
+    Build it at trace time; call `setup` / `holds` / `solve` inside host
+    callbacks with NumPy arrays. The configuration is translated (translation
+    warnings, config errors) at the first `setup`/`solve`, i.e. when the CPU
+    branch *runs*: with `backend="auto"`, `lax.platform_dependent` traces the CPU
+    branch on a GPU too, where a warning would be about a backend that does not
+    run, and a config pyamg cannot translate would fail a solve AmgX can do. A
+    config error raised there reaches the caller inside JAX's callback error.
+    Backed by the package's hierarchy cache.
 
     **Arguments:**
 
@@ -92,9 +97,17 @@ class Host:
     ):
         self.pattern = pattern
         self.key = key
-        self.plan = translate(key.config)
+        self._with_near_nullspace = bool(near_nullspace_width)
         self.cache_key = (pattern.fingerprint, pattern.block_size, key.mode,
                           key.config, key.transposed, int(near_nullspace_width))
+
+    @property
+    def plan(self) -> _Plan:
+        """The pyamg plan (translated once per config; see the class docstring)."""
+        plan = translate(self.key.config)
+        if self._with_near_nullspace:
+            _warn_unused_near_nullspace(plan)
+        return plan
 
     def setup(self, values: np.ndarray, near_nullspace=None) -> np.ndarray:
         """The token `int32[2]` of the resident setup for these values (`(-1, -1)`
@@ -132,7 +145,8 @@ class Host:
 # -----------------------------------------------------------------------------
 
 
-def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace):
+def _check_near_nullspace(pattern: SparsityPattern, near_nullspace):
+    """The near-null space's shape: an input error on any platform (trace time)."""
     if near_nullspace is None:
         return
     if near_nullspace.ndim != 2 or near_nullspace.shape[0] != pattern.shape[0]:
@@ -140,6 +154,9 @@ def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace)
             f"The near-null space has shape {near_nullspace.shape}; expected "
             f"({pattern.shape[0]}, k)."
         )
+
+
+def _warn_unused_near_nullspace(plan: _Plan):
     p = plan.precond
     if isinstance(p, _AMGPlan) and p.algorithm == "sa":
         return
@@ -177,9 +194,8 @@ def setup(
     The token `int32[2] = (entry id, generation)` naming the resident setup, or
     `(-1, -1)` when nothing was kept (non-finite values, isolated mode).
     """
-    # Warnings and config errors surface at trace time.
-    problem = Host(pattern, key, _width(near_nullspace))
-    _check_near_nullspace(problem.plan, pattern, near_nullspace)
+    problem = Host(pattern, key, _width(near_nullspace))  # translated at run time
+    _check_near_nullspace(pattern, near_nullspace)
 
     def host(values, ok, *maybe_nns):
         if int(ok) == 0:
@@ -222,8 +238,8 @@ def solve(
     with a `Status`; `residual = ||b - A x||_2` recomputed on the
     host, a scalar of `b`'s dtype.
     """
-    problem = Host(pattern, key, _width(near_nullspace))
-    _check_near_nullspace(problem.plan, pattern, near_nullspace)
+    problem = Host(pattern, key, _width(near_nullspace))  # translated at run time
+    _check_near_nullspace(pattern, near_nullspace)
     out_dtype = np.dtype(b.dtype)
     has_x0 = x0 is not None
 

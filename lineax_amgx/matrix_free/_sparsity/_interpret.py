@@ -742,11 +742,106 @@ def _rule_scatter(eqn, invals, ctx):
 # -- control flow and calls ------------------------------------------------------
 
 
+# Higher-order primitives' params change between JAX releases. Jax 0.11 replaced
+# scan's `num_consts`/`num_carry` with a FlatTree `ft_in` (leaves: consts, carry,
+# xs) and passes sub-jaxprs as `Jaxpr`s, not `ClosedJaxpr`s (jax 0.12 removes
+# `ClosedJaxpr`: a `Jaxpr` carries its own `consts`). Read on jax 0.10.2, 0.11.2
+# and 0.12.0.1.
+# The accessors below read each form by whatever the installed JAX provides,
+# derive counts from the sub-jaxprs where those determine them, and raise
+# `Unsupported` (so detection falls back to probing) on a form they do not know:
+# never a KeyError.
+
+
 def _closed(jaxpr_like):
-    """(jaxpr, consts) for a ClosedJaxpr or an open Jaxpr."""
+    """(jaxpr, consts) for a ClosedJaxpr, an open Jaxpr, or (jax >= 0.12) a Jaxpr
+    carrying its own consts."""
     if hasattr(jaxpr_like, "jaxpr") and hasattr(jaxpr_like, "consts"):
-        return jaxpr_like.jaxpr, list(jaxpr_like.consts)
-    return jaxpr_like, []
+        jaxpr, consts = jaxpr_like.jaxpr, list(jaxpr_like.consts)
+    elif hasattr(jaxpr_like, "eqns"):
+        jaxpr, consts = jaxpr_like, []
+    else:
+        raise Unsupported(f"not a jaxpr: {type(jaxpr_like).__name__}")
+    if len(jaxpr.constvars) != len(consts):
+        raise Unsupported(
+            f"a sub-jaxpr with {len(jaxpr.constvars)} constvars but "
+            f"{len(consts)} consts"
+        )
+    return jaxpr, consts
+
+
+def _n_in(jaxpr_like) -> int:
+    return len(_closed(jaxpr_like)[0].invars)
+
+
+def _n_out(jaxpr_like) -> int:
+    return len(_closed(jaxpr_like)[0].outvars)
+
+
+def _param(eqn, *names):
+    """The first of `names` present in `eqn.params`."""
+    for name in names:
+        if name in eqn.params:
+            return eqn.params[name]
+    raise Unsupported(
+        f"{eqn.primitive.name!r} under jax {jax.__version__} has none of the "
+        f"params {names} (it has {sorted(eqn.params)})"
+    )
+
+
+def _call_jaxpr(eqn):
+    """The body of a call-like primitive (jit/pjit, closed_call, remat,
+    custom_jvp_call, custom_vjp_call(_jaxpr), ...): its inputs are the operands."""
+    sub = _param(eqn, "jaxpr", "call_jaxpr", "fun_jaxpr")
+    if _n_in(sub) != len(eqn.invars) or _n_out(sub) != len(eqn.outvars):
+        raise Unsupported(
+            f"{eqn.primitive.name!r}: the body's inputs/outputs do not match the "
+            "operands/results"
+        )
+    return sub
+
+
+def _cond_branches(eqn):
+    """The branches of `cond` (operands: the index, then the branches' inputs)."""
+    branches = tuple(_param(eqn, "branches"))
+    if not branches or any(_n_in(b) != len(eqn.invars) - 1 for b in branches):
+        raise Unsupported("cond: the branches' inputs do not match the operands")
+    return branches
+
+
+def _while_parts(eqn):
+    """`(cond, body, cond_nconsts, body_nconsts)` of a `while`; the operands are
+    the cond consts, the body consts, then the carry. The counts are derived from
+    the jaxprs (the body maps carry to carry)."""
+    cond = _param(eqn, "cond_jaxpr")
+    body = _param(eqn, "body_jaxpr")
+    n_carry = _n_out(body)
+    cn, bn = _n_in(cond) - n_carry, _n_in(body) - n_carry
+    if min(cn, bn) < 0 or cn + bn + n_carry != len(eqn.invars):
+        raise Unsupported("while: the jaxprs do not match the operands")
+    return cond, body, cn, bn
+
+
+def _scan_counts(eqn) -> tuple[int, int]:
+    """`(num_consts, num_carry)` of a `scan` (operands: consts, carry, xs).
+    Not derivable from the body alone: read `num_consts`/`num_carry` (jax <= 0.10)
+    or the leaf counts of `ft_in` (jax >= 0.11)."""
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        nc, nk = int(p["num_consts"]), int(p["num_carry"])
+    elif "ft_in" in p:
+        try:
+            consts, carry, _ = p["ft_in"].unpack()
+        except (AttributeError, TypeError, ValueError) as e:
+            raise Unsupported(f"scan: unrecognised ft_in ({e!r})") from e
+        nc, nk = len(consts), len(carry)
+    else:
+        _param(eqn, "num_consts", "ft_in")  # raises, naming the params found
+    body = _param(eqn, "jaxpr")
+    if (nc + nk > len(eqn.invars) or _n_in(body) != len(eqn.invars)
+            or _n_out(body) != len(eqn.outvars) or nk > len(eqn.outvars)):
+        raise Unsupported("scan: the body does not match the operands")
+    return nc, nk
 
 
 def _const_val(c, aval=None):
@@ -764,13 +859,9 @@ def _call(jaxpr_like, invals, ctx):
     return eval_jaxpr(jaxpr, [_const_val(c) for c in consts], invals, ctx)
 
 
-def _rule_call(key):
-    def rule(eqn, invals, ctx):
-        sub = eqn.params[key]
-        outs = _call(sub, invals, ctx)
-        return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
-
-    return rule
+def _rule_call(eqn, invals, ctx):
+    outs = _call(_call_jaxpr(eqn), invals, ctx)
+    return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
 
 
 def _retag(o: _Val, aval):
@@ -789,7 +880,7 @@ def _union_vals(vals, aval):
 
 def _rule_cond(eqn, invals, ctx):
     index, ops = invals[0], invals[1:]
-    branches = eqn.params["branches"]
+    branches = _cond_branches(eqn)
     if index.is_known:
         ctx.consult(index, "value")
         i = int(np.clip(int(index.known.reshape(())), 0, len(branches) - 1))
@@ -851,24 +942,23 @@ def _aval_of(v: _Val):
 
 
 def _rule_while(eqn, invals, ctx):
-    p = eqn.params
-    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cond, body, cn, bn = _while_parts(eqn)
     cconsts, bconsts, carry = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
-    budget = _UNROLL_BUDGET // (_n_eqns(p["body_jaxpr"]) + _n_eqns(p["cond_jaxpr"]))
+    budget = _UNROLL_BUDGET // (_n_eqns(body) + _n_eqns(cond))
     it = 0
     carry0 = carry
     while it <= budget:
-        (pred,) = _call(p["cond_jaxpr"], list(cconsts) + list(carry), ctx)
+        (pred,) = _call(cond, list(cconsts) + list(carry), ctx)
         if not pred.is_known:
             break
         ctx.consult(pred, "value")
         if not bool(pred.known.reshape(())):
             return [_retag(c, v.aval) for c, v in zip(carry, eqn.outvars)]
-        carry = _call(p["body_jaxpr"], list(bconsts) + list(carry), ctx)
+        carry = _call(body, list(bconsts) + list(carry), ctx)
         it += 1
     # Unknown or too long a trip count: fixed point over the carry.
     res = _fixpoint(
-        lambda c: _call(p["body_jaxpr"], list(bconsts) + list(c), ctx),
+        lambda c: _call(body, list(bconsts) + list(c), ctx),
         [_union_vals([a, b], _aval_of(a)) for a, b in zip(carry0, carry)],
     )
     return [_retag(c, v.aval) for c, v in zip(res, eqn.outvars)]
@@ -893,8 +983,9 @@ def _stack(vals: list[_Val], aval) -> _Val:
 
 def _rule_scan(eqn, invals, ctx):
     p = eqn.params
-    nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
-    body = p["jaxpr"]
+    nc, nk = _scan_counts(eqn)
+    length = int(_param(eqn, "length"))
+    body = _param(eqn, "jaxpr")
     consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
     jaxpr, _ = _closed(body)
     x_avals = [v.aval for v in jaxpr.invars[nc + nk:]]
@@ -933,11 +1024,6 @@ def _rule_scan(eqn, invals, ctx):
     return [_retag(o, v.aval) for o, v in zip(list(res) + ys, eqn.outvars)]
 
 
-def _rule_custom_vjp_old(eqn, invals, ctx):
-    outs = _call(eqn.params["fun_jaxpr"], invals, ctx)
-    return [_retag(o, v.aval) for o, v in zip(outs, eqn.outvars)]
-
-
 _RULES: dict[str, Any] = {}
 for _n in _STRUCTURAL:
     _RULES[_n] = _rule_structural
@@ -972,23 +1058,22 @@ _RULES.update(
     optimization_barrier=_rule_identity_multi,
     cond=_rule_cond,
     scan=_rule_scan,
-    custom_vjp_call_jaxpr=_rule_custom_vjp_old,
 )
 _RULES["while"] = _rule_while
 for _n in ("scatter-add", "scatter_add", "scatter-mul", "scatter_mul",
            "scatter-min", "scatter_min", "scatter-max", "scatter_max"):
     _RULES[_n] = _rule_scatter
-for _n in ("pjit", "jit", "remat", "remat2", "checkpoint"):
-    _RULES[_n] = _rule_call("jaxpr")
-for _n in ("closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-           "custom_lin_call"):
-    _RULES[_n] = _rule_call("call_jaxpr")
+# Call-like primitives: the body runs once on the operands. (`closed_call` is
+# named `eval_jaxpr` from jax 0.11.)
+_CALLS = (
+    "pjit", "jit", "remat", "remat2", "checkpoint", "closed_call", "eval_jaxpr",
+    "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+    "custom_lin_call",
+)
+for _n in _CALLS:
+    _RULES[_n] = _rule_call
 
-_HIGHER_ORDER = {
-    "pjit", "jit", "remat", "remat2", "checkpoint", "closed_call", "core_call",
-    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "cond", "while",
-    "scan", "optimization_barrier",
-}
+_HIGHER_ORDER = {*_CALLS, "cond", "while", "scan", "optimization_barrier"}
 
 
 def eval_jaxpr(jaxpr, const_vals, in_vals, ctx) -> list[_Val]:
