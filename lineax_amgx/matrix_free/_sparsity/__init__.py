@@ -10,4 +10,4 @@ from ._api import (
     probe_closed_jaxpr as probe_closed_jaxpr,
     trace_closed_jaxpr as trace_closed_jaxpr,
 )
-from ._interpret import Unsupported as Unsupported
+from ._values import Unsupported as Unsupported

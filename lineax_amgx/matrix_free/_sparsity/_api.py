@@ -17,7 +17,8 @@ from jaxtyping import PyTree
 
 from ..._pattern import SparsityPattern
 from . import _sets as S
-from ._interpret import Context, Unsupported, _Val, eval_jaxpr
+from ._interpret import eval_jaxpr
+from ._values import Context, Unsupported, _Val
 
 # -- tracing -------------------------------------------------------------------------
 
