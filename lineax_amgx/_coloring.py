@@ -508,8 +508,9 @@ def _warn_if_many_colors(k: int, lower: int, symmetric: bool) -> None:
         return
     fixes = []
     if not symmetric:
-        fixes.append("if the Jacobian is symmetric, pass `symmetric=True` (a star "
-                     "coloring can need far fewer colors)")
+        fixes.append("if the Jacobian is symmetric, tag the operator with "
+                     "`lx.symmetric_tag` (or pass `symmetric=True` to "
+                     "color_columns): a star coloring can need far fewer colors")
     if not _HAVE_NUMBA:
         fixes.append("install numba (`pip install numba`) so that more greedy "
                      "orders and the star coloring are tried")

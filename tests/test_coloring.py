@@ -206,7 +206,8 @@ def test_many_colors_warn_names_the_fix():
     r = np.repeat(np.arange(i.size), 2)
     p = _pattern(sp.coo_array((np.ones(r.size), (r, np.stack([i, j], 1).ravel())),
                               shape=(i.size, 12)))
-    with pytest.warns(UserWarning, match=r"12 colors .*symmetric=True"):
+    with pytest.warns(UserWarning,
+                      match=r"12 colors .*lx.symmetric_tag.*symmetric=True"):
         c = color_columns(p)
     assert c.num_colors == 12
 
