@@ -10,6 +10,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+
 import hypothesis.strategies as st  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,6 +20,7 @@ from helpers import import_asdex  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 
 from lineax_amgx._pattern import SparsityPattern  # noqa: E402
+from lineax_amgx.matrix_free import _coloring  # noqa: E402
 from lineax_amgx.matrix_free._coloring import (  # noqa: E402
     AsdexWarning,
     Coloring,
@@ -222,3 +224,89 @@ def test_asdex_not_installed_is_silent(monkeypatch):
         warnings.simplefilter("always")
         color_columns(p, symmetric=True)
     assert not [w for w in caught if issubclass(w.category, AsdexWarning)]
+# -- without numba (and without asdex) ----------------------------------------------
+
+
+def _mesh_pattern(n, seed=0):
+    """The pattern of a P1 finite-element matrix on a random Delaunay mesh: an
+    unstructured pattern, with no lattice coloring."""
+    pts = np.random.default_rng(seed).random((n, 2))
+    tri = scipy.spatial.Delaunay(pts).simplices
+    r = np.repeat(tri, 3, axis=1).ravel()
+    cc = np.tile(tri, (1, 3)).ravel()
+    return _pattern(sp.coo_array((np.ones(r.size), (r, cc)), shape=(n, n)))
+
+
+def _sparse_valid(p, colors):
+    """Reference check, written differently: the compressed pattern (one column
+    per color, entries summed) has no entry above one."""
+    A = p.to_scipy(np.ones(p.nnz))
+    seed = sp.csr_array((np.ones(colors.size), (np.arange(colors.size), colors)))
+    return (A @ seed).max() <= 1
+
+
+@pytest.fixture
+def no_asdex(monkeypatch):
+    monkeypatch.setitem(sys.modules, "asdex", None)  # `import asdex` fails
+
+
+def test_without_numba_colors_within_twice_numba(monkeypatch, no_asdex):
+    pytest.importorskip("numba")
+    p = _mesh_pattern(10_000)
+    with_numba = color_columns(p)
+    monkeypatch.setattr(_coloring, "_HAVE_NUMBA", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = color_columns(p)
+    # Large enough that plain Python would not run the greedy kernels (before
+    # numpy's greedy, this pattern got one color per column).
+    assert p.nnz * int(np.diff(p.indptr).max()) > _coloring._NUMBA_THRESHOLD
+    assert c.method == "largest-first-numpy"
+    assert _sparse_valid(p, c.colors)
+    assert c.num_colors <= 2 * with_numba.num_colors, (c, with_numba)
+    assert c.num_colors < 100
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 80), st.floats(0.01, 0.3))
+def test_numpy_greedy_is_the_sequential_greedy(seed, n, density):
+    p = _random_pattern(seed, n + 5, n, density, False)
+    order = np.random.default_rng(seed).permutation(n)
+    rows = p.row_ids.astype(np.int64)
+    cols = p.indices.astype(np.int64)
+    pt, _ = p.transpose()
+    # The sequential loop in plain Python (numba is not involved here).
+    expected = _coloring._greedy_d2(order, pt.indptr, pt.indices, p.indptr,
+                                    p.indices, n)
+    got = _coloring._greedy_d2_by_class(order, rows, cols, n)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_forced_trivial_coloring_warns(monkeypatch, no_asdex):
+    p = _mesh_pattern(10_000)
+    monkeypatch.setattr(_coloring, "_HAVE_NUMBA", False)
+    monkeypatch.setattr(_coloring, "_greedy_d2_by_class",
+                        lambda order, rows, cols, n: np.arange(n))
+    with pytest.warns(UserWarning, match=r"10000 colors .*pip install numba"):
+        c = color_columns(p)
+    assert c.num_colors == 10_000
+
+
+def test_many_colors_warn_names_the_fix():
+    # Every pair of 12 columns shares a row of two entries: 12 colors are
+    # needed against a lower bound of 2.
+    i, j = np.triu_indices(12, 1)
+    r = np.repeat(np.arange(i.size), 2)
+    p = _pattern(sp.coo_array((np.ones(r.size), (r, np.stack([i, j], 1).ravel())),
+                              shape=(i.size, 12)))
+    with pytest.warns(UserWarning,
+                      match=r"12 colors .*lx.symmetric_tag.*symmetric=True"):
+        c = color_columns(p)
+    assert c.num_colors == 12
+
+
+def test_near_bound_coloring_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        color_columns(_mesh_pattern(2000))
+        color_columns(laplacian(16, 2))
