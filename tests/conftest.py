@@ -1,7 +1,13 @@
 import os
 import sys
 
-import jax
+# Under an MPI launcher several ranks may share one GPU (the one-GPU test
+# machine runs the distributed GPU tests so): none may take 75 % of its memory
+# up front. Read by JAX when its GPU backend starts, after this file.
+if int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) > 1:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

@@ -333,8 +333,10 @@ def test_lost_cuda_context_is_an_exception_and_a_clean_exit():
     2.5 (H200, CUDA 13) overflow its dense-LU indexing: an illegal memory access
     that ruins the CUDA context. That must surface as a Python exception naming
     the CUDA failure, later calls must refuse to run, and the process must exit
-    with status 0 (no abort from AmgX's teardown). If this AmgX does not fail on
-    the problem, the solve must simply be right."""
+    with status 0 (no abort from AmgX's teardown). AmgX does not always lose the
+    context on this problem (H200 runs of 2026-12-03: a plain AmgX error, the
+    context intact); then the error must be clear and the next solve must work.
+    If this AmgX does not fail on the problem, the solve must simply be right."""
     script = """
         import sys
         sys.path.insert(0, ".")
@@ -353,8 +355,8 @@ def test_lost_cuda_context_is_an_exception_and_a_clean_exit():
         except Exception as e:
             print("RAISED", type(e).__name__, "restart it" in str(e))
             try:
-                lx.linear_solve(op, b, solver=lxa.AMGX()).value.block_until_ready()
-                print("AFTER solved")
+                x = np.asarray(lx.linear_solve(op, b, solver=lxa.AMGX()).value)
+                print("AFTER solved", np.linalg.norm(a @ x - b) / np.linalg.norm(b))
             except Exception as e2:
                 print("AFTER raised", "restart it" in str(e2))
         print("END")
@@ -366,9 +368,17 @@ def test_lost_cuda_context_is_an_exception_and_a_clean_exit():
     assert "END" in out
     if "SOLVED" in out:
         assert float(out.split("SOLVED")[1].split()[0]) < 1e-6
+    elif "AFTER solved" in out:
+        # An AmgX error that left the context intact: a clear error (not the
+        # lost-context refusal), then a working solve.
+        raised = out.split("RAISED")[1].split("\n")[0].split()
+        assert raised[-1] == "False", out  # not the lost-context refusal
+        assert float(out.split("AFTER solved")[1].split()[0]) < 1e-6
     else:
+        # The context was lost: later calls are refused, the exit skips AmgX's
+        # teardown and keeps status 0.
         assert "RAISED" in out
-        assert "AFTER" in out
+        assert "AFTER raised True" in out, out
         assert "exiting without AmgX's teardown" in proc.stderr
 
 

@@ -29,6 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cuda_device_count() -> int:
+    """GPUs this process sees, asked of the CUDA driver directly (JAX's backend
+    must not start before `jax.distributed.initialize`); 0 without a driver."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    n = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
+        return 0
+    return n.value
+
+
 if SIZE < 2:  # a plain pytest run collects this file: leave JAX alone there
     pytest.skip("run under mpiexec -n 2 (or more)", allow_module_level=True)
 # Each rank compiles its own program (its own rows): XLA's autotuning shared
@@ -37,13 +52,19 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_gpu_shard_autotuning=false").strip()
 _port = COMM.bcast(_free_port() if RANK == 0 else None, root=0)
 _kwargs = {}
-_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-if _visible and "," not in _visible:
-    # One GPU made visible per rank: it is this process's device 0. Left unset,
-    # JAX's Open MPI detection asks for device `node-local rank`, which rank 1
-    # does not see: it fails while rank 0 waits for it inside the GPU client's
-    # creation (a hang, 2 x H200).
-    _kwargs["local_device_ids"] = [0]
+_gpus = _cuda_device_count()
+if _gpus:
+    # Each rank takes one GPU: its node-local rank modulo the GPUs it sees, so
+    # several ranks can share one GPU (the one-GPU test machine). Left to JAX,
+    # Open MPI's detection asks for device `node-local rank`, which a rank beyond
+    # the GPU count does not have: the GPU client's creation then waits for it
+    # until "Getting local topologies failed ... GetKeyValue() timed out".
+    _local = COMM.Split_type(MPI.COMM_TYPE_SHARED)
+    _kwargs["local_device_ids"] = [_local.Get_rank() % _gpus]
+    if _local.Get_size() > _gpus:
+        # Ranks sharing a GPU must not each take 75 % of its memory up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    _local.Free()
 jax.distributed.initialize(coordinator_address=f"localhost:{_port}",
                            num_processes=SIZE, process_id=RANK, **_kwargs)
 
