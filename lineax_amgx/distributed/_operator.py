@@ -348,7 +348,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
 
 def norm(operator, vector, after=None) -> Array:
     """The 2-norm of a vector of `operator`'s space: the global norm (through MPI,
-    computed after `after`; see [`lineax_amgx._distributed.after`][]) for a
+    computed after `after`; see [`lineax_amgx.distributed.after`][]) for a
     [`lineax_amgx.DistributedCSROperator`][], `jnp.linalg.norm` otherwise. For
     the solver's tolerances and residual checks."""
     if isinstance(operator, DistributedCSROperator):

@@ -12,7 +12,7 @@ is in `docs/guide/cpu-backend.md`): the outer Krylov method, classical or aggreg
 AMG, the smoother, sweeps, cycle, coarsening limits, the coarse solver, the
 iteration limit and the convergence criterion (honoured exactly: the stopping
 test is made on the true residual `||b - A x||`). A key with no pyamg equivalent
-warns once per `(key, value)` ([`lineax_amgx._cpu.PyamgTranslationWarning`][]);
+warns once per `(key, value)` ([`lineax_amgx.PyamgTranslationWarning`][]);
 one whose omission would change the answer raises a `ValueError`.
 
 Block operators (`block_size = b > 1`) reach pyamg as BSR matrices: smoothed
