@@ -4,12 +4,14 @@ size on the CPU, and its page shows how to run it, its printed output, the figur
 it saved, and its code.
 
     python docs/_gen_examples.py                 # writes docs/examples/
-    python docs/_gen_examples.py --out DIR       # elsewhere (the tests do this)
+    python docs/_gen_examples.py --if-stale      # only if an example changed
+    python docs/_gen_examples.py --out DIR       # elsewhere
 
 The pages and figures are generated, never committed (`docs/examples/` is
 ignored by git), so the site always shows what the current examples produce.
 `manifest.json` records, per example, the SHA-256 of its source, the arguments,
-and the SHA-256 of the figure.
+and the SHA-256 of the figure (and the SHA-256 of this script): `is_fresh` says
+whether the pages were produced by running the current examples.
 """
 
 from __future__ import annotations
@@ -97,9 +99,34 @@ def page(script: str, title: str, args: list[str], stdout: str, seconds: float) 
     ]) + "\n"
 
 
+def is_fresh(out_dir: str) -> bool:
+    """Whether `out_dir` holds the pages and figures of the current examples, made
+    by this script as it is now (hashes of the sources, this script and the
+    figures all match the manifest)."""
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest.pop("_generator_sha256") != _sha(os.path.abspath(__file__)):
+            return False
+        if sorted(manifest) != sorted(script for script, _, _ in EXAMPLES):
+            return False
+        for script, _, args in EXAMPLES:
+            entry, stem = manifest[script], os.path.splitext(script)[0]
+            if (
+                entry["source_sha256"] != _sha(os.path.join(ROOT, "examples", script))
+                or entry["args"] != args
+                or entry["figure_sha256"] != _sha(os.path.join(out_dir, stem + ".png"))
+                or not os.path.exists(os.path.join(out_dir, stem + ".md"))
+            ):
+                return False
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
 def generate(out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    manifest = {}
+    manifest: dict = {"_generator_sha256": _sha(os.path.abspath(__file__))}
     for script, title, args in EXAMPLES:
         t0 = time.perf_counter()
         stdout, figure = run_example(script, args, out_dir)
@@ -122,4 +149,11 @@ def generate(out_dir: str) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "examples"))
-    generate(os.path.abspath(ap.parse_args().out))
+    ap.add_argument("--if-stale", action="store_true",
+                    help="do nothing when the pages are those of the current examples")
+    opts = ap.parse_args()
+    out = os.path.abspath(opts.out)
+    if opts.if_stale and is_fresh(out):
+        print(f"{out}: up to date")
+    else:
+        generate(out)
