@@ -130,7 +130,14 @@ def _example_pages() -> str:
     return out
 
 
+_NO_MATPLOTLIB = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="the examples' figures need matplotlib (pip install '.[docs]'); CI has it",
+)
+
+
 @pytest.mark.slow
+@_NO_MATPLOTLIB
 def test_example_pages_come_from_the_current_examples():
     out = _example_pages()
     assert _gen_examples.is_fresh(out)
@@ -167,6 +174,7 @@ def _inventory_names(path: str) -> set[str]:
 
 
 @pytest.mark.slow
+@_NO_MATPLOTLIB
 @pytest.mark.skipif(
     importlib.util.find_spec("mkdocs") is None
     or importlib.util.find_spec("mkdocstrings") is None,
