@@ -20,13 +20,12 @@ one-time [`lineax_amgx.NearNullspaceWarning`][].
 
 from __future__ import annotations
 
-import threading
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from ._warnings import warn_once
 
 __all__ = [
     "MAX_BLOCK_SIZE",
@@ -181,15 +180,13 @@ class NearNullspaceWarning(UserWarning):
     GPU backend), which has no near-null-space input: it is ignored there."""
 
 
-_warned = threading.Event()
+NEAR_NULLSPACE_IGNORED = "near_nullspace ignored by AmgX"  # warn_once token
 
 
 def warn_near_nullspace_ignored() -> None:
     """Warn once per process that AmgX ignores the near-null space."""
-    if _warned.is_set():
-        return
-    _warned.set()
-    warnings.warn(
+    warn_once(
+        NEAR_NULLSPACE_IGNORED,
         'options["near_nullspace"] is used by the CPU (pyamg) backend only: AmgX '
         "has no near-null-space input, so GPU solves ignore it (its aggregation "
         "AMG uses one constant vector per block component). See docs/guide/blocks.md.",

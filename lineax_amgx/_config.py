@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import functools as ft
 import json
 from collections.abc import Mapping
 from typing import Any
+
+import jax.numpy as jnp
 
 # Every parameter AmgX registers (read off AmgX's sources, `registerParameter`).
 _AMGX_PARAMETERS = frozenset({
@@ -363,26 +367,30 @@ def finalise(
     max_steps: int | None,
     verbose: bool,
 ) -> str:
-    """Apply the overrides every solve needs and return canonical JSON.
+    """Apply the overrides every solve needs and return canonical JSON (see
+    `ResolvedConfig.finalise`). `tolerance_mode` is `"scaled"` or `"native"`."""
+    return json.dumps(
+        _finalised(cfg, scaled=tolerance_mode == "scaled", max_steps=max_steps,
+                   verbose=verbose),
+        sort_keys=True,
+    )
 
-    - `tolerance_mode="scaled"`: the caller scales the system so that convergence
-      means `||r|| <= 1` (this is how `rtol`/`atol` are implemented): ABSOLUTE
-      convergence at tolerance 1.
-    - `tolerance_mode="native"`: keep the config's own convergence criterion.
-    - residual monitoring on (it gives `stats["residual_norm"]`), AmgX's exception
-      handling on (internal failures become error codes), printing off unless
-      `verbose`.
-    """
+
+def _finalised(
+    cfg: Mapping[str, Any], *, scaled: bool, max_steps: int | None, verbose: bool
+) -> dict[str, Any]:
     cfg = copy.deepcopy(dict(cfg))
     solver = cfg["solver"]
-    if tolerance_mode == "scaled":
+    if scaled:
+        # The AmgX half of the tolerance mapping (the other half, the scaling of
+        # `b`, is `Tolerances.scale`): convergence means `||r / s||_2 <= 1`.
         solver["convergence"] = "ABSOLUTE"
         solver["tolerance"] = 1.0
     if max_steps is not None:
         solver["max_iters"] = int(max_steps)
     solver["monitor_residual"] = 1
     solver["store_res_history"] = 1
-    if tolerance_mode == "scaled":
+    if scaled:
         solver["norm"] = "L2"  # rtol/atol are defined on ||r||_2
     else:
         solver.setdefault("norm", "L2")
@@ -399,7 +407,122 @@ def finalise(
     if verbose:
         solver["print_solve_stats"] = 1
         solver["obtain_timings"] = 1
-    return json.dumps(cfg, sort_keys=True)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerances:
+    """How a solver's `rtol` / `atol` become AmgX settings: the whole mapping.
+
+    `scaled=True`: the solver solves `A (x/s) = b/s` with `s = atol + rtol ||b||_2`
+    (`scale`) and AmgX stops at `||r/s||_2 <= 1` (ABSOLUTE at tolerance 1, set by
+    `ResolvedConfig.finalise`): `||b - A x||_2 <= atol + rtol ||b||_2`, as in
+    Lineax, whatever the initial guess. `scaled=False`: the config's own
+    criterion, unchanged (no `rtol`/`atol` given and the config sets its own
+    `tolerance`)."""
+
+    scaled: bool
+    rtol: float | None = None
+    atol: float | None = None
+
+    def values(self, dtype) -> tuple[float, float]:
+        """`(rtol, atol)` with their defaults: `rtol` 1e-8 (float64) or 1e-5
+        (float32), `atol` 0."""
+        rtol = self.rtol
+        if rtol is None:
+            rtol = 1e-8 if dtype == jnp.float64 else 1e-5
+        return rtol, (0.0 if self.atol is None else self.atol)
+
+    def bound(self, bnorm, dtype):
+        """`atol + rtol ||b||`, or 1 where that is 0 (a zero right-hand side)."""
+        rtol, atol = self.values(dtype)
+        s = atol + rtol * bnorm
+        return jnp.where(s > 0, s, jnp.ones_like(s))
+
+    def scale(self, bnorm, dtype):
+        """The scale `s` of the solved system (1 when not `scaled`)."""
+        if not self.scaled:
+            return jnp.ones((), dtype)
+        return self.bound(bnorm, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+    """An AmgX config parsed and validated once (at a solver's construction).
+
+    Compared and hashed by `text` (a preset name, or the canonical JSON), so that
+    it can be a static field; `cfg` is the parsed dict (not to be mutated)."""
+
+    text: str
+    cfg: dict[str, Any] = dataclasses.field(compare=False, hash=False, repr=False)
+
+    @property
+    def is_preset(self) -> bool:
+        return self.text in _PRESETS
+
+    @property
+    def outer(self) -> Mapping[str, Any]:
+        return self.cfg["solver"]
+
+    @property
+    def uses_classical(self) -> bool:
+        return uses_classical(self.cfg)
+
+    def symmetric_cycle(self) -> tuple[bool, str]:
+        return is_symmetric_cycle(self.cfg)
+
+    def tolerances(self, rtol: float | None, atol: float | None) -> Tolerances:
+        """The tolerance mapping for a solver's `rtol` / `atol`: the config's own
+        criterion when neither is given and a user config sets its `tolerance`,
+        else the scaled system (see `Tolerances`)."""
+        native = (
+            rtol is None
+            and atol is None
+            and not self.is_preset
+            and has_explicit_tolerance(self.cfg)
+        )
+        return Tolerances(scaled=not native, rtol=rtol, atol=atol)
+
+    def finalised(
+        self, tolerances: Tolerances | None, *, max_steps: int | None, verbose: bool
+    ) -> dict[str, Any]:
+        """The config with the overrides every solve needs, as a fresh dict:
+
+        - `tolerances.scaled`: ABSOLUTE convergence at tolerance 1 (the solver
+          scales the system); otherwise (or `None`) the config's own criterion.
+        - residual monitoring on (it gives `stats["residual_norm"]`), AmgX's
+          exception handling off (errors become error codes), printing off
+          unless `verbose`, `max_steps` as `max_iters`.
+        """
+        scaled = tolerances is not None and tolerances.scaled
+        return _finalised(self.cfg, scaled=scaled, max_steps=max_steps,
+                          verbose=verbose)
+
+    def finalise(
+        self, tolerances: Tolerances | None, *, max_steps: int | None, verbose: bool
+    ) -> str:
+        """`finalised`, as canonical JSON (the `SolveKey.config`)."""
+        return json.dumps(
+            self.finalised(tolerances, max_steps=max_steps, verbose=verbose),
+            sort_keys=True,
+        )
+
+
+def resolve(config: str | Mapping[str, Any] | ResolvedConfig) -> ResolvedConfig:
+    """Parse and validate `config` (a preset name, a JSON string or a dict) once
+    (a `ResolvedConfig` is returned as it is)."""
+    if isinstance(config, ResolvedConfig):
+        return config
+    if isinstance(config, str) and config.strip() in _PRESETS:
+        return preset(config.strip())
+    cfg = parse_config(config)
+    return ResolvedConfig(json.dumps(cfg, sort_keys=True), cfg)
+
+
+@ft.cache
+def preset(name: str) -> ResolvedConfig:
+    """The resolved preset `name` (parsed once per process)."""
+    return ResolvedConfig(name, parse_config(name))
 
 
 # AmgX's dense-LU coarse solver factors the level its hierarchy ends on. When
@@ -458,6 +581,3 @@ def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:
                 )
     return True, ""
 
-
-def cycle_kind(cfg: Mapping[str, Any]) -> str:
-    return str(cfg["solver"].get("solver"))

@@ -16,7 +16,8 @@ from ._blocks import check_block_size
 from ._pattern import SparsityPattern, check_index_range
 
 
-def _frozenset(tags: object) -> frozenset[object]:
+def as_tag_set(tags: object) -> frozenset[object]:
+    """Lineax's `tags` argument (one tag or a collection) as a frozenset."""
     if isinstance(tags, (list, tuple, set, frozenset)):
         return frozenset(tags)
     return frozenset([tags])
@@ -83,7 +84,7 @@ class CSROperator(lx.AbstractLinearOperator):
         check_block_size(pattern.block_size)
         self.pattern = pattern
         self.values = _check_values(values, pattern)
-        self.tags = _frozenset(tags)
+        self.tags = as_tag_set(tags)
 
     # -- constructors ------------------------------------------------------------
 
@@ -314,7 +315,10 @@ class CSROperator(lx.AbstractLinearOperator):
 # ---- Lineax's singledispatch queries -------------------------------------------
 
 
-def _diag(op: CSROperator):
+def csr_diagonal(op) -> jax.Array:
+    """The diagonal of a CSR-like operator (`pattern.diagonal_positions` and
+    `values`; shared with `DistributedCSROperator`, whose local rows hold their
+    diagonal)."""
     p = op.pattern
     pos = p.diagonal_positions
     b = p.block_size
@@ -368,7 +372,7 @@ def _register():
             ),
         },
     )
-    lx.diagonal.register(CSROperator)(_diag)
+    lx.diagonal.register(CSROperator)(csr_diagonal)
     lx.conj.register(CSROperator)(
         lambda op: CSROperator(op.pattern, op.values.conj(), op.tags)
     )

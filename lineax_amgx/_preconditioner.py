@@ -30,11 +30,21 @@ from jaxtyping import Array, Inexact, Int, PyTree
 
 from . import _config
 from ._backends import router
-from ._backends.contract import SolveKey, Status
+from ._backends.contract import (
+    BACKENDS,
+    PRECISIONS,
+    SolveKey,
+    Status,
+    check_choice,
+    matrix_dtype as _matrix_dtype,
+    mode_for,
+    vector_dtype as _vector_dtype,
+)
+from ._operator import as_tag_set
 from ._pattern import SparsityPattern
+from ._solver import AMGX
+from .matrix_free import as_csr_operator
 
-_PRECISIONS = (None, "double", "single", "mixed")
-_BACKENDS = ("auto", "amgx", "pyamg")
 _DEFAULT_CONFIG = "AMG_VCYCLE"
 # Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
 # inner solve (a non-linear operator), not a fixed cycle.
@@ -56,64 +66,28 @@ def _tag_names(tags) -> str:
     return ", ".join(sorted(names.get(t, repr(t)) for t in tags))
 
 
-def _as_tag_set(tags: object) -> frozenset[object]:
-    if isinstance(tags, (list, tuple, set, frozenset)):
-        return frozenset(tags)
-    return frozenset([tags])
-
-
-def _canonical_config(config: str | Mapping[str, Any] | None) -> str:
-    """A hashable form of a config: the preset name, or canonical JSON."""
-    if config is None:
-        return _DEFAULT_CONFIG
-    parsed = _config.parse_config(config)  # clear errors now
-    if isinstance(config, str) and config.strip() in _config.configs:
-        return config.strip()
-    return json.dumps(parsed, sort_keys=True)
-
-
-def _mode(precision, dtype) -> str:
-    if precision in ("mixed", "single"):
-        # "mixed": AmgX's dDFI mode fails on CUDA >= 10.1 ("Mixed precision modes
-        # not currently supported"); a preconditioner loses nothing by running
-        # its cycle in float32 between float64 vectors (see `_flatten`).
-        return "dFFI"
-    if precision == "double":
-        return "dDDI"
-    return "dDDI" if dtype == jnp.float64 else "dFFI"
-
-
-def _matrix_dtype(mode: str):
-    return jnp.float64 if mode == "dDDI" else jnp.float32
-
-
-def _vector_dtype(mode: str):
-    return jnp.float32 if mode == "dFFI" else jnp.float64
-
-
 def _check_options(cycles, backend, precision):
     if cycles is not None:
         if isinstance(cycles, bool) or int(cycles) != cycles or cycles < 1:
             raise ValueError(f"cycles must be an integer >= 1, got {cycles!r}.")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}.")
+    check_choice("backend", backend, BACKENDS)
+    check_choice("precision", precision, PRECISIONS)
 
 
 def _preconditioner_key(
-    cfg: dict, *, cycles: int | None, mode: str, verbose: bool, backend: str
+    resolved: _config.ResolvedConfig,
+    *,
+    cycles: int | None,
+    mode: str,
+    verbose: bool,
+    backend: str,
 ) -> tuple[SolveKey, bool]:
     """The finalised config as a `SolveKey`, and whether it is a fixed cycle."""
-    outer = _config.outer_solver(cfg)
-    fixed = outer.get("solver") not in _KRYLOV_SOLVERS
+    fixed = resolved.outer.get("solver") not in _KRYLOV_SOLVERS
     if fixed and cycles is None:
         cycles = 1
-    final = json.loads(
-        _config.finalise(
-            cfg, tolerance_mode="native", max_steps=cycles, verbose=verbose
-        )
-    )
+    # The config's own criterion (no rtol/atol: a preconditioner has none).
+    final = resolved.finalised(None, max_steps=cycles, verbose=verbose)
     if fixed:
         # A fixed number of cycles whatever the residual, so that the
         # preconditioner is a fixed linear operator (P(c r) = c P(r) at any scale):
@@ -244,15 +218,13 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         precision: Literal["double", "single", "mixed"] | None = None,
         verbose: bool = False,
     ):
-        from ._solver import as_csr
-
         _check_options(cycles, backend, precision)
         if not isinstance(operator, lx.AbstractLinearOperator):
             raise TypeError(
                 "AMGXPreconditioner needs a Lineax operator (for example a "
                 f"lineax_amgx.CSROperator), got {type(operator).__name__}."
             )
-        csr = as_csr(operator)
+        csr = as_csr_operator(operator)
         p = csr.pattern
         if p.shape[0] != p.shape[1]:
             raise ValueError(
@@ -260,13 +232,13 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             )
         if p.shape[0] == 0:
             raise ValueError("AMGXPreconditioner got an empty (0 x 0) matrix.")
-        cfg = _config.parse_config(_canonical_config(config))
-        if p.block_size > 1 and _config.uses_classical(cfg):
+        resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
+        if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
                 "Classical AMG does not support block systems "
                 f"(block_size={p.block_size}); use an aggregation config."
             )
-        symmetric_cycle, reason = _config.is_symmetric_cycle(cfg)
+        symmetric_cycle, reason = resolved.symmetric_cycle()
         matrix_symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         matrix_psd = lx.is_positive_semidefinite(operator) or (
             lx.is_positive_semidefinite(csr)
@@ -283,7 +255,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                     + ([lx.negative_semidefinite_tag] if matrix_nsd else [])
                 )
         else:
-            tag_set = _as_tag_set(tags)
+            tag_set = as_tag_set(tags)
             unknown = tag_set - _SYMMETRY_TAGS
             if unknown:
                 raise ValueError(
@@ -328,9 +300,9 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                 raise TypeError(
                     f"AMGXPreconditioner acts on real floating vectors, got {x.dtype}."
                 )
-        mode = _mode(precision, csr.values.dtype)
+        mode = mode_for(precision, csr.values.dtype)
         key, fixed = _preconditioner_key(
-            cfg, cycles=cycles, mode=mode, verbose=verbose, backend=backend
+            resolved, cycles=cycles, mode=mode, verbose=verbose, backend=backend
         )
         values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
         self.values = values
@@ -570,6 +542,8 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
 
     inner: lx.AbstractLinearSolver
     config: str = eqx.field(static=True)
+    # `config`, parsed and validated once (handed to every preconditioner built).
+    resolved: _config.ResolvedConfig = eqx.field(static=True, repr=False)
     lagged_operator: Any = None
     cycles: int | None = eqx.field(static=True, default=None)
     tags: Any = eqx.field(static=True, default=None)
@@ -598,8 +572,6 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
                 "AMGXPreconditioned wraps a Lineax linear solver (lx.GMRES, "
                 f"lx.BiCGStab, lx.CG, lx.NormalCG), got {type(inner).__name__}."
             )
-        from ._solver import AMGX
-
         if isinstance(inner, (AMGX, AMGXPreconditioned)):
             raise TypeError(
                 f"AMGXPreconditioned wraps one of Lineax's Krylov solvers, not "
@@ -615,9 +587,10 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
             )
         _check_options(cycles, backend, precision)
         if tags is not None:
-            tags = _as_tag_set(tags)
+            tags = as_tag_set(tags)
         self.inner = inner
-        self.config = _canonical_config(config)
+        self.resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
+        self.config = self.resolved.text
         self.lagged_operator = lagged_operator
         self.cycles = None if cycles is None else int(cycles)
         self.tags = tags
@@ -648,7 +621,7 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
             )
         preconditioner = AMGXPreconditioner(
             self._matrix(operator),
-            self.config,
+            self.resolved,
             cycles=self.cycles,
             tags=self.tags,
             structure=operator.in_structure(),
@@ -680,22 +653,26 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         return self.inner.compute(state.inner, vector, options)
 
     def transpose(self, state: _PreconditionedState, options: dict[str, Any]):
-        options = dict(options, preconditioner=state.preconditioner)
-        inner_t, options_t = self.inner.transpose(state.inner, options)
-        options_t = dict(options_t)
-        p_t = options_t.pop("preconditioner", None)
-        if not isinstance(p_t, AMGXPreconditioner):
-            p_t = state.preconditioner.transpose()
-        return _PreconditionedState(inner_t, p_t), options_t
+        return _through_inner(
+            self.inner.transpose, state, options, state.preconditioner.transpose
+        )
 
     def conj(self, state: _PreconditionedState, options: dict[str, Any]):
-        options = dict(options, preconditioner=state.preconditioner)
-        inner_c, options_c = self.inner.conj(state.inner, options)
-        options_c = dict(options_c)
-        p_c = options_c.pop("preconditioner", None)
-        if not isinstance(p_c, AMGXPreconditioner):
-            p_c = state.preconditioner
-        return _PreconditionedState(inner_c, p_c), options_c
+        return _through_inner(
+            self.inner.conj, state, options, lambda: state.preconditioner
+        )
 
     def assume_full_rank(self):
         return self.inner.assume_full_rank()
+
+
+def _through_inner(method, state: _PreconditionedState, options, fallback):
+    """The inner solver's `transpose` or `conj` with the preconditioner in the
+    options; the preconditioner it hands back (or `fallback()`) in the new state."""
+    options = dict(options, preconditioner=state.preconditioner)
+    inner, options = method(state.inner, options)
+    options = dict(options)
+    p = options.pop("preconditioner", None)
+    if not isinstance(p, AMGXPreconditioner):
+        p = fallback()
+    return _PreconditionedState(inner, p), options

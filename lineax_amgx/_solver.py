@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -14,16 +13,22 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, distributed as _distributed
+from . import _blocks, _config, _protocol
 from ._backends import router
-from ._backends.amgx import _library
-from ._backends.contract import SolveKey, Status, invalid_token
+from ._backends.contract import (
+    BACKENDS,
+    PRECISIONS,
+    SolveKey,
+    Status,
+    check_choice,
+    invalid_token,
+    matrix_dtype as _matrix_dtype,
+    mode_for,
+    vector_dtype as _vector_dtype,
+)
 from ._operator import CSROperator
-from .distributed._operator import DistributedCSROperator, norm as _dist_norm
-from .distributed._pattern import check_pattern as _check_dist_pattern
+from .matrix_free import as_csr_operator
 
-_PRECISIONS = (None, "double", "single", "mixed")
-_BACKENDS = ("auto", "amgx", "pyamg")
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
 # many times the requested bound `atol + rtol ||b||_2` is reported as a breakdown
 # instead (a recursive residual that drifted from the true one, e.g. on a
@@ -31,18 +36,8 @@ _BACKENDS = ("auto", "amgx", "pyamg")
 _RESIDUAL_SLACK = 1e3
 
 
-def as_csr(operator: lx.AbstractLinearOperator) -> CSROperator:
-    """The CSR form of any Lineax operator (matrix-free ones are sparsified).
-    A [`lineax_amgx.DistributedCSROperator`][] is kept as it is."""
-    if isinstance(operator, (CSROperator, DistributedCSROperator)):
-        return operator
-    from .matrix_free._sparsify import as_csr_operator
-
-    return as_csr_operator(operator)
-
-
 class _AMGXState(eqx.Module):
-    operator: CSROperator | DistributedCSROperator
+    operator: lx.AbstractLinearOperator  # the CSR form (`as_csr_operator`)
     token: Int[Array, " 2"]
     # Value checks made once per setup (not per solve): a scalar row of zeros
     # (singular), and whether every value is finite.
@@ -50,7 +45,7 @@ class _AMGXState(eqx.Module):
     values_finite: Array
     key: SolveKey = eqx.field(static=True)
     symmetric: bool = eqx.field(static=True)
-    scaled: bool = eqx.field(static=True)
+    tolerances: _config.Tolerances = eqx.field(static=True)
     near_nullspace: Float[Array, "n k"] | None = None
 
 
@@ -118,6 +113,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     )
     verbose: bool = eqx.field(static=True, default=False)
     backend: Literal["auto", "amgx", "pyamg"] = eqx.field(static=True, default="auto")
+    # `config`, parsed and validated once (None: a preset chosen by the operator).
+    resolved: _config.ResolvedConfig | None = eqx.field(
+        static=True, default=None, repr=False
+    )
 
     def __init__(
         self,
@@ -130,15 +129,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         verbose: bool = False,
         backend: Literal["auto", "amgx", "pyamg"] = "auto",
     ):
-        if config is not None:
-            # Validate now (clear errors at construction) and keep a hashable form.
-            parsed = _config.parse_config(config)
-            if isinstance(config, str) and config.strip() in _config.configs:
-                self.config = config.strip()
-            else:
-                self.config = json.dumps(parsed, sort_keys=True)
-        else:
-            self.config = None
+        # Parsed and validated now (clear errors at construction), once.
+        self.resolved = None if config is None else _config.resolve(config)
+        self.config = None if config is None else self.resolved.text
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
         self.max_steps = None if max_steps is None else int(max_steps)
@@ -153,27 +146,14 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             raise ValueError(f"atol must be >= 0, got {self.atol}.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {_PRECISIONS}, got {self.precision!r}."
-            )
-        if self.backend not in _BACKENDS:
-            raise ValueError(
-                f"backend must be one of {_BACKENDS}, got {self.backend!r}."
-            )
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("backend", self.backend, BACKENDS)
 
     # -- helpers -----------------------------------------------------------------
 
-    def _mode(self, dtype) -> str:
-        if self.precision == "mixed":
-            return "dFFI"  # float32 AmgX inside float64 refinement (see _refine)
-        if self.precision == "double":
-            return "dDDI"
-        if self.precision == "single":
-            return "dFFI"
-        return "dDDI" if dtype == jnp.float64 else "dFFI"
-
-    def _resolve(self, operator, csr: CSROperator) -> tuple[dict, str]:
+    def _resolve(self, operator, csr: CSROperator) -> _config.ResolvedConfig:
+        if self.resolved is not None:
+            return self.resolved
         symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         definite = (
             lx.is_positive_semidefinite(operator)
@@ -181,56 +161,34 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             or lx.is_positive_semidefinite(csr)
             or lx.is_negative_semidefinite(csr)
         )
-        if self.config is None:
-            name = _config.default_preset(
+        return _config.preset(
+            _config.default_preset(
                 symmetric=symmetric,
                 positive_definite=definite,
                 block_size=csr.pattern.block_size,
             )
-        else:
-            name = self.config
-        return _config.parse_config(name), name
-
-    def _tolerance_mode(self, cfg) -> str:
-        if (
-            self.rtol is None
-            and self.atol is None
-            and self.config is not None
-            and self.config not in _config.configs
-            and _config.has_explicit_tolerance(cfg)
-        ):
-            return "native"
-        return "scaled"
-
-    def _tolerances(self, dtype) -> tuple[float, float]:
-        rtol = self.rtol
-        if rtol is None:
-            rtol = 1e-8 if dtype == jnp.float64 else 1e-5
-        return rtol, (0.0 if self.atol is None else self.atol)
+        )
 
     # -- Lineax interface ------------------------------------------------------------
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        _check_backend_available(self.backend)
-        csr = as_csr(operator)
+        router.check_available(self.backend)
+        csr = as_csr_operator(operator)
         p = csr.pattern
-        if isinstance(csr, DistributedCSROperator):
-            _check_dist_pattern(p)  # collective: every rank raises
-        else:
-            _check_pattern(p)
-        cfg, name = self._resolve(operator, csr)
-        if p.block_size > 1 and _config.uses_classical(cfg):
+        _protocol.check_structure(p)
+        resolved = self._resolve(operator, csr)
+        if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
-                f"Classical AMG (config {name!r}) does not support block systems "
+                f"Classical AMG (config {resolved.text!r}) does not support block "
+                "systems "
                 f"(block_size={p.block_size}); use an aggregation config such as "
                 "'PCG_AGGREGATION_BLOCK'."
             )
-        mode = self._mode(csr.values.dtype)
-        tol_mode = self._tolerance_mode(cfg)
+        mode = mode_for(self.precision, csr.values.dtype)
+        tolerances = resolved.tolerances(self.rtol, self.atol)
         key = SolveKey(
-            config=_config.finalise(
-                cfg, tolerance_mode=tol_mode, max_steps=self.max_steps,
-                verbose=self.verbose,
+            config=resolved.finalise(
+                tolerances, max_steps=self.max_steps, verbose=self.verbose
             ),
             mode=mode,
             transposed=False,
@@ -247,7 +205,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         token = router.setup(p, values, key, nns, ok=finite & ~zero_row)
         symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         return _AMGXState(
-            csr, token, zero_row, finite, key, symmetric, tol_mode == "scaled", nns
+            csr, token, zero_row, finite, key, symmetric, tolerances, nns
         )
 
     def compute(self, state: _AMGXState, vector, options: dict[str, Any]):
@@ -279,14 +237,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             finite = finite & jnp.all(jnp.isfinite(x0))
         # `ok == 0` makes the backend skip AmgX (a zero row, or NaN/Inf input).
         ok = finite & ~zero_row
-        distributed = isinstance(csr, DistributedCSROperator)
-        if distributed:
-            # The global norm of b through MPI. Every MPI callback is chained to
-            # the previous one (here: the setup): all ranks must make their MPI
-            # calls in the same order.
-            bnorm = _dist_norm(csr, b, after=state.token)
-        else:
-            bnorm = jnp.linalg.norm(b)
+        # The norm of b, after the setup (operators whose operations must run in
+        # one order, such as MPI calls on every rank, chain them).
+        bnorm = _protocol.norm(csr, b, after=state.token)
         if self.precision == "mixed":
             x, status, steps, resid = self._refine(state, b, x0, ok, bnorm)
         else:
@@ -294,30 +247,25 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                 state, b, x0, out_dtype, ok, bnorm
             )
         success = status == Status.SUCCESS
-        if state.scaled and self.precision != "mixed":
+        if state.tolerances.scaled and self.precision != "mixed":
             # Never report success for an answer whose true residual is far from
             # the requested one (AmgX's residual is its Krylov method's recursive
             # one). `_refine` checks the true residual itself.
-            rtol, atol = self._tolerances(out_dtype)
-            bound = atol + rtol * bnorm
-            bound = jnp.where(bound > 0, bound, jnp.ones_like(bound))
+            bound = state.tolerances.bound(bnorm, out_dtype)
             true_resid = _norm(csr, b - _matvec(csr, key.mode, x))
             success = success & (true_resid <= _RESIDUAL_SLACK * bound)
             # Report the true residual (the backend's is its Krylov method's).
             resid = jnp.where(jnp.isfinite(true_resid), true_resid, resid)
-        if distributed:
-            # One verdict on every rank: combine the rank-local checks (after the
-            # solve's own MPI calls, in the same order everywhere).
-            flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
-            flags = _distributed.allreduce_sum(
-                _distributed.after(flags, x, success), csr.layout
-            )
-            finite, zero_row = flags[0] == 0, flags[1] > 0
-            # The solution is ready only when this solve's last MPI call is done:
-            # whoever waits for `x` (the next solve, `gather_vector`) cannot start
-            # MPI calls while this solve still has one pending (with few threads
-            # the two would wait for each other across ranks).
-            x = _distributed.after(x, flags)
+        # One verdict for the whole operator: the checks combined (over the ranks
+        # of a distributed operator, after the solve's own MPI calls).
+        flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
+        flags = _protocol.agree_flags(csr, flags, x, success)
+        finite, zero_row = flags[0] == 0, flags[1] > 0
+        # The solution is ready only when this solve's last ordered call is done:
+        # whoever waits for `x` (the next solve, `gather_vector`) cannot start MPI
+        # calls while this solve still has one pending (with few threads the two
+        # would wait for each other across ranks).
+        x = _protocol.sequence(csr, x, flags)
         x = x.astype(out_dtype)
         R = lx.RESULTS
         result = R.where(
@@ -341,12 +289,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     def _solve_once(self, state: _AMGXState, b, x0, out_dtype, ok, bnorm):
         """One backend solve of the scaled system (see the class docstring)."""
         csr, key = state.operator, state.key
-        if state.scaled:
-            rtol, atol = self._tolerances(out_dtype)
-            s = atol + rtol * bnorm
-            s = jnp.where(s > 0, s, jnp.ones_like(s))
-        else:
-            s = jnp.ones((), b.dtype)
+        s = state.tolerances.scale(bnorm, out_dtype).astype(b.dtype)
         values = csr.values.astype(_matrix_dtype(key.mode))
         x, info, resid = router.solve(
             csr.pattern, values, state.token, b / s,
@@ -361,12 +304,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         cuSPARSE path on CUDA >= 10.1.)"""
         csr, key = state.operator, state.key
         matrix = csr.with_values(csr.values.astype(jnp.float64))
-        rtol, atol = self._tolerances(jnp.float64)
+        rtol, atol = state.tolerances.values(jnp.float64)
         target = atol + rtol * bnorm
         values = csr.values.astype(jnp.float32)
         x = jnp.zeros_like(b) if x0 is None else x0
-        if isinstance(csr, DistributedCSROperator):
-            x = _distributed.after(x, bnorm)  # MPI call order
+        x = _protocol.sequence(csr, x, bnorm)  # after the norm (MPI call order)
         r = b - matrix.mv(x)
         rnorm = _norm(csr, r)
         max_refinements = 30
@@ -416,7 +358,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         zero_row, finite = _value_checks(op_t.pattern, op_t.values)
         state_t = _AMGXState(
             op_t, invalid_token(), zero_row, finite, key_t, False,
-            state.scaled, state.near_nullspace,
+            state.tolerances, state.near_nullspace,
         )
         return state_t, options
 
@@ -429,37 +371,6 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
 
 _INNER_RTOL = 1e-4
-
-
-def _check_backend_available(backend: str) -> None:
-    if backend == "amgx" and not _library.has_cuda_backend():
-        raise RuntimeError(
-            "AMGX(backend='amgx') needs a CUDA device, but JAX sees none (devices: "
-            f"{jax.devices()}). Install a CUDA build of jaxlib, or use "
-            "backend='auto' (AmgX for arrays on a CUDA device, pyamg for arrays on "
-            "the CPU) or backend='pyamg'."
-        )
-
-
-def _check_pattern(p) -> None:
-    """Trace-time checks of the static structure."""
-    if p.shape[0] != p.shape[1]:
-        raise ValueError(
-            f"AMGX needs a square operator, got shape {p.shape}. For least "
-            "squares use lx.NormalCG or lx.LSMR."
-        )
-    if p.shape[0] == 0:
-        raise ValueError("AMGX got an empty (0 x 0) operator.")
-    for what, empty in (("row", p.empty_rows), ("column", p.empty_cols)):
-        if empty.size:
-            unit = "block " if p.block_size > 1 else ""
-            raise ValueError(
-                f"The operator is structurally singular: {unit}{what} "
-                f"{int(empty[0])} stores no entries ({empty.size} empty "
-                f"{unit}{what}s in all). Check the assembly (e.g. a missing "
-                "boundary condition), or use a least-squares solver such as "
-                "lx.LSMR."
-            )
 
 
 def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
@@ -480,10 +391,8 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
 
 
 def _norm(csr, v) -> jax.Array:
-    """The global 2-norm (through MPI for a distributed operator)."""
-    if isinstance(csr, DistributedCSROperator):
-        return _dist_norm(csr, v)
-    return jnp.linalg.norm(v)
+    """The 2-norm of a vector of the operator's space (global when distributed)."""
+    return _protocol.norm(csr, v)
 
 
 def _matvec(csr, mode: str, x) -> jax.Array:
@@ -491,11 +400,3 @@ def _matvec(csr, mode: str, x) -> jax.Array:
     values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
     op = csr.with_values(values)
     return op.mv(jax.lax.stop_gradient(x).astype(values.dtype)).astype(x.dtype)
-
-
-def _matrix_dtype(mode: str):
-    return jnp.float64 if mode == "dDDI" else jnp.float32
-
-
-def _vector_dtype(mode: str):
-    return jnp.float32 if mode == "dFFI" else jnp.float64

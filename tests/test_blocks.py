@@ -600,13 +600,13 @@ def test_near_nullspace_validation(rng):
 
 @needs_near_nullspace
 def test_near_nullspace_ignored_by_amgx_with_a_warning(fresh_cache):
-    from lineax_amgx import _blocks
+    from lineax_amgx import _blocks, _warnings
 
     a, B = elasticity2d(6)
     op = lxa.CSROperator.from_scipy(a, tags=SPD)
     state = lxa.AMGX(backend="pyamg").init(op, {})
     key = state.key._replace(backend="amgx")
-    _blocks._warned.clear()
+    _warnings.forget(_blocks.NEAR_NULLSPACE_IGNORED)
 
     def setup(values, nns):
         return _dispatch.setup(op.pattern, values, key, nns)
@@ -658,6 +658,4 @@ def test_sparsify_with_block_size(rng):
 
 
 def _as_csr(op):
-    from lineax_amgx._solver import as_csr
-
-    return as_csr(op)
+    return lxa.as_csr_operator(op)

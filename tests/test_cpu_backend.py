@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import lineax_amgx as lxa
+from lineax_amgx import _warnings
 from lineax_amgx._backends import pyamg as _cpu
 from lineax_amgx._backends.pyamg import _translate
 
@@ -105,7 +106,7 @@ def test_classical_config(rng):
     op = lxa.CSROperator.from_scipy(a, tags=h.SPD)
     sol = lx.linear_solve(op, b, solver=lxa.AMGX("PCG_CLASSICAL", rtol=1e-10))
     assert h.rel_err(sol.value, h.reference(a, b)) < 1e-6
-    assert _translate._plan(_key_config("PCG_CLASSICAL")).precond.algorithm == "rs"
+    assert _translate.translate(_key_config("PCG_CLASSICAL")).precond.algorithm == "rs"
 
 
 def _key_config(name, **kw):
@@ -413,9 +414,9 @@ def test_unsupported_key_warns_once(rng):
 def test_dilu_smoother_warns():
     cfg = _key_config("FGMRES_AGGREGATION").replace('"postsweeps": 3',
                                                    '"postsweeps": 4')
-    _translate._warned.discard(("smoother", '"MULTICOLOR_DILU"'))
+    _warnings.forget(("smoother", '"MULTICOLOR_DILU"'))
     with pytest.warns(_cpu.PyamgTranslationWarning, match="MULTICOLOR_DILU"):
-        plan = _translate._plan(cfg)
+        plan = _translate.translate(cfg)
     assert plan.method == "fgmres" and plan.precond.presmoother.kind == "gauss_seidel"
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from .. import _blocks
 from . import amgx as _amgx, pyamg as _pyamg  # noqa: F401 - register the backends
-from .amgx._library import has_cuda_backend
+from .amgx import _library
 from .contract import SolveKey, lookup, solve_result_shapes
 
 
@@ -43,13 +43,7 @@ def setup(
     ok = _finite(values) if ok is None else jnp.asarray(ok).astype(jnp.int32)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, ok, key, near_nullspace)
-    if key.backend == "pyamg":
-        return cpu.setup(*args)
-    if key.backend == "amgx":
-        return _platform_dependent(
-            _gpu(gpu.setup, explicit=True), _drop_nns(_setup_not_on_cuda), *args
-        )
-    return _platform_dependent(_gpu(gpu.setup), cpu.setup, *args)
+    return _route(key.backend, gpu.setup, cpu.setup, _setup_not_on_cuda, args)
 
 
 def solve(
@@ -66,13 +60,20 @@ def solve(
     ok = _finite(values, b, x0) if ok is None else jnp.asarray(ok).astype(jnp.int32)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, token, b, x0, ok, key, near_nullspace)
-    if key.backend == "pyamg":
-        return cpu.solve(*args)
-    if key.backend == "amgx":
+    return _route(key.backend, gpu.solve, cpu.solve, _solve_not_on_cuda, args)
+
+
+def _route(backend: str, gpu_fn, cpu_fn, not_on_cuda, args):
+    """One backend call: `cpu_fn` for `"pyamg"`; for `"amgx"` the CUDA branch
+    (and, lowered for another platform, `not_on_cuda`: a clear error when it
+    runs); for `"auto"` the branch of the platform the data lives on."""
+    if backend == "pyamg":
+        return cpu_fn(*args)
+    if backend == "amgx":
         return _platform_dependent(
-            _gpu(gpu.solve, explicit=True), _drop_nns(_solve_not_on_cuda), *args
+            _gpu(gpu_fn, explicit=True), _drop_nns(not_on_cuda), *args
         )
-    return _platform_dependent(_gpu(gpu.solve), cpu.solve, *args)
+    return _platform_dependent(_gpu(gpu_fn), cpu_fn, *args)
 
 
 def _gpu(fn, explicit: bool = False):
@@ -99,7 +100,7 @@ def _drop_nns(fn):
 
 
 def _has_cuda() -> bool:
-    return has_cuda_backend()
+    return _library.has_cuda_backend()
 
 
 def _platform_dependent(gpu_fn, cpu_fn, pattern, *args):
@@ -142,3 +143,14 @@ def _solve_not_on_cuda(pattern, values, token, b, x0, ok, key):
         _raise_not_on_cuda, solve_result_shapes(b), values, b, ok,
         vmap_method="sequential",
     )
+
+
+def check_available(backend: str) -> None:
+    """Refuse `backend="amgx"` up front where JAX sees no CUDA device."""
+    if backend == "amgx" and not _library.has_cuda_backend():
+        raise RuntimeError(
+            "AMGX(backend='amgx') needs a CUDA device, but JAX sees none (devices: "
+            f"{jax.devices()}). Install a CUDA build of jaxlib, or use "
+            "backend='auto' (AmgX for arrays on a CUDA device, pyamg for arrays on "
+            "the CPU) or backend='pyamg'."
+        )

@@ -12,8 +12,10 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact
 
-from .._operator import register_queries
-from ._collectives import _halo, after, global_norm
+from .. import _protocol
+from .._operator import as_tag_set, csr_diagonal, register_queries
+from ..matrix_free import as_csr_operator
+from ._collectives import _halo, after as _after, allreduce_sum, global_norm
 from ._comm import _comm, _raise_if_any, mpi
 from ._layout import Layout, balanced_offsets
 from ._pattern import DistributedPattern, _counts_displs
@@ -28,12 +30,6 @@ _INT32_MAX = np.iinfo(np.int32).max
 # -----------------------------------------------------------------------------
 # The operator.
 # -----------------------------------------------------------------------------
-
-
-def _frozenset(tags: object) -> frozenset[object]:
-    if isinstance(tags, (list, tuple, set, frozenset)):
-        return frozenset(tags)
-    return frozenset([tags])
 
 
 def _check_values(values, pattern: DistributedPattern):
@@ -99,7 +95,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             )
         self.pattern = pattern
         self.values = _check_values(values, pattern)
-        self.tags = _frozenset(tags)
+        self.tags = as_tag_set(tags)
 
     # -- constructors (collective) -------------------------------------------------
 
@@ -346,25 +342,6 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         return sp.csr_array(sp.vstack(parts, format="csr"))
 
 
-def norm(operator, vector, after=None) -> Array:
-    """The 2-norm of a vector of `operator`'s space: the global norm (through MPI,
-    computed after `after`; see [`lineax_amgx.distributed.after`][]) for a
-    [`lineax_amgx.DistributedCSROperator`][], `jnp.linalg.norm` otherwise. For
-    the solver's tolerances and residual checks."""
-    if isinstance(operator, DistributedCSROperator):
-        return global_norm(_after(vector, after), operator.layout)
-    return jnp.linalg.norm(vector)
-
-
-_after = after
-
-
-def _diag(op: DistributedCSROperator):
-    pos = op.pattern.diagonal_positions
-    present = pos >= 0
-    return jnp.where(jnp.asarray(present), op.values[np.where(present, pos, 0)], 0)
-
-
 def _register_queries():
     register_queries(
         DistributedCSROperator,
@@ -376,7 +353,7 @@ def _register_queries():
             or lx.diagonal_tag in op.tags,
         },
     )
-    lx.diagonal.register(DistributedCSROperator)(_diag)
+    lx.diagonal.register(DistributedCSROperator)(csr_diagonal)
     lx.conj.register(DistributedCSROperator)(
         lambda op: DistributedCSROperator(op.pattern, op.values.conj(), op.tags)
     )
@@ -389,3 +366,32 @@ def _register_queries():
 
 
 _register_queries()
+
+
+# -- The package's operator protocol (what the solvers ask of an operator) ------
+
+
+@_protocol.norm.register
+def _(operator: DistributedCSROperator, vector, after=None) -> Array:
+    # The global norm (through MPI), computed after `after`: every MPI callback
+    # is chained to the previous one, so that all ranks make their MPI calls in
+    # the same order.
+    return global_norm(_after(vector, after), operator.layout)
+
+
+@_protocol.sequence.register
+def _(operator: DistributedCSROperator, x, *deps):
+    return _after(x, *deps)
+
+
+@_protocol.agree_flags.register
+def _(operator: DistributedCSROperator, flags, *deps) -> Array:
+    # One verdict on every rank: the rank-local flags summed (after `deps`).
+    return allreduce_sum(_after(flags, *deps), operator.layout)
+
+
+# A distributed operator is its own CSR form (matrix-free operators are not
+# distributed).
+as_csr_operator.register(DistributedCSROperator)(
+    lambda operator, *, symmetric=None: operator
+)

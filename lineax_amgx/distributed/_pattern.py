@@ -10,6 +10,7 @@ import hashlib
 
 import numpy as np
 
+from .. import _protocol
 from .._pattern import SparsityPattern
 from ._comm import DistributedError, _raise_if_any, mpi
 from ._layout import Layout
@@ -313,6 +314,10 @@ def check_pattern(pattern: DistributedPattern) -> None:
     `_raise_if_any`)."""
     if pattern.structure_error is not None:
         raise DistributedError(pattern.structure_error)
+
+
+# The solvers' structure checks (the operator protocol) for a distributed pattern.
+_protocol.check_structure.register(DistributedPattern)(check_pattern)
 
 
 def _structure_error(pattern: DistributedPattern) -> str | None:

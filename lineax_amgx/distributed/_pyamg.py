@@ -5,10 +5,9 @@ and solved with the pyamg backend; the solution is scattered back.
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
+from .._backends import pyamg
 from .._backends.contract import (
     SolveKey,
     Status,
@@ -16,7 +15,6 @@ from .._backends.contract import (
     host_solve,
     nonfinite_host_result,
 )
-from .._pattern import SparsityPattern
 from ._comm import _raise_if_any, agree, communicator
 from ._pattern import DistributedPattern, _counts_displs, _no_near_nullspace
 from ._sequencer import (
@@ -34,13 +32,6 @@ _INT32_MAX = np.iinfo(np.int32).max
 _ROOT = 0
 
 
-def _cpu_cache_key(cpu, pattern: SparsityPattern, key: SolveKey) -> tuple:
-    # `_cpu._cache_key` gained a near-null-space argument; accept both forms.
-    if "near_nullspace" in inspect.signature(cpu._cache_key).parameters:
-        return cpu._cache_key(pattern, key, None)
-    return cpu._cache_key(pattern, key)
-
-
 def _gather_to_root(comm, local: np.ndarray, counts, root: int):
     local = np.ascontiguousarray(local)
     if comm.Get_rank() == root:
@@ -55,13 +46,11 @@ def setup(
     pattern: DistributedPattern, values, ok, key: SolveKey, near_nullspace=None
 ):
     """Collective. The CPU setup of a distributed operator: the values are
-    gathered on rank 0, which sets up pyamg (through the `_cpu` cache) for the
+    gathered on rank 0, which sets up pyamg (the pyamg backend's cache) for the
     global matrix; every rank receives the same token. `ok` is agreed over the
     ranks: non-finite values anywhere skip the setup everywhere."""
-    from .._backends.pyamg import _backend as _cpu
-
     _no_near_nullspace(near_nullspace)
-    plan = _cpu._plan(key.config)
+    pyamg.translate(key.config)  # warnings and config errors at trace time
     comm_key = pattern.layout.comm_key
     site = _new_site()
 
@@ -77,13 +66,9 @@ def setup(
                 comm, np.asarray(values), np.diff(pattern.nnz_offsets), _ROOT
             )
             err = None
-            if comm.Get_rank() == _ROOT and _cpu._cache.capacity > 0:
+            if comm.Get_rank() == _ROOT:
                 try:
-                    entry_id, gen, _ = _cpu._cache.acquire(
-                        _cpu_cache_key(_cpu, gpat, key), plan, gpat, vals,
-                        key.mode,
-                    )
-                    token = np.array([entry_id, gen], np.int32)
+                    token = pyamg.Host(gpat, key).setup(vals)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank
                     err = f"pyamg setup failed: {e!r}"
             _raise_if_any(comm, err, RuntimeError)
@@ -108,10 +93,8 @@ def solve(
     and scatters the solution; the status, iteration count and the global
     residual norm are broadcast, so every rank returns the same `info` and
     `residual` and its own part of `x`."""
-    from .._backends.pyamg import _backend as _cpu
-
     _no_near_nullspace(near_nullspace)
-    plan = _cpu._plan(key.config)
+    pyamg.translate(key.config)  # warnings and config errors at trace time
     comm_key = pattern.layout.comm_key
     site = _new_site()
     out_dtype = np.dtype(b.dtype)
@@ -125,17 +108,11 @@ def solve(
             if not agree(int(ok) != 0, comm):
                 return nonfinite_host_result(b.shape, out_dtype)
             gpat = pattern.global_pattern(_ROOT)
-            ckey = None if gpat is None else _cpu_cache_key(_cpu, gpat, key)
+            problem = None if gpat is None else pyamg.Host(gpat, key)
             # Token hit on the root: nobody sends values. One decision for all.
             hit = False
             if rank == _ROOT:
-                t = np.asarray(token)
-                with _cpu._cache.lock:
-                    entry = _cpu._cache.by_id.get(int(t[0]))
-                    hit = (
-                        entry is not None and entry.key == ckey
-                        and int(t[1]) in entry.slots
-                    )
+                hit = problem.holds(np.asarray(token))
             hit = comm.bcast(hit, root=_ROOT)
             vals = None
             if not hit:
@@ -150,11 +127,9 @@ def solve(
                 try:
                     if vals is None:
                         vals = np.empty(0)  # unused: the token names the setup
-                    entry_id, _, prepared = _cpu._cache.acquire(
-                        ckey, plan, gpat, vals, key.mode, token=np.asarray(token)
+                    x, status, steps, resid = problem.solve(
+                        vals, np.asarray(token), bg, x0g
                     )
-                    x, status, steps, resid = prepared.solve(bg, x0g)
-                    _cpu._cache.count_solve(entry_id)
                     result = (int(status), int(steps), float(resid), None)
                     x = np.asarray(x, out_dtype)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank

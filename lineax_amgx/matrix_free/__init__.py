@@ -4,3 +4,5 @@
 The public names are re-exported by `lineax_amgx` (`sparsify`, `detect_sparsity`,
 `color_columns`, ...); the modules here are private.
 """
+
+from ._sparsify import as_csr_operator as as_csr_operator

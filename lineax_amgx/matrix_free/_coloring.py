@@ -121,12 +121,6 @@ def is_valid_column_coloring(pattern: SparsityPattern, colors) -> bool:
     return not bool(np.any(key[1:] == key[:-1]))
 
 
-def _color_counts_lookup(pattern, colors, K):
-    key = _row_color_keys(pattern, colors, K)
-    uniq, counts = np.unique(key, return_counts=True)
-    return uniq, counts
-
-
 def star_recovery(pattern: SparsityPattern, colors) -> np.ndarray | None:
     """For a symmetric pattern and a coloring, per entry: True where the entry is
     read directly (its color is unique in its row), False where it is read from

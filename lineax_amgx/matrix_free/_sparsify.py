@@ -287,11 +287,15 @@ def sparsify(
     return SparsifiedOperator(operator, pattern, coloring)
 
 
+@ft.singledispatch
 def as_csr_operator(
     operator: lx.AbstractLinearOperator, *, symmetric: bool | None = None
 ) -> CSROperator:
     """Any Lineax operator as a [`lineax_amgx.CSROperator`][] (what the
-    [`lineax_amgx.AMGX`][] solver calls in `init`).
+    [`lineax_amgx.AMGX`][] solver calls in `init`): the one hook through which
+    every operator kind reaches the solvers (a single-dispatch function: an
+    operator kind registers its own conversion, as the distributed package does
+    for `DistributedCSROperator`, which is kept as it is).
 
     A `CSROperator` is returned as is; a [`lineax_amgx.SparsifiedOperator`][] is
     assembled; a `lx.TaggedLinearOperator` keeps its tags; a concrete
@@ -308,21 +312,33 @@ def as_csr_operator(
 
     A [`lineax_amgx.CSROperator`][] carrying the operator's tags.
     """
-    if isinstance(operator, CSROperator):
-        return operator
-    if isinstance(operator, SparsifiedOperator):
-        return operator.to_csr()
-    if isinstance(operator, lx.TaggedLinearOperator):
-        inner = as_csr_operator(operator.operator, symmetric=symmetric)
-        tags = frozenset(inner.tags) | _operator_tags(operator)
-        return CSROperator(inner.pattern, inner.values, tags)
-    if isinstance(operator, lx.MatrixLinearOperator):
-        pattern = _matrix_pattern(operator.matrix)
-        values = operator.matrix[pattern.row_ids, pattern.indices]
-        if not jnp.issubdtype(values.dtype, jnp.floating):
-            values = values.astype(float)
-        return CSROperator(pattern, values, _operator_tags(operator))
     return sparsify(operator, symmetric=symmetric).to_csr()
+
+
+@as_csr_operator.register
+def _(operator: CSROperator, *, symmetric: bool | None = None) -> CSROperator:
+    return operator
+
+
+@as_csr_operator.register
+def _(operator: SparsifiedOperator, *, symmetric: bool | None = None):
+    return operator.to_csr()
+
+
+@as_csr_operator.register
+def _(operator: lx.TaggedLinearOperator, *, symmetric: bool | None = None):
+    inner = as_csr_operator(operator.operator, symmetric=symmetric)
+    tags = frozenset(inner.tags) | _operator_tags(operator)
+    return type(inner)(inner.pattern, inner.values, tags)
+
+
+@as_csr_operator.register
+def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
+    pattern = _matrix_pattern(operator.matrix)
+    values = operator.matrix[pattern.row_ids, pattern.indices]
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        values = values.astype(float)
+    return CSROperator(pattern, values, _operator_tags(operator))
 
 
 # -- Lineax's singledispatch functions ----------------------------------------------

@@ -32,7 +32,7 @@ class AmgXNotFoundError(RuntimeError):
 def native():
     """The compiled extension, or a clear error if the package was not built."""
     try:
-        from ... import _native
+        from . import _native
     except ImportError as e:  # pragma: no cover - a broken install
         raise ImportError(
             "lineax_amgx's native extension is missing; reinstall with "

@@ -9,13 +9,16 @@ of the backend contract, as host callbacks).
 from ..._pattern import SparsityPattern
 from .. import contract
 from . import _backend
-from ._backend import setup as setup, solve as solve
+from ._backend import Host as Host, setup as setup, solve as solve
 from ._cache import (
     cache_info as cache_info,
     clear_cache as clear_cache,
     reset_counters as reset_counters,
     set_cache_size as set_cache_size,
 )
-from ._translate import PyamgTranslationWarning as PyamgTranslationWarning
+from ._translate import (
+    PyamgTranslationWarning as PyamgTranslationWarning,
+    translate as translate,
+)
 
 contract.register("pyamg", SparsityPattern, _backend)

@@ -33,12 +33,11 @@ comparison and no setup.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from jaxtyping import Array, Int, Int32, Shaped
 
 from ..._pattern import SparsityPattern
+from ..._warnings import warn_once
 from ..contract import (
     SolveKey,
     host_setup,
@@ -50,9 +49,7 @@ from ._translate import (
     PyamgTranslationWarning,
     _AMGPlan,
     _Plan,
-    _plan,
-    _warned,
-    _warned_lock,
+    translate,
 )
 
 # Shapes of the arrays that cross the backend boundary.
@@ -62,20 +59,77 @@ _Flag = Int[Array, ""]
 _Token = Int32[Array, "2"]
 _Scalar = Shaped[Array, ""]
 
-__all__ = ["setup", "solve"]
+__all__ = ["setup", "solve", "Host"]
 
 
+# -----------------------------------------------------------------------------
+# The host side, for any caller that already holds host arrays (the local
+# callbacks below, and the distributed backend that gathers a system on one rank).
+# -----------------------------------------------------------------------------
+
+
+def _width(near_nullspace) -> int:
+    return 0 if near_nullspace is None else int(near_nullspace.shape[-1])
+
+
+class Host:
+    """One pyamg problem on the host: a pattern and a solve key, translated once.
+
+    Build it where errors and translation warnings should surface (at trace
+    time); call `setup` / `holds` / `solve` inside host callbacks with NumPy
+    arrays. Backed by the package's hierarchy cache.
+
+    **Arguments:**
+
+    - `pattern`: the (global) sparsity pattern.
+    - `key`: the static `SolveKey`.
+    - `near_nullspace_width`: the number of near-null-space vectors the calls
+        will pass (0: none; part of the cache key).
+    """
+
+    def __init__(
+        self, pattern: SparsityPattern, key: SolveKey, near_nullspace_width: int = 0
+    ):
+        self.pattern = pattern
+        self.key = key
+        self.plan = translate(key.config)
+        self.cache_key = (pattern.fingerprint, pattern.block_size, key.mode,
+                          key.config, key.transposed, int(near_nullspace_width))
+
+    def setup(self, values: np.ndarray, near_nullspace=None) -> np.ndarray:
+        """The token `int32[2]` of the resident setup for these values (`(-1, -1)`
+        in isolated mode: nothing is kept)."""
+        if _cache.capacity == 0:
+            return np.array([-1, -1], np.int32)
+        entry_id, gen, prepared = _cache.acquire(
+            self.cache_key, self.plan, self.pattern, values, self.key.mode,
+            near_nullspace=near_nullspace,
+        )
+        if self.key.verbose:
+            print(f"lineax_amgx (pyamg): setup {prepared.hierarchy or prepared}")
+        return np.array([entry_id, gen], np.int32)
+
+    def holds(self, token) -> bool:
+        """Whether `token` names a resident setup of this problem (then `solve`
+        needs no values)."""
+        return _cache.holds(self.cache_key, token)
+
+    def solve(self, values, token, b, x0=None, near_nullspace=None):
+        """`(x, status, iterations, ||b - A x||_2)`: from the setup `token` names,
+        else from an exact comparison of `values` with the resident ones, else
+        after a (re)setup."""
+        entry_id, _, prepared = _cache.acquire(
+            self.cache_key, self.plan, self.pattern, values, self.key.mode,
+            token=token, near_nullspace=near_nullspace,
+        )
+        x, status, steps, resid = prepared.solve(np.asarray(b), x0)
+        _cache.count_solve(entry_id)
+        return x, status, steps, resid
 
 
 # -----------------------------------------------------------------------------
 # The backend entry points (the backend contract).
 # -----------------------------------------------------------------------------
-
-
-def _cache_key(pattern: SparsityPattern, key: SolveKey, near_nullspace) -> tuple:
-    width = 0 if near_nullspace is None else int(near_nullspace.shape[-1])
-    return (pattern.fingerprint, pattern.block_size, key.mode, key.config,
-            key.transposed, width)
 
 
 def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace):
@@ -89,11 +143,8 @@ def _check_near_nullspace(plan: _Plan, pattern: SparsityPattern, near_nullspace)
     p = plan.precond
     if isinstance(p, _AMGPlan) and p.algorithm == "sa":
         return
-    with _warned_lock:
-        if ("near_nullspace", "") in _warned:
-            return
-        _warned.add(("near_nullspace", ""))
-    warnings.warn(
+    warn_once(
+        ("near_nullspace", ""),
         'options["near_nullspace"] is used only by aggregation AMG; this '
         "configuration (no smoothed-aggregation preconditioner) ignores it "
         "(pyamg CPU backend; see docs/guide/blocks.md).",
@@ -126,20 +177,15 @@ def setup(
     The token `int32[2] = (entry id, generation)` naming the resident setup, or
     `(-1, -1)` when nothing was kept (non-finite values, isolated mode).
     """
-    plan = _plan(key.config)  # warnings and config errors surface at trace time
-    _check_near_nullspace(plan, pattern, near_nullspace)
-    ckey = _cache_key(pattern, key, near_nullspace)
+    # Warnings and config errors surface at trace time.
+    problem = Host(pattern, key, _width(near_nullspace))
+    _check_near_nullspace(problem.plan, pattern, near_nullspace)
 
     def host(values, ok, *maybe_nns):
-        if int(ok) == 0 or _cache.capacity == 0:
+        if int(ok) == 0:
             return np.array([-1, -1], np.int32)
         nns = np.asarray(maybe_nns[0]) if maybe_nns else None
-        entry_id, gen, prepared = _cache.acquire(
-            ckey, plan, pattern, np.asarray(values), key.mode, near_nullspace=nns
-        )
-        if key.verbose:
-            print(f"lineax_amgx (pyamg): setup {prepared.hierarchy or prepared}")
-        return np.array([entry_id, gen], np.int32)
+        return problem.setup(np.asarray(values), nns)
 
     return host_setup(host, values, ok, near_nullspace)
 
@@ -176,9 +222,8 @@ def solve(
     with a `Status`; `residual = ||b - A x||_2` recomputed on the
     host, a scalar of `b`'s dtype.
     """
-    plan = _plan(key.config)
-    _check_near_nullspace(plan, pattern, near_nullspace)
-    ckey = _cache_key(pattern, key, near_nullspace)
+    problem = Host(pattern, key, _width(near_nullspace))
+    _check_near_nullspace(problem.plan, pattern, near_nullspace)
     out_dtype = np.dtype(b.dtype)
     has_x0 = x0 is not None
 
@@ -187,12 +232,9 @@ def solve(
         nns = np.asarray(rest[-1]) if near_nullspace is not None else None
         if int(ok) == 0:
             return nonfinite_host_result(b.shape, out_dtype)
-        entry_id, _, prepared = _cache.acquire(
-            ckey, plan, pattern, np.asarray(values), key.mode, token=token,
-            near_nullspace=nns,
+        x, status, steps, resid = problem.solve(
+            np.asarray(values), token, b, x0_host, nns
         )
-        x, status, steps, resid = prepared.solve(np.asarray(b), x0_host)
-        _cache.count_solve(entry_id)
         if key.verbose:
             print(
                 f"lineax_amgx (pyamg): status {status}, {steps} iterations, "

@@ -152,6 +152,15 @@ class _Cache:
                 entry.slots.popitem(last=False)
             return entry.id, entry.generation, prepared
 
+    def holds(self, ckey, token) -> bool:
+        """Whether `token` names a resident setup of the key `ckey`."""
+        with self.lock:
+            entry = self.by_id.get(int(token[0]))
+            return (
+                entry is not None and entry.key == ckey
+                and int(token[1]) in entry.slots
+            )
+
     def count_solve(self, entry_id: int):
         with self.lock:
             self.counters["solves"] += 1

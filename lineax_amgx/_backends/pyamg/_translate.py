@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools as ft
 import json
-import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from ..._warnings import warn_once
 
 
 class PyamgTranslationWarning(UserWarning):
@@ -101,17 +101,10 @@ _UNSUPPORTED_SOLVERS = {
     "NOSOLVER": "it does not solve anything",
 }
 
-_warned: set[tuple[str, str]] = set()
-_warned_lock = threading.Lock()
-
-
 def _warn_once(key: str, value: Any, message: str) -> None:
-    token = (key, json.dumps(value, sort_keys=True, default=str))
-    with _warned_lock:
-        if token in _warned:
-            return
-        _warned.add(token)
-    warnings.warn(
+    """Warn once per process per `(key, value)` of the AmgX config."""
+    warn_once(
+        (key, json.dumps(value, sort_keys=True, default=str)),
         f"AmgX config {key}={value!r}: {message} (pyamg CPU backend; see "
         "docs/guide/cpu-backend.md).",
         PyamgTranslationWarning,
@@ -352,7 +345,7 @@ def _precond_plan(value: Any, *, outer: bool):
 
 
 @ft.lru_cache(maxsize=64)
-def _plan(config: str) -> _Plan:
+def translate(config: str) -> _Plan:
     """Translate a finalised AmgX config (JSON) into a pyamg plan. Warnings (once
     per key and value) and errors are raised here, at trace time."""
     cfg = json.loads(config)
