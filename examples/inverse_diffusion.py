@@ -137,6 +137,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=32, help="cells per side")
     parser.add_argument("--iters", type=int, default=60, help="descent steps")
     parser.add_argument("--beta", type=float, default=1e-6, help="smoothing weight")
+    parser.add_argument(
+        "--figure", metavar="PNG", help="save the fields and the objective here"
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     n = args.n
@@ -208,7 +211,33 @@ def main(argv=None):
     )
     assert all(b <= a for a, b in zip(history, history[1:])), "not monotone"
     assert history[-1] < 0.1 * history[0], history[-1]
+    if args.figure:
+        save_figure(args.figure, n, m_true, m, history)
     return m
+
+
+def save_figure(path: str, n: int, m_true, m, history: list[float]) -> None:
+    """True and recovered log-conductivity, and the objective per descent step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    lo, hi = float(jnp.min(m_true)), float(jnp.max(m_true))
+    for ax, field, title in ((axes[0], m_true, "true m = log k"),
+                             (axes[1], m, "recovered m")):
+        im = ax.imshow(jnp.asarray(field).reshape(n, n), origin="lower",
+                       extent=(0, 1, 0, 1), vmin=lo, vmax=hi, cmap="viridis")
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, shrink=0.85)
+    axes[2].semilogy(history, color="tab:green")
+    axes[2].set_xlabel("descent step")
+    axes[2].set_ylabel("objective")
+    axes[2].set_title("misfit + smoothing")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

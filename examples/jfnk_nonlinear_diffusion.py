@@ -90,7 +90,7 @@ def make_problem(n: int):
     return residual, picard
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=64, help="grid side (n^2 unknowns)")
     parser.add_argument(
@@ -108,7 +108,10 @@ def main():
     parser.add_argument("--restart", type=int, default=20)
     parser.add_argument("--max-newton", type=int, default=20)
     parser.add_argument("--max-restarts", type=int, default=100)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--figure", metavar="PNG", help="save the convergence histories here"
+    )
+    args = parser.parse_args(argv)
 
     n = args.n
     residual, picard = make_problem(n)
@@ -142,6 +145,7 @@ def main():
     u0 = jnp.zeros(n * n)
     f0 = float(jnp.max(jnp.abs(residual(u0))))
     report = {}
+    histories = {}
     for precondition in (True, False):
         label = "AMG-preconditioned" if precondition else "unpreconditioned"
         # 1. counting run: Jacobian applications per Newton step
@@ -152,6 +156,7 @@ def main():
         print(f"{'step':>4} {'max|F(u)|':>12} {'J applications':>15} {'GMRES':>9}")
         u = u0
         per_step = []
+        history = [f0]
         converged = False
         for k in range(args.max_newton):
             before = applications[0]
@@ -160,6 +165,7 @@ def main():
             jax.effects_barrier()
             fk = float(jnp.max(jnp.abs(residual(u))))
             per_step.append(applications[0] - before)
+            history.append(fk)
             ok = "ok" if result == lx.RESULTS.successful else "no conv."
             print(f"{k + 1:>4} {fk:12.3e} {per_step[-1]:>15} {ok:>9}")
             if fk <= args.tol * f0:
@@ -174,6 +180,7 @@ def main():
         v.block_until_ready()
         wall = time.perf_counter() - t0
         report[label] = (len(per_step), sum(per_step), wall, converged)
+        histories[label] = (history, per_step)
         print(
             f"total: {len(per_step)} Newton steps, {sum(per_step)} Jacobian "
             f"applications, {wall:.2f} s (timed run, after compilation); "
@@ -199,6 +206,35 @@ def main():
             "matrix-free stencil; the iteration counts are what carries over to "
             "larger grids and the GPU)"
         )
+    if args.figure:
+        save_figure(args.figure, n, histories)
+
+
+def save_figure(path: str, n: int, histories: dict) -> None:
+    """Newton residual and Jacobian applications per step, with and without AMG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (label, (history, per_step)), color in zip(
+        histories.items(), ("tab:green", "tab:gray")
+    ):
+        ax0.semilogy(range(len(history)), history, "o-", color=color, label=label)
+        ax1.plot(range(1, len(per_step) + 1), per_step, "o-", color=color,
+                 label=label)
+    ax0.set_xlabel("Newton step")
+    ax0.set_ylabel("max |F(u)|")
+    ax0.set_title(f"Newton convergence, {n} x {n}")
+    ax0.legend()
+    ax1.set_yscale("log")
+    ax1.set_xlabel("Newton step")
+    ax1.set_ylabel("Jacobian applications (GMRES)")
+    ax1.set_title("Krylov work per Newton step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,14 @@ class Tally:
     def __init__(self):
         self.solves = 0
         self.iterations = 0
+        self.per_solve: list[int] = []
 
     def add(self, steps) -> None:
         # Under vmap the callback receives a batch: count every member.
         for s in jnp.atleast_1d(steps).tolist():
             self.solves += 1
             self.iterations += int(s)
+            self.per_solve.append(int(s))
 
 
 class CountIterations(lx.AbstractLinearSolver):
@@ -115,6 +117,9 @@ def main(argv=None):
         default="auto",
         help="compare with Newton + lx.AutoLinearSolver (dense LU); auto: n <= 96",
     )
+    parser.add_argument(
+        "--figure", metavar="PNG", help="save the solution and iteration counts here"
+    )
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     n, lam = args.n, args.lam
@@ -156,7 +161,30 @@ def main(argv=None):
         print(f"Newton + dense LU: {steps_ref} Newton steps, time {t_ref:.2f} s")
         print(f"  max |u_AMGX - u_LU| = {diff:.2e}")
         assert diff < 1e-8, diff
+    if args.figure:
+        save_figure(args.figure, u, n, lam, tally.per_solve)
     return u
+
+
+def save_figure(path: str, u, n: int, lam: float, per_solve: list[int]) -> None:
+    """The solution field and the linear iterations of every Newton step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.6))
+    im = ax0.imshow(jnp.asarray(u).reshape(n, n), origin="lower",
+                    extent=(0, 1, 0, 1), cmap="viridis")
+    fig.colorbar(im, ax=ax0, shrink=0.85)
+    ax0.set_title(f"u, Bratu λ = {lam}, {n} x {n}")
+    ax1.bar(range(1, len(per_solve) + 1), per_solve, color="tab:green")
+    ax1.set_xlabel("Newton step (linear solve)")
+    ax1.set_ylabel("AMGX iterations")
+    ax1.set_title("linear iterations per Newton step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ node) give matrices made of small dense `b x b` blocks, one per pair of coupled
 nodes. A [`lineax_amgx.CSROperator`][] with `block_size = b` keeps those blocks;
 AmgX then aggregates nodes (not single unknowns) and smooths with the inverses
 of the diagonal blocks, and pyamg (the CPU backend) does the same with a BSR
-matrix. See `docs/blocks.md`.
+matrix. See `docs/guide/blocks.md`.
 
 The *near-null space* of an operator is the set of vectors it (almost) maps to
 zero with natural boundary conditions: the constants for a diffusion equation,
@@ -68,7 +68,7 @@ def check_block_size(block_size: int, *, where: str = "block_size") -> int:
         raise ValueError(
             f"{where}={b} is not supported: lineax-amgx handles square blocks of "
             f"1 to {MAX_BLOCK_SIZE} unknowns (fewer on the GPU, where AmgX's block "
-            "aggregation stops: the GPU backend says how many; see docs/blocks.md). "
+            "aggregation stops: the GPU backend says how many; see docs/guide/blocks.md). "
             "Use the "
             "scalar form (block_size=1, e.g. `CSROperator.from_scipy(matrix.tocsr())`) "
             f"or group the unknowns into blocks of at most {MAX_BLOCK_SIZE}."
@@ -190,7 +190,7 @@ def warn_near_nullspace_ignored() -> None:
         NEAR_NULLSPACE_IGNORED,
         'options["near_nullspace"] is used by the CPU (pyamg) backend only: AmgX '
         "has no near-null-space input, so GPU solves ignore it (its aggregation "
-        "AMG uses one constant vector per block component). See docs/blocks.md.",
+        "AMG uses one constant vector per block component). See docs/guide/blocks.md.",
         NearNullspaceWarning,
         stacklevel=5,
     )

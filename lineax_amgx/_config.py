@@ -116,12 +116,13 @@ def _amg(**overrides: Any) -> dict[str, Any]:
         "solver": "AMG",
         "algorithm": "AGGREGATION",
         # SIZE_4, not SIZE_8: measured on an H200 at 1M unknowns (docs/benchmarks.md,
-        # docs/gpu-validation.md) SIZE_8 was 7% faster on 3-D Poisson but 2x slower
-        # on high-contrast diffusion, and on rotated anisotropic diffusion its
-        # coarsening stalled (setup 0.37 s, no convergence in 1000 iterations;
-        # SIZE_4: 0.57 s in all). A stall leaves a large coarsest level to the
-        # dense LU solver: on upwind convection-diffusion (99,856 unknowns) that
-        # level overflowed AmgX's 32-bit dense indexing and lost the CUDA context.
+        # docs/development/gpu-validation.md) SIZE_8 was 7% faster on 3-D Poisson
+        # but 2x slower on high-contrast diffusion, and on rotated anisotropic
+        # diffusion its coarsening stalled (setup 0.37 s, no convergence in 1000
+        # iterations; SIZE_4: 0.57 s in all). A stall leaves a large coarsest level
+        # to the dense LU solver: on upwind convection-diffusion (99,856 unknowns)
+        # that level overflowed AmgX's 32-bit dense indexing and lost the CUDA
+        # context.
         "selector": "SIZE_4",
         "cycle": "V",
         "max_iters": 1,
@@ -554,7 +555,7 @@ def preset(name: str) -> ResolvedConfig:
 # coarsest level of normal size (<= dense_lu_num_rows) is unaffected. AmgX does not
 # apply the cap when coarsening *stalls* (an aggregation pass that finds no
 # aggregates ends the hierarchy on that level): presets avoid the selectors seen to
-# stall (see `_amg`), and docs/errors.md describes the failure.
+# stall (see `_amg`), and docs/guide/errors.md describes the failure.
 DENSE_LU_MAX_ROWS = 4096
 _DENSE_LU_OVERFLOW_ROWS = 46340  # 46341^2 > 2^31 - 1
 

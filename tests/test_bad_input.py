@@ -1,5 +1,5 @@
-"""The bad-input catalogue (docs/errors.md), on the CPU: every case gives a specific
-Python exception or a documented `lx.RESULTS` code, never a crash or a silently
+"""The bad-input catalogue (docs/guide/errors.md), on the CPU: every case gives a
+specific Python exception or a documented `lx.RESULTS` code, never a crash or a silently
 wrong answer, and the next valid solve in the same process still works."""
 
 import json

@@ -1,6 +1,6 @@
 """Failure paths through AmgX on the GPU (run on the device: `pytest -m gpu`).
 
-The CPU-reachable cases are in test_bad_input.py; the catalogue is docs/errors.md.
+The CPU-reachable cases are in test_bad_input.py; the catalogue is docs/guide/errors.md.
 """
 
 import os
@@ -207,7 +207,7 @@ def test_indefinite_matrix_flagged(config, problem):
     if sol.result == R.successful:
         # Krylov methods can converge on a nonsingular indefinite matrix (AmgX's CG
         # did on an H200): then the true residual must be within the solver's
-        # guard (docs/errors.md: at most 1000x the requested bound), and the
+        # guard (docs/guide/errors.md: at most 1000x the requested bound), and the
         # reported residual must be the true one.
         x = np.asarray(sol.value)
         bb = np.asarray(b)

@@ -6,7 +6,7 @@ one square global matrix, with *global* column indices, and the same rows of eve
 vector. [`lineax_amgx.distributed.DistributedCSROperator`][] is the Lineax operator
 of one rank: `lx.linear_solve(op, b_local, solver=lineax_amgx.AMGX())` returns the
 local part of the global solution when every rank makes the same call (SPMD, as
-with `mpirun`). See `docs/distributed.md`.
+with `mpirun`). See `docs/guide/distributed.md`.
 
 ```python
 import lineax_amgx.distributed as lxd

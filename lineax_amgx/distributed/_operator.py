@@ -64,7 +64,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
     `lx.linear_solve(op, b_local, solver=lineax_amgx.AMGX())`; each gets its part
     of the solution. On CUDA arrays AmgX solves the system with its distributed
     solver; on the CPU the system is gathered and solved with pyamg on one rank
-    (for testing; see `docs/distributed.md`).
+    (for testing; see `docs/guide/distributed.md`).
 
     `mv(x_local)` is the local part of `A x` (the off-rank entries of `x` that the
     local rows need are exchanged through MPI, also inside `jit`); gradients flow

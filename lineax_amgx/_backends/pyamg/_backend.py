@@ -8,7 +8,7 @@ contract in `_backends/contract.py`; both run as `jax.pure_callback`s with
 one solve per member, and `vmap` over values one setup per member.
 
 The AmgX configuration is translated to its nearest pyamg equivalent (the table
-is in `docs/cpu-backend.md`): the outer Krylov method, classical or aggregation
+is in `docs/guide/cpu-backend.md`): the outer Krylov method, classical or aggregation
 AMG, the smoother, sweeps, cycle, coarsening limits, the coarse solver, the
 iteration limit and the convergence criterion (honoured exactly: the stopping
 test is made on the true residual `||b - A x||`). A key with no pyamg equivalent
@@ -164,7 +164,7 @@ def _warn_unused_near_nullspace(plan: _Plan):
         ("near_nullspace", ""),
         'options["near_nullspace"] is used only by aggregation AMG; this '
         "configuration (no smoothed-aggregation preconditioner) ignores it "
-        "(pyamg CPU backend; see docs/blocks.md).",
+        "(pyamg CPU backend; see docs/guide/blocks.md).",
         PyamgTranslationWarning,
         stacklevel=4,
     )

@@ -1,6 +1,6 @@
 # Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
 """Translating a finalised AmgX configuration into a plan for pyamg (the table
-is in `docs/cpu-backend.md`). A key with no pyamg equivalent warns once per
+is in `docs/guide/cpu-backend.md`). A key with no pyamg equivalent warns once per
 `(key, value)` ([`lineax_amgx.PyamgTranslationWarning`][]); one whose omission
 would change the answer raises a `ValueError`.
 """
@@ -33,7 +33,7 @@ _DEFAULT_SWEEPS = 1
 
 # Keys that only affect output, bookkeeping, GPU resources or coloring (which
 # pyamg's sequential smoothers do not need): they cannot change the answer and
-# are ignored without a warning. Listed in docs/cpu-backend.md.
+# are ignored without a warning. Listed in docs/guide/cpu-backend.md.
 _NO_EFFECT_KEYS = frozenset({
     "scope", "config_version", "exception_handling", "determinism_flag",
     "monitor_residual", "store_res_history", "print_solve_stats",
@@ -106,7 +106,7 @@ def _warn_once(key: str, value: Any, message: str) -> None:
     warn_once(
         (key, json.dumps(value, sort_keys=True, default=str)),
         f"AmgX config {key}={value!r}: {message} (pyamg CPU backend; see "
-        "docs/cpu-backend.md).",
+        "docs/guide/cpu-backend.md).",
         PyamgTranslationWarning,
         stacklevel=4,
     )
