@@ -48,7 +48,10 @@ EXACT_OPS = {
     "reshape_t": lambda x: x.reshape(3, 4).T.reshape(-1),
     "gather": lambda x: x[_IDX],
     "scatter_add": lambda x: jnp.zeros(N).at[_IDX].add(x),
-    "conv": lambda x: jnp.convolve(x, jnp.array([1.0, 0.0, -2.0]), mode="same"),
+    # -2.1, not -2: conv twice is the kernel [1, 0, -4, 0, 4], whose -4 and 4 met
+    # one repeated cumsum value and cancelled exactly in the numerical reference
+    # (hypothesis found ['cumsum', 'conv', 'conv']; the traced pattern was right).
+    "conv": lambda x: jnp.convolve(x, jnp.array([1.0, 0.0, -2.1]), mode="same"),
     "scan": lambda x: jax.lax.scan(lambda c, xi: (c * 0.5 + xi, c), 0.0, x)[1],
     "fori": lambda x: jax.lax.fori_loop(
         # sin, not tanh: tanh' underflows to exactly 0 for the large values
