@@ -63,6 +63,52 @@ _AMGX_PARAMETERS = frozenset({
     'use_cusparse_spgemm', 'use_opt_kernels', 'use_scalar_norm',
     'use_sum_stopping_criteria', 'verbosity_level', 'weakness_bound',
     'weight_formula',})
+# Parameters AmgX registers as integers (`registerParameter<int>` or `<size_t>`) and
+# as reals (`<double>`), read off AmgX's sources: a value of another type fails
+# in AmgX's parser, naming no key, so it is refused here.
+_INT_PARAMETERS = frozenset({
+    'GS_L1_variant', 'affinity_iterations', 'affinity_vectors', 'aggregate_size',
+    'aggregation_edge_weight_component', 'aggregation_passes', 'aggressive_levels',
+    'amg_consolidation_flag', 'amg_host_levels_rows', 'block_convert',
+    'cf_smoothing_mode', 'chebyshev_lambda_estimate_mode',
+    'chebyshev_polynomial_order', 'coarsest_sweeps', 'coloring_level',
+    'coloring_try_remove_last_colors', 'complex_conversion', 'convergence_analysis',
+    'cycle_iters', 'dense_lu_max_rows', 'dense_lu_num_rows', 'determinism_flag',
+    'device_alloc_scaling_factor', 'device_alloc_scaling_threshold',
+    'device_consolidation_pool_size', 'device_mem_pool_max_alloc_size',
+    'device_mem_pool_size', 'device_mem_pool_size_limit', 'eig_convergence_check_freq',
+    'eig_eigenvector', 'eig_max_iters', 'eig_subspace_size', 'eig_wanted_count',
+    'error_scaling', 'exact_coarse_solve', 'exception_handling', 'filter_weights',
+    'fine_level_consolidation', 'fine_levels', 'finest_sweeps', 'full_ghost_level',
+    'geometric_dim', 'ghost_offdiag_limit', 'gmres_krylov_dim', 'gmres_n_restart',
+    'handshaking_phases', 'high_priority_stream', 'ilu_sparsity_level',
+    'initial_color', 'insert_diag_while_reordering', 'intensive_smoothing',
+    'interp_max_elements', 'jacobi_iters', 'kaczmarz_coloring_needed', 'kpz_mu',
+    'kpz_order', 'late_rejection', 'matrix_consolidation_lower_threshold',
+    'matrix_consolidation_upper_threshold', 'matrix_halo_exchange', 'max_coarse_iters',
+    'max_iters', 'max_levels', 'max_matching_iterations', 'max_num_hash',
+    'merge_singletons', 'min_coarse_rows', 'min_fine_rows', 'min_rows_latency_hiding',
+    'modified_handshake', 'monitor_residual', 'notay_weights', 'num_colors',
+    'num_streams', 'obtain_timings', 'postsweeps', 'presweeps',
+    'print_aggregation_info', 'print_coloring_info', 'print_config',
+    'print_grid_stats', 'print_solve_stats', 'print_vis_data', 'reorder_cols_by_color',
+    'reuse_scale', 'rhs_from_a', 'scaling_smoother_steps', 'serial_matching',
+    'serialize_threads', 'solver_verbose', 'spmm_gmem_size', 'spmm_max_attempts',
+    'spmm_no_sort', 'spmm_verbose', 'store_res_history', 'structure_reuse_levels',
+    'subspace_dim_s', 'symmetric_GS', 'use_bsrxmv', 'use_cuda_ipc_consolidation',
+    'use_cusparse_spgemm', 'use_opt_kernels', 'use_scalar_norm',
+    'use_sum_stopping_criteria', 'verbosity_level', 'weakness_bound', 'weight_formula',
+})
+_REAL_PARAMETERS = frozenset({
+    'alt_rel_tolerance', 'cheby_max_lambda', 'cheby_min_lambda', 'coarsen_threshold',
+    'cusparse_spgemm_fraction', 'eig_damping_factor', 'eig_shift', 'eig_tolerance',
+    'filter_weights_alpha', 'interp_truncation_factor', 'max_row_sum',
+    'max_unassigned_percentage', 'max_uncolored_percentage', 'rel_div_tolerance',
+    'relaxation_factor', 'strength_threshold', 'tolerance',
+})
+# Real parameters that must not be negative (a negative tolerance would make
+# AmgX run to its iteration limit).
+_NONNEGATIVE = frozenset({"tolerance", "alt_rel_tolerance"})  # (rel_div_tolerance: -1 = off)
 # Keys that are structural rather than parameters.
 _STRUCTURAL_KEYS = frozenset({"config_version", "scope"})
 # Parameters whose value is a solver: a name or a nested (scoped) solver dict.
@@ -249,6 +295,9 @@ class ConfigError(ValueError):
 
 
 def _suggest(word: str, choices) -> str:
+    by_case = {c.upper(): c for c in choices if isinstance(c, str)}
+    if word.upper() in by_case:  # the same name in another case
+        return f" Did you mean {by_case[word.upper()]!r}?"
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -301,6 +350,25 @@ def _validate_scope(d: Mapping[str, Any], where: str) -> None:
                 )
         elif isinstance(value, Mapping):
             raise ConfigError(f"{path!r} does not take a nested dict.")
+        elif key in _INT_PARAMETERS and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(
+                f"{path!r} must be an integer (AmgX registers it as one), got "
+                f"{value!r}."
+            )
+        elif key in _REAL_PARAMETERS and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
+            raise ConfigError(
+                f"{path!r} must be a number (AmgX registers it as a real), got "
+                f"{value!r}."
+            )
+        if key in _NONNEGATIVE and value < 0:
+            raise ConfigError(
+                f"{path!r} must be >= 0, got {value!r} (a negative tolerance is "
+                "never met: AmgX would run to its iteration limit)."
+            )
 
 
 def parse_config(config: str | Mapping[str, Any]) -> dict[str, Any]:

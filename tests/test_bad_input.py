@@ -445,6 +445,16 @@ def test_sizes_beyond_int32_rejected_before_allocation():
         ('{"config_version": 3, "solver": "PCG"}', "config_version 2"),
         ({"config_version": 2}, "needs an outer 'solver' entry"),
         (42, "must be a preset name, a JSON string or a dict"),
+        ({"config_version": 2, "solver": {"solver": "PCG", "max_iters": "abc"}},
+         "'solver.max_iters' must be an integer .* got 'abc'"),
+        ({"config_version": 2, "solver": {"solver": "PCG", "tolerance": "1e-8"}},
+         "'solver.tolerance' must be a number .* got '1e-8'"),
+        ({"config_version": 2, "solver": {"solver": "PCG", "tolerance": -1e-8}},
+         "'solver.tolerance' must be >= 0"),
+        ("pcg_aggregation", "Unknown AmgX preset 'pcg_aggregation'.*Did you mean "
+         "'PCG_AGGREGATION'"),
+        ({"config_version": 2, "solver": {"solver": "pcg"}},
+         "Unknown AmgX solver 'pcg' at 'solver.solver'. Did you mean 'PCG'?"),
         ({"config_version": 2, "communicator": "MPI_DIRECT", "solver": "PCG"},
          "'communicator' is a setting of AmgX's resources.*MPI_DIRECT' needs a "
          "CUDA-aware MPI"),
