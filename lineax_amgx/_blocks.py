@@ -68,10 +68,10 @@ def check_block_size(block_size: int, *, where: str = "block_size") -> int:
         raise ValueError(
             f"{where}={b} is not supported: lineax-amgx handles square blocks of "
             f"1 to {MAX_BLOCK_SIZE} unknowns (fewer on the GPU, where AmgX's block "
-            "aggregation stops: the GPU backend says how many; see docs/guide/blocks.md). "
-            "Use the "
-            "scalar form (block_size=1, e.g. `CSROperator.from_scipy(matrix.tocsr())`) "
-            f"or group the unknowns into blocks of at most {MAX_BLOCK_SIZE}."
+            "aggregation stops: the GPU backend says how many; see "
+            "docs/guide/blocks.md). Use the scalar form (block_size=1, e.g. "
+            "`CSROperator.from_scipy(matrix.tocsr())`) or group the unknowns into "
+            f"blocks of at most {MAX_BLOCK_SIZE}."
         )
     return b
 

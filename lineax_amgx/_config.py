@@ -108,7 +108,8 @@ _REAL_PARAMETERS = frozenset({
 })
 # Real parameters that must not be negative (a negative tolerance would make
 # AmgX run to its iteration limit).
-_NONNEGATIVE = frozenset({"tolerance", "alt_rel_tolerance"})  # (rel_div_tolerance: -1 = off)
+# (Not rel_div_tolerance: -1 turns AmgX's divergence check off.)
+_NONNEGATIVE = frozenset({"tolerance", "alt_rel_tolerance"})
 # Keys that are structural rather than parameters.
 _STRUCTURAL_KEYS = frozenset({"config_version", "scope"})
 # Parameters whose value is a solver: a name or a nested (scoped) solver dict.
