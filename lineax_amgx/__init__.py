@@ -49,6 +49,7 @@ from ._cache import (  # noqa: E402
     reset_counters as reset_counters,
     set_cache_size as set_cache_size,
 )
+from ._checks import DenseOperatorWarning as DenseOperatorWarning  # noqa: E402
 from ._config import ConfigError as ConfigError, configs as configs  # noqa: E402
 from ._info import info as info  # noqa: E402
 from ._operator import CSROperator as CSROperator  # noqa: E402
@@ -82,6 +83,7 @@ __all__ = [
     "CSROperator",
     "Coloring",
     "ConfigError",
+    "DenseOperatorWarning",
     "DistributedCSROperator",
     "DistributedError",
     "DistributedOrderError",

@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from ._blocks import check_block_size
+from ._checks import check_symmetric, warn_if_downcast
 from ._pattern import SparsityPattern, check_index_range
 
 
@@ -25,6 +26,7 @@ def as_tag_set(tags: object) -> frozenset[object]:
 
 def _check_values(values, pattern: SparsityPattern):
     if not isinstance(values, jax.core.Tracer):
+        warn_if_downcast(values)  # float64 NumPy values without x64
         values = jnp.asarray(values)
     if values.shape != pattern.value_shape:
         raise ValueError(
@@ -68,8 +70,12 @@ class CSROperator(lx.AbstractLinearOperator):
     - `pattern`: the [`lineax_amgx.SparsityPattern`][].
     - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns).
     - `tags`: Lineax tags such as `lx.symmetric_tag` or
-        `lx.positive_semidefinite_tag`. They are trusted, not checked, and choose
-        the default AmgX configuration (CG for symmetric positive definite).
+        `lx.positive_semidefinite_tag`. They choose the default AmgX
+        configuration (CG for symmetric positive definite). Symmetry is checked
+        (`lx.symmetric_tag` and the semidefinite tags promise it): concrete
+        values here (a `ValueError` naming the largest `|A[i, j] - A[j, i]|`
+        above `sqrt(eps) max |A|`), traced values when a solver uses them.
+        Definiteness is not checked.
     """
 
     pattern: SparsityPattern = eqx.field(static=True)
@@ -85,6 +91,11 @@ class CSROperator(lx.AbstractLinearOperator):
         self.pattern = pattern
         self.values = _check_values(values, pattern)
         self.tags = as_tag_set(tags)
+        # Concrete values: a ValueError now if a symmetry tag is false (traced
+        # values are checked by the solvers).
+        check_symmetric(
+            pattern, self.values, self.tags, claim="The CSROperator is tagged"
+        )
 
     # -- constructors ------------------------------------------------------------
 
@@ -196,7 +207,7 @@ class CSROperator(lx.AbstractLinearOperator):
         if b > 1:
             data = data.reshape(-1, b, b)
         pattern = SparsityPattern(m.indptr, m.indices, m.shape, b)
-        return cls(pattern, jnp.asarray(data), tags)
+        return cls(pattern, data, tags)
 
     @classmethod
     def from_bcoo(cls, matrix, *, tags: object = ()) -> CSROperator:

@@ -271,6 +271,26 @@ class SparsityPattern:
         )
 
     @ft.cached_property
+    def mirror(self) -> np.ndarray:
+        """For every stored (block) entry `(i, j)`, the position of entry `(j, i)`
+        in `indices`, or -1 where that entry is not stored (square patterns only).
+        `values == values[mirror]` (blocks transposed) is the symmetry test; for a
+        structurally symmetric pattern `mirror` is the transpose permutation.
+        Computed once on the host (one binary search per entry) and cached."""
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"A non-square pattern {self.shape} has no mirror.")
+        n = np.int64(self.block_cols)
+        rows = self.row_ids.astype(np.int64)
+        cols = self.indices.astype(np.int64)
+        keys = rows * n + cols  # ascending: CSR order is (row, column) order
+        want = cols * n + rows
+        pos = np.minimum(np.searchsorted(keys, want), max(self.nnz - 1, 0))
+        found = keys[pos] == want if self.nnz else np.zeros(0, dtype=bool)
+        out = np.where(found, pos, -1).astype(np.int32)
+        out.setflags(write=False)
+        return out
+
+    @ft.cached_property
     def bandwidth(self) -> tuple[int, int]:
         """(lower, upper) bandwidth in (block) entries; (0, 0) for an empty pattern."""
         if self.nnz == 0:

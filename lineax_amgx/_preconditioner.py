@@ -28,7 +28,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact, Int, PyTree
 
-from . import _config
+from . import _checks, _config
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -40,6 +40,7 @@ from ._backends.contract import (
     mode_for,
     vector_dtype as _vector_dtype,
 )
+from ._checks import SYMMETRY_TAGS, tag_names
 from ._operator import as_tag_set
 from ._pattern import SparsityPattern
 from ._solver import AMGX
@@ -52,19 +53,6 @@ _KRYLOV_SOLVERS = frozenset({
     "CG", "PCG", "PCGF", "GMRES", "FGMRES", "BICGSTAB", "PBICGSTAB", "IDR",
     "IDRMSYNC",
 })
-_SYMMETRY_TAGS = frozenset({
-    lx.symmetric_tag, lx.positive_semidefinite_tag, lx.negative_semidefinite_tag,
-})
-
-
-def _tag_names(tags) -> str:
-    names = {
-        lx.symmetric_tag: "lx.symmetric_tag",
-        lx.positive_semidefinite_tag: "lx.positive_semidefinite_tag",
-        lx.negative_semidefinite_tag: "lx.negative_semidefinite_tag",
-    }
-    return ", ".join(sorted(names.get(t, repr(t)) for t in tags))
-
 
 def _check_options(cycles, backend, precision):
     if cycles is not None:
@@ -256,27 +244,21 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                 )
         else:
             tag_set = as_tag_set(tags)
-            unknown = tag_set - _SYMMETRY_TAGS
+            unknown = tag_set - SYMMETRY_TAGS
             if unknown:
                 raise ValueError(
                     f"AMGXPreconditioner does not take the tags {unknown}; only "
-                    f"{_tag_names(_SYMMETRY_TAGS)} apply to a multigrid cycle."
+                    f"{tag_names(SYMMETRY_TAGS)} apply to a multigrid cycle."
                 )
             if tag_set and not symmetric_cycle:
                 raise ValueError(
-                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
+                    f"AMGXPreconditioner cannot be tagged {tag_names(tag_set)}: "
                     f"{reason}, so the preconditioner is not a symmetric operator "
                     "(lx.CG needs a symmetric positive definite one). Use a "
                     "symmetric cycle — a BLOCK_JACOBI, JACOBI_L1 or CHEBYSHEV_POLY "
                     "smoother with presweeps == postsweeps, such as the preset "
                     "'AMG_VCYCLE' — or a solver that takes any preconditioner "
                     "(lx.GMRES, lx.BiCGStab)."
-                )
-            if tag_set and not p.is_structurally_symmetric:
-                raise ValueError(
-                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
-                    "the matrix it is built on is not even structurally "
-                    "symmetric, so its multigrid cycle is not a symmetric operator."
                 )
             if tag_set & {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}:
                 tag_set = tag_set | {lx.symmetric_tag}
@@ -305,6 +287,13 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             resolved, cycles=cycles, mode=mode, verbose=verbose, backend=backend
         )
         values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
+        # A symmetric cycle needs a symmetric matrix: the same check as AMGX's
+        # (a ValueError now for concrete values, before the setup under jit).
+        values = _checks.require_symmetric(
+            values, p, csr.values, tag_set,
+            claim="AMGXPreconditioner is tagged" if tags is not None
+            else "The matrix of AMGXPreconditioner is tagged",
+        )
         self.values = values
         self.token = router.setup(p, values, key)
         self.pattern = p

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, _protocol
+from . import _blocks, _checks, _config, _protocol
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -176,6 +176,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr = as_csr_operator(operator)
         p = csr.pattern
         _protocol.check_structure(p)
+        # A symmetry tag on non-symmetric values: an error before the setup.
+        csr = _checks.symmetry_checked(
+            csr, operator, claim="The operator given to AMGX is tagged"
+        )
         resolved = self._resolve(operator, csr)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(

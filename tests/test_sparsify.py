@@ -118,11 +118,12 @@ def test_memo_distinguishes_structural_zeros_of_constants():
 
 def test_tags_and_special_operators():
     u = _u()
-    M = jnp.diag(jnp.arange(1.0, 6.0)) + jnp.eye(5, k=1)
+    # Symmetric: a semidefinite tag promises symmetry, which is checked.
+    M = jnp.diag(jnp.arange(1.0, 6.0)) + jnp.eye(5, k=1) + jnp.eye(5, k=-1)
     op = lx.TaggedLinearOperator(lx.MatrixLinearOperator(M),
                                  lx.positive_semidefinite_tag)
     A = as_csr_operator(op)
-    assert lx.positive_semidefinite_tag in A.tags and A.pattern.nnz == 9
+    assert lx.positive_semidefinite_tag in A.tags and A.pattern.nnz == 13
     np.testing.assert_allclose(_dense_csr(A), np.asarray(M))
     Ad = eqx.filter_jit(as_csr_operator)(lx.MatrixLinearOperator(M))
     assert Ad.pattern.method == "dense"

@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from .. import _protocol
+from .._checks import warn_if_downcast
 from .._operator import as_tag_set, csr_diagonal, register_queries
 from ..matrix_free import as_csr_operator
 from ._collectives import _halo, after as _after, allreduce_sum, global_norm
@@ -35,6 +36,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 def _check_values(values, pattern: DistributedPattern):
     tracing = isinstance(values, jax.core.Tracer)
     if not tracing:
+        warn_if_downcast(values)  # float64 NumPy values without x64
         values = jnp.asarray(values)
     comm = pattern.layout.comm
     err = None
@@ -257,7 +259,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 root=root,
             )
         pattern = DistributedPattern(ptr, idx, layout)
-        return cls(pattern, jnp.asarray(vals), tags)
+        return cls(pattern, vals, tags)
 
     # -- Lineax operator interface ---------------------------------------------------
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
+from .._checks import warn_dense
 from .._operator import CSROperator
 from .._pattern import SparsityPattern
 from ._coloring import Coloring, color_columns, star_recovery
@@ -60,12 +61,26 @@ def _strip_tags(operator):
     return operator
 
 
+@ft.lru_cache(maxsize=8)
+def _dense_pattern(m: int, n: int) -> SparsityPattern:
+    """Every entry of an `m x n` matrix, in row-major order (so that a dense
+    matrix's values are its `ravel`): built and fingerprinted once per shape."""
+    indptr = np.arange(m + 1, dtype=np.int64) * n
+    indices = np.tile(np.arange(n, dtype=np.int32), m)
+    return SparsityPattern(indptr, indices, (m, n), method="dense", check=False)
+
+
 def _matrix_pattern(matrix) -> SparsityPattern:
     m, n = matrix.shape
     if isinstance(matrix, jax.core.Tracer):
-        indptr = np.arange(m + 1, dtype=np.int64) * n
-        indices = np.tile(np.arange(n), m)
-        return SparsityPattern(indptr, indices, (m, n), method="dense", check=False)
+        # Unknown sparsity at trace time: every entry (a warning, or an error
+        # where n^2 entries cannot be indexed in 32 bits, before allocating).
+        warn_dense(
+            (m, n), "A traced lx.MatrixLinearOperator",
+            "the sparsity of a traced matrix is not known at trace time",
+        )
+        return _dense_pattern(m, n)
+    # A concrete matrix: its nonzeros (exact zeros are not stored, as from_dense).
     nz = np.asarray(matrix) != 0
     rows, cols = np.nonzero(nz)
     indptr = np.concatenate([[0], np.cumsum(nz.sum(axis=1))])
@@ -268,6 +283,11 @@ def sparsify(
         operator = operator.operator
     if pattern is None:
         pattern = _detect_operator(operator)
+        m, n = pattern.shape
+        if pattern.method != "dense" and pattern.nnz == m * n:
+            kind = type(_strip_tags(operator)).__name__
+            warn_dense((m, n), f"An operator ({kind})",
+                       "its detected sparsity is every entry")
     if not isinstance(pattern, SparsityPattern):
         raise TypeError(f"pattern must be a SparsityPattern, got {type(pattern)}.")
     m, n = _size(operator.out_structure()), _size(operator.in_structure())
@@ -335,7 +355,10 @@ def _(operator: lx.TaggedLinearOperator, *, symmetric: bool | None = None):
 @as_csr_operator.register
 def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
     pattern = _matrix_pattern(operator.matrix)
-    values = operator.matrix[pattern.row_ids, pattern.indices]
+    if pattern.method == "dense":
+        values = jnp.ravel(operator.matrix)  # CSR order of a dense pattern
+    else:
+        values = operator.matrix[pattern.row_ids, pattern.indices]
     if not jnp.issubdtype(values.dtype, jnp.floating):
         values = values.astype(float)
     return CSROperator(pattern, values, _operator_tags(operator))
