@@ -14,6 +14,7 @@ from jaxtyping import Array, Inexact
 
 from ._blocks import check_block_size
 from ._pattern import SparsityPattern, check_index_range
+from ._runtime_arrays import pattern_array, take
 
 
 def as_tag_set(tags: object) -> frozenset[object]:
@@ -262,14 +263,18 @@ class CSROperator(lx.AbstractLinearOperator):
     def mv(self, vector):
         p = self.pattern
         b = p.block_size
-        cols = jnp.asarray(p.indices)
-        rows = jnp.asarray(p.row_ids)
+        # Runtime arrays, not constants: see `_runtime_arrays`.
+        cols = pattern_array(p, "indices")
+        rows = pattern_array(p, "row_ids")
         if b == 1:
-            prod = self.values * vector[cols]
+            prod = self.values * take(vector, cols)
         else:
             xb = vector.reshape(p.block_cols, b)
             prod = jnp.einsum(
-                "kij,kj->ki", self.values, xb[cols], precision=jax.lax.Precision.HIGHEST
+                "kij,kj->ki",
+                self.values,
+                take(xb, cols),
+                precision=jax.lax.Precision.HIGHEST,
             )
         out = jax.ops.segment_sum(
             prod, rows, num_segments=p.block_rows, indices_are_sorted=True
@@ -279,20 +284,19 @@ class CSROperator(lx.AbstractLinearOperator):
     def as_matrix(self):
         p = self.pattern
         b = p.block_size
+        rows = pattern_array(p, "row_ids")
+        cols = pattern_array(p, "indices")
         if b == 1:
             dense = jnp.zeros(p.shape, self.values.dtype)
-            return dense.at[p.row_ids, p.indices].add(self.values)
+            return dense.at[rows, cols].add(self.values)
         dense = jnp.zeros((p.block_rows, p.block_cols, b, b), self.values.dtype)
-        dense = dense.at[p.row_ids, p.indices].add(self.values)
+        dense = dense.at[rows, cols].add(self.values)
         return dense.transpose(0, 2, 1, 3).reshape(p.shape)
 
     def transpose(self):
         if lx.symmetric_tag in self.tags:
             return self
-        pat_t, perm = self.pattern.transpose()
-        vals = self.values[perm]
-        if self.pattern.block_size > 1:
-            vals = jnp.swapaxes(vals, -1, -2)
+        pat_t, vals = transposed_values(self.pattern, self.values)
         return CSROperator(pat_t, vals, lx.transpose_tags(self.tags))
 
     def in_structure(self):
@@ -320,17 +324,23 @@ def csr_diagonal(op) -> jax.Array:
     `values`; shared with `DistributedCSROperator`, whose local rows hold their
     diagonal)."""
     p = op.pattern
-    pos = p.diagonal_positions
-    b = p.block_size
+    pos = pattern_array(p, "diagonal_positions")  # -1 where not stored
     present = pos >= 0
-    safe = np.where(present, pos, 0)
-    if b == 1:
-        d = jnp.where(jnp.asarray(present), op.values[safe], 0)
-    else:
-        blocks = op.values[safe]  # (m, b, b)
-        d = jnp.diagonal(blocks, axis1=1, axis2=2)
-        d = jnp.where(jnp.asarray(present)[:, None], d, 0).reshape(-1)
-    return d
+    gathered = take(op.values, jnp.maximum(pos, 0))
+    if p.block_size == 1:
+        return jnp.where(present, gathered, 0)
+    d = jnp.diagonal(gathered, axis1=1, axis2=2)  # (m, b)
+    return jnp.where(present[:, None], d, 0).reshape(-1)
+
+
+def transposed_values(pattern: SparsityPattern, values) -> tuple[SparsityPattern, Any]:
+    """The transposed pattern (host, cached) and the values in its order (blocks
+    transposed too), permuted by a runtime array."""
+    pat_t, perm = pattern.transpose()
+    values_t = take(values, pattern_array(pattern, "transpose_permutation", perm))
+    if pattern.block_size > 1:
+        values_t = jnp.swapaxes(values_t, -1, -2)
+    return pat_t, values_t
 
 
 # Lineax queries that CSR-like operators answer from their tags alone (shared with
