@@ -133,7 +133,9 @@ class CSROperator(lx.AbstractLinearOperator):
             m.sum_duplicates()
             m.sort_indices()
             indptr, indices, values = m.indptr, m.indices, m.data
-        pattern = SparsityPattern(indptr, indices, shape, block_size)
+        # Validated once: rows that scipy canonicalised are not checked again.
+        check = "bounds" if sum_duplicates else True
+        pattern = SparsityPattern(indptr, indices, shape, block_size, check=check)
         return cls(pattern, values, tags)
 
     @classmethod
@@ -196,7 +198,9 @@ class CSROperator(lx.AbstractLinearOperator):
             data = data.astype(jnp.result_type(float))
         if b > 1:
             data = data.reshape(-1, b, b)
-        pattern = SparsityPattern(m.indptr, m.indices, m.shape, b)
+        # Canonicalised by scipy above (sorted, unique): checked once, for what
+        # scipy does not guarantee (index range, indptr).
+        pattern = SparsityPattern(m.indptr, m.indices, m.shape, b, check="bounds")
         return cls(pattern, jnp.asarray(data), tags)
 
     @classmethod
@@ -222,7 +226,8 @@ class CSROperator(lx.AbstractLinearOperator):
         indptr = np.concatenate(
             [[0], np.cumsum(np.bincount(urows, minlength=n_rows))]
         )
-        pattern = SparsityPattern(indptr, ucols, matrix.shape)
+        # Sorted and unique by construction (np.unique), in range (filtered).
+        pattern = SparsityPattern(indptr, ucols, matrix.shape, check=False)
         data = matrix.data
         if not jnp.issubdtype(data.dtype, jnp.inexact):
             data = data.astype(jnp.result_type(float))
