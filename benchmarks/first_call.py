@@ -9,7 +9,9 @@ preset for it, PCG_AGGREGATION), b = ones:
   run (AmgX setup and solve; AmgX is finalised before each size, so this includes
   `AMGX_initialize`, as raw AmgX cold does) and the second run (the cached setup);
   `first_call` = lower + compile + first run (construction excluded);
-- `mv_compile`: `jax.jit(lambda A, v: A.mv(v))`, lower + compile;
+- `mv_compile`: `jax.jit(lambda A, v: A.mv(v))`, lower + compile; `mv`: its run
+  time; `fetch_indices`: the run time of a program that only reads the pattern's
+  column indices (a runtime array: what each use of one costs);
 - `grad_first` / `grad_second`: the first and second call of
   `jax.jit(jax.grad(loss))` with respect to the values;
 - `raw`: raw AmgX cold (`benchmarks/raw_amgx_cold.c`: initialize, config,
@@ -24,9 +26,11 @@ On a machine without a GPU everything but raw AmgX runs (on the CPU backend).
 
 `--compile-only` measures what the issue's acceptance asks of the CPU: the lower
 and compile time of the jitted solve at each size (median of `--repeats` fresh
-programs) and the growth from the first size to the last (target < 1.5x):
+programs) and the growth from the first size to the last (target < 1.5x);
+`--construction-only` times `from_scipy` and `from_arrays` alone:
 
     python benchmarks/first_call.py --compile-only --sizes 63 126
+    python benchmarks/first_call.py --construction-only --sizes 100 200
 """
 
 from __future__ import annotations
@@ -62,11 +66,17 @@ def parse_args():
     p.add_argument("--raw", default=None, help="path of libamgxsh.so (raw AmgX)")
     p.add_argument("--amgx-include", default=None, help="AmgX's include folder")
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--construction-only", action="store_true")
     p.add_argument("--no-grad", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     jax.config.update("jax_enable_x64", True)
     return args
+
+
+def median(fn, repeats: int = 7) -> float:
+    jax.block_until_ready(fn())
+    return statistics.median(timed(fn)[0] for _ in range(repeats))
 
 
 def timed(fn):
@@ -131,6 +141,10 @@ def residual(a, x) -> float:
 
 
 def measure(n: int, args) -> dict:
+    # (Internal, for one measurement; imported here so that --compile-only also
+    # runs against a version without runtime arrays, for comparison.)
+    from lineax_amgx._runtime_arrays import pattern_array
+
     t0 = time.perf_counter()
     a = poisson3d(n)
     matrix = time.perf_counter() - t0
@@ -152,6 +166,11 @@ def measure(n: int, args) -> dict:
     run2, x = timed(lambda: compiled(op, b))
     mv = jax.jit(lambda o, v: o.mv(v))
     mv_compile, _ = timed(lambda: mv.lower(op, b).compile())
+    # Per call: a jitted mv, and the fetch of one runtime array (the column
+    # indices) alone, the cost the runtime arrays add to every use.
+    mv_run = median(lambda: mv(op, b))
+    fetch = jax.jit(lambda: pattern_array(op.pattern, "indices")[-1])
+    fetch_run = median(fetch)
     out = {
         "benchmark": "first_call", "n": n, "unknowns": a.shape[0], "nnz": a.nnz,
         "backend": jax.default_backend(), "matrix_seconds": matrix,
@@ -159,7 +178,8 @@ def measure(n: int, args) -> dict:
         "lower_seconds": lower, "lowered_mb": lowered_mb,
         "compile_seconds": compile_, "run1_seconds": run1, "run2_seconds": run2,
         "first_call_seconds": lower + compile_ + run1,
-        "mv_compile_seconds": mv_compile, "residual": residual(a, x),
+        "mv_compile_seconds": mv_compile, "mv_seconds": mv_run,
+        "fetch_indices_seconds": fetch_run, "residual": residual(a, x),
     }
     if not args.no_grad:
 
@@ -203,10 +223,30 @@ def compile_only(args) -> None:
               f"{compile_times[-1] / compile_times[0]:.2f}x")
 
 
+def construction_only(args) -> None:
+    """`from_scipy` and `from_arrays` at each size (medians of `--repeats`)."""
+    for n in args.sizes:
+        a = poisson3d(n)
+        times = {"from_scipy": [], "from_arrays": []}
+        for _ in range(args.repeats):
+            times["from_scipy"].append(
+                timed(lambda: lxa.CSROperator.from_scipy(a, tags=SPD))[0])
+            times["from_arrays"].append(timed(lambda: lxa.CSROperator.from_arrays(
+                a.indptr, a.indices, a.data, a.shape, tags=SPD))[0])
+        record(args.out, {
+            "benchmark": "first_call_construction", "n": n, "unknowns": a.shape[0],
+            "nnz": a.nnz, **{f"{k}_seconds": statistics.median(v)
+                             for k, v in times.items()},
+        })
+
+
 def main():
     args = parse_args()
     if args.compile_only:
         compile_only(args)
+        return
+    if args.construction_only:
+        construction_only(args)
         return
     raw = {}
     if args.raw:
