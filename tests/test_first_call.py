@@ -14,7 +14,6 @@ registrations, and construction validating once.
 from __future__ import annotations
 
 import gc
-import math
 import re
 
 import jax
@@ -24,96 +23,21 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from helpers import poisson3d, rel_err
+from helpers import (
+    compiled_constants,
+    large,
+    lowered_constants,
+    poisson3d,
+    rel_err,
+)
 
 import lineax_amgx as lxa
 from lineax_amgx import _pattern, _runtime_arrays
 from lineax_amgx._backends import _native
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-LIMIT = 1000  # elements: the largest array constant a program may hold
 LARGE = 63  # 63^3 = 250,047 unknowns
 SMALL = 7
-
-# -----------------------------------------------------------------------------
-# The detector: array constants in StableHLO (lowered) and HLO (compiled) text.
-# -----------------------------------------------------------------------------
-
-_BITS = {"i1": 8, "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "index": 64}
-
-
-def _element_bytes(etype: str) -> int:
-    etype = etype.strip()
-    if etype.startswith("complex<"):
-        return 2 * _element_bytes(etype[len("complex<"):-1])
-    if etype in _BITS:
-        return _BITS[etype] // 8
-    m = re.fullmatch(r"[su]?i(\d+)|f(\d+)\w*", etype)
-    if m:
-        return max(1, int(m.group(1) or m.group(2)) // 8)
-    return 1  # unknown: count every byte as an element (never under-counts)
-
-
-def _closing(text: str, i: int) -> int:
-    """The index just past the `>` that closes the `<` before `i` (quotes and
-    nested brackets skipped)."""
-    depth = 1
-    while depth:
-        c = text[i]
-        if c == '"':
-            i = text.index('"', i + 1)
-        elif c == "<":
-            depth += 1
-        elif c == ">":
-            depth -= 1
-        i += 1
-    return i
-
-
-def lowered_constants(text: str) -> list[tuple[int, str]]:
-    """`(elements, excerpt)` of every array literal in StableHLO text: `dense<...>`
-    (a list, a hex blob or a splat) and `dense_resource<...>`, counted by the
-    tensor type that follows (a splat of a large tensor counts as large), or by
-    what the literal stores where no type follows."""
-    out = []
-    for m in re.finditer(r"\bdense(_resource)?<", text):
-        end = _closing(text, m.end())
-        body = text[m.end():end - 1]
-        t = re.match(
-            r"\s*:\s*tensor<((?:\d+x)*)([^>]*(?:<[^>]*>)?)>", text[end:end + 400]
-        )
-        if t:
-            dims = [int(d) for d in t.group(1).split("x") if d]
-            count = math.prod(dims)
-        elif m.group(1):
-            count = LIMIT + 1  # a resource of unknown size: flag it
-        elif body.startswith('"0x'):
-            count = (len(body) - 4) // 2  # bytes: at least the elements of i8
-        else:
-            count = max(1, len(re.findall(r"[^\s,\[\]()]+", body)))
-        out.append((count, text[m.start():m.start() + 120]))
-    return out
-
-
-_HLO_CONSTANT = re.compile(r"=\s*(.+?)\s+constant\(")
-
-
-def compiled_constants(text: str) -> list[tuple[int, str]]:
-    """`(elements, excerpt)` of every `constant(...)` instruction in HLO text, by
-    its shape (XLA elides large literals as `{...}`; tuple shapes are summed)."""
-    out = []
-    for line in text.splitlines():
-        m = _HLO_CONSTANT.search(line)
-        if m:
-            shapes = re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", m.group(1))
-            count = sum(math.prod(int(d) for d in s.split(",") if d) for s in shapes)
-            out.append((count, line.strip()[:120]))
-    return out
-
-
-def large(constants) -> list[tuple[int, str]]:
-    return [c for c in constants if c[0] > LIMIT]
-
 
 def check_no_large_constants(fn, *args, cuda: bool, monkeypatch) -> None:
     if cuda:
