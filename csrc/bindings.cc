@@ -112,8 +112,8 @@ NB_MODULE(_native, m) {
   });
 
   // The core keeps the array's address: the caller keeps the array alive and
-  // unchanged until unregister_runtime_array(key) returns. No conversion (a
-  // converted temporary would be freed on return): a C-contiguous host array only.
+  // unchanged until unregister_runtime_array(key, token) returns. No conversion
+  // (a converted temporary would be freed on return): a C-contiguous host array.
   m.def(
       "register_runtime_array",
       [](int64_t key, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu> array) {
@@ -125,11 +125,11 @@ NB_MODULE(_native, m) {
   // without the GIL.
   m.def(
       "unregister_runtime_array",
-      [](int64_t key) {
+      [](int64_t key, int64_t token) {
         nb::gil_scoped_release release;
-        unregister_runtime_array(key);
+        unregister_runtime_array(key, token);
       },
-      nb::arg("key"));
+      nb::arg("key"), nb::arg("token"));
 
   m.def("release_runtime_array_copies", []() {
     nb::gil_scoped_release release;
@@ -140,6 +140,7 @@ NB_MODULE(_native, m) {
     RuntimeArrayStats s = runtime_array_stats();
     nb::dict d;
     d["arrays"] = s.arrays;
+    d["registrations"] = s.registrations;
     d["host_bytes"] = s.host_bytes;
     d["device_copies"] = s.device_copies;
     d["device_bytes"] = s.device_bytes;

@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,13 +31,18 @@ struct DeviceCopy {
   DeviceBuffer buffer;
 };
 
-struct HostArray {
+// One host array registered under a key.
+struct Registration {
+  int64_t token = 0;
   const void* data = nullptr;  // Python's array (nullptr once unregistered)
-  size_t bytes = 0;
-  // Held shared while a CPU handler copies from `data`; unregistering takes it
+  // Held shared while a handler copies from `data`; unregistering takes it
   // exclusively, so Python frees the memory only after every such copy is done.
   std::shared_mutex readers;
-  // Guarded by the registry's mutex.
+};
+
+struct KeyEntry {
+  size_t bytes = 0;
+  std::vector<std::shared_ptr<Registration>> registrations;  // same content
   std::map<CUdevice, std::unique_ptr<DeviceCopy>> copies;
 };
 
@@ -44,7 +50,8 @@ struct HostArray {
 // another thread. Never held together with core_mutex().
 struct Registry {
   std::mutex mutex;
-  std::map<int64_t, std::shared_ptr<HostArray>> arrays;
+  std::map<int64_t, KeyEntry> keys;
+  int64_t next_token = 1;
   size_t uploads = 0;
 };
 
@@ -61,12 +68,9 @@ using Copies = std::vector<std::unique_ptr<DeviceCopy>>;
 // memory is leaked (the context is unusable; the driver reclaims it at exit).
 void free_copies(Copies& copies) {
   for (auto& c : copies) {
-    if (!poisoned().empty() || api().cuCtxPushCurrent_v2 == nullptr) {
+    if (!poisoned().empty() || api().cuCtxPushCurrent_v2 == nullptr ||
+        api().cuCtxPushCurrent_v2(c->ctx) != 0) {
       c->buffer.ptr = 0;  // leak
-      continue;
-    }
-    if (api().cuCtxPushCurrent_v2(c->ctx) != 0) {
-      c->buffer.ptr = 0;
       continue;
     }
     api().cuCtxSynchronize();
@@ -77,9 +81,9 @@ void free_copies(Copies& copies) {
   copies.clear();
 }
 
-void take_copies(HostArray& a, Copies& out) {
-  for (auto& [device, copy] : a.copies) out.push_back(std::move(copy));
-  a.copies.clear();
+void take_copies(KeyEntry& k, Copies& out) {
+  for (auto& [device, copy] : k.copies) out.push_back(std::move(copy));
+  k.copies.clear();
 }
 
 // The CUDA driver, loaded once (under the core's lock, which guards the api table).
@@ -93,9 +97,8 @@ void ensure_driver() {
 
 std::string not_registered(int64_t key) {
   return "lineax-amgx: runtime array " + std::to_string(key) +
-         " is not registered: the sparsity pattern (or coloring, or halo plan) it "
-         "belongs to was garbage-collected while a compiled program that reads it "
-         "was still in use. Keep the operator alive while its compiled programs run.";
+         " is not registered (internal: a compiled program outlived the structure "
+         "array it reads).";
 }
 
 std::string wrong_size(int64_t key, size_t want, size_t got) {
@@ -103,24 +106,27 @@ std::string wrong_size(int64_t key, size_t want, size_t got) {
          std::to_string(want) + " bytes, its result buffer " + std::to_string(got);
 }
 
-std::shared_ptr<HostArray> find(int64_t key) {
-  Registry& r = registry();
-  std::lock_guard<std::mutex> lock(r.mutex);
-  auto it = r.arrays.find(key);
-  return it == r.arrays.end() ? nullptr : it->second;
-}
-
 // ---- The handlers ----------------------------------------------------------------
 
 ffi::Error CpuImpl(ffi::Result<ffi::AnyBuffer> out, int64_t key) {
-  std::shared_ptr<HostArray> a = find(key);
-  if (!a) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, not_registered(key));
-  if (out->size_bytes() != a->bytes)
-    return ffi::Error(ffi::ErrorCode::kInternal, wrong_size(key, a->bytes, out->size_bytes()));
-  std::shared_lock<std::shared_mutex> reading(a->readers);
-  if (a->data == nullptr)
+  std::shared_ptr<Registration> reg;
+  size_t bytes = 0;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mutex);
+    auto it = r.keys.find(key);
+    if (it != r.keys.end() && !it->second.registrations.empty()) {
+      reg = it->second.registrations.front();
+      bytes = it->second.bytes;
+    }
+  }
+  if (!reg) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, not_registered(key));
+  if (out->size_bytes() != bytes)
+    return ffi::Error(ffi::ErrorCode::kInternal, wrong_size(key, bytes, out->size_bytes()));
+  std::shared_lock<std::shared_mutex> reading(reg->readers);
+  if (reg->data == nullptr)
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition, not_registered(key));
-  if (a->bytes) std::memcpy(out->untyped_data(), a->data, a->bytes);
+  if (bytes) std::memcpy(out->untyped_data(), reg->data, bytes);
   return ffi::Error::Success();
 }
 
@@ -131,23 +137,24 @@ ffi::Error CudaImpl(void* stream_ptr, ffi::Result<ffi::AnyBuffer> out, int64_t k
     ContextScope scope(stream);
     Registry& r = registry();
     std::lock_guard<std::mutex> lock(r.mutex);
-    auto it = r.arrays.find(key);
-    if (it == r.arrays.end() || it->second->data == nullptr)
+    auto it = r.keys.find(key);
+    if (it == r.keys.end() || it->second.registrations.empty())
       return ffi::Error(ffi::ErrorCode::kFailedPrecondition, not_registered(key));
-    HostArray& a = *it->second;
-    if (out->size_bytes() != a.bytes)
+    KeyEntry& k = it->second;
+    if (out->size_bytes() != k.bytes)
       return ffi::Error(ffi::ErrorCode::kInternal,
-                        wrong_size(key, a.bytes, out->size_bytes()));
-    if (a.bytes == 0) return ffi::Error::Success();
-    std::unique_ptr<DeviceCopy>& copy = a.copies[scope.device];
+                        wrong_size(key, k.bytes, out->size_bytes()));
+    if (k.bytes == 0) return ffi::Error::Success();
+    std::unique_ptr<DeviceCopy>& copy = k.copies[scope.device];
     if (!copy) {
       // First use on this device: upload once, on XLA's stream (a plain
-      // cuMemcpyHtoD runs on the legacy stream, which XLA's does not wait for),
-      // complete before `data` may be read again by anyone.
+      // cuMemcpyHtoD runs on the legacy stream, which XLA's does not wait for).
+      // The registry's lock keeps the registration (and so its memory) alive.
       auto fresh = std::make_unique<DeviceCopy>();
       fresh->ctx = scope.ctx;
-      fresh->buffer.allocate(a.bytes);
-      LXA_CU(cuMemcpyHtoDAsync_v2(fresh->buffer.ptr, a.data, a.bytes, stream));
+      fresh->buffer.allocate(k.bytes);
+      LXA_CU(cuMemcpyHtoDAsync_v2(fresh->buffer.ptr, k.registrations.front()->data,
+                                  k.bytes, stream));
       LXA_CU(cuStreamSynchronize(stream));
       copy = std::move(fresh);
       ++r.uploads;
@@ -155,7 +162,7 @@ ffi::Error CudaImpl(void* stream_ptr, ffi::Result<ffi::AnyBuffer> out, int64_t k
     // Ordered on XLA's stream; the registry's lock keeps the copy alive until it
     // is queued, and freeing synchronises the context first.
     LXA_CU(cuMemcpyDtoDAsync_v2(reinterpret_cast<CUdeviceptr>(out->untyped_data()),
-                                copy->buffer.ptr, a.bytes, stream));
+                                copy->buffer.ptr, k.bytes, stream));
     return ffi::Error::Success();
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
@@ -166,32 +173,46 @@ ffi::Error CudaImpl(void* stream_ptr, ffi::Result<ffi::AnyBuffer> out, int64_t k
 
 // ---- The registry ------------------------------------------------------------------
 
-bool register_runtime_array(int64_t key, const void* data, size_t bytes) {
+int64_t register_runtime_array(int64_t key, const void* data, size_t bytes) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
-  if (r.arrays.count(key)) return false;
-  auto a = std::make_shared<HostArray>();
-  a->data = data;
-  a->bytes = bytes;
-  r.arrays.emplace(key, std::move(a));
-  return true;
+  KeyEntry& k = r.keys[key];
+  if (!k.registrations.empty() && k.bytes != bytes)
+    throw std::invalid_argument("internal: runtime array " + std::to_string(key) +
+                                " registered with two sizes");
+  k.bytes = bytes;
+  auto reg = std::make_shared<Registration>();
+  reg->token = r.next_token++;
+  reg->data = data;
+  k.registrations.push_back(reg);
+  return reg->token;
 }
 
-void unregister_runtime_array(int64_t key) {
+void unregister_runtime_array(int64_t key, int64_t token) {
   Registry& r = registry();
-  std::shared_ptr<HostArray> a;
+  std::shared_ptr<Registration> reg;
   Copies copies;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
-    auto it = r.arrays.find(key);
-    if (it == r.arrays.end()) return;
-    a = it->second;
-    r.arrays.erase(it);
-    take_copies(*a, copies);
+    auto it = r.keys.find(key);
+    if (it == r.keys.end()) return;
+    auto& regs = it->second.registrations;
+    for (auto i = regs.begin(); i != regs.end(); ++i) {
+      if ((*i)->token == token) {
+        reg = *i;
+        regs.erase(i);
+        break;
+      }
+    }
+    if (!reg) return;
+    if (regs.empty()) {
+      take_copies(it->second, copies);
+      r.keys.erase(it);
+    }
   }
   {
-    std::unique_lock<std::shared_mutex> writing(a->readers);  // readers done
-    a->data = nullptr;
+    std::unique_lock<std::shared_mutex> writing(reg->readers);  // readers done
+    reg->data = nullptr;
   }
   free_copies(copies);
 }
@@ -201,7 +222,7 @@ void release_runtime_array_copies() {
   Copies copies;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
-    for (auto& [key, a] : r.arrays) take_copies(*a, copies);
+    for (auto& [key, k] : r.keys) take_copies(k, copies);
   }
   free_copies(copies);
 }
@@ -210,11 +231,12 @@ RuntimeArrayStats runtime_array_stats() {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   RuntimeArrayStats s;
-  s.arrays = r.arrays.size();
+  s.arrays = r.keys.size();
   s.uploads = r.uploads;
-  for (const auto& [key, a] : r.arrays) {
-    s.host_bytes += a->bytes;
-    for (const auto& [device, copy] : a->copies) {
+  for (const auto& [key, k] : r.keys) {
+    s.registrations += k.registrations.size();
+    s.host_bytes += k.bytes * k.registrations.size();
+    for (const auto& [device, copy] : k.copies) {
       ++s.device_copies;
       s.device_bytes += copy->buffer.bytes;
     }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import equinox as eqx
@@ -14,7 +15,7 @@ from jaxtyping import Array, Inexact
 
 from ._blocks import check_block_size
 from ._pattern import SparsityPattern, check_index_range
-from ._runtime_arrays import pattern_array, take
+from ._runtime_arrays import pattern_array, runtime_array, take
 
 
 def as_tag_set(tags: object) -> frozenset[object]:
@@ -231,7 +232,13 @@ class CSROperator(lx.AbstractLinearOperator):
         data = matrix.data
         if not jnp.issubdtype(data.dtype, jnp.inexact):
             data = data.astype(jnp.result_type(float))
-        values = jnp.zeros(len(uniq), data.dtype).at[inverse].add(data[keep])
+        # The BCOO order -> CSR order maps, as runtime arrays (the values may be
+        # traced), named by the BCOO's indices.
+        digest = hashlib.sha1(np.ascontiguousarray(idx), usedforsecurity=False)
+        name = ("from_bcoo", digest.hexdigest(), idx.shape, matrix.shape)
+        kept = runtime_array(pattern, (*name, "kept"), np.flatnonzero(keep), np.int32)
+        inv = runtime_array(pattern, (*name, "inverse"), inverse, np.int32)
+        values = jnp.zeros(len(uniq), data.dtype).at[inv].add(take(data, kept))
         return cls(pattern, values, tags)
 
     @classmethod

@@ -23,14 +23,16 @@ pattern's fingerprint and the array's name). So:
   is an XLA FFI call whose handler copies the registered host array (CPU) or a
   device copy of it made once per device (CUDA) into its result.
 
-The host array is registered here, at trace time, for as long as its `owner`
-(the pattern) lives, and with the native core when a program using it is lowered
-(it keeps the array's address; this module keeps the array alive).
+An entry lives as long as anything that may run a program reading it: its owner
+(the pattern), the jaxprs that bind it, the compiled executables (the lowering
+adds it to their keepalives). Patterns made while tracing (a dense pattern of a
+traced matrix, `from_bcoo` inside `jit`) die after the trace; the programs keep
+their arrays. The native core holds the array's address from the first lowering
+until the entry dies.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import threading
 import weakref
@@ -46,26 +48,10 @@ from jax.extend.core import Primitive
 class NativeRegistry(Protocol):
     """What the native core offers (installed by the backend with `install`)."""
 
-    def register_runtime_array(self, key: int, array: np.ndarray) -> bool: ...
-    def unregister_runtime_array(self, key: int) -> None: ...
+    def register_runtime_array(self, key: int, array: np.ndarray) -> int: ...
+    def unregister_runtime_array(self, key: int, token: int) -> None: ...
 
 
-class _Entry:
-    __slots__ = ("array", "refs", "native")
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.refs = 0
-        self.native = False  # registered with the native core
-
-
-_lock = threading.Lock()
-_entries: dict[int, _Entry] = {}
-_owned: set[tuple[int, int]] = set()  # (id(owner), key)
-# Releases from weakref callbacks wait here when the lock is held (the callback
-# may run inside a locked region of this very thread, during a garbage collection):
-# whoever holds the lock drains them when it lets go.
-_pending: collections.deque[tuple[int, int]] = collections.deque()
 _native: list[NativeRegistry] = []
 
 
@@ -85,82 +71,64 @@ def content_key(*parts: Hashable) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def _locked_release(owner_id: int, key: int) -> None:
-    if (owner_id, key) not in _owned:
-        return
-    _owned.discard((owner_id, key))
-    entry = _entries.get(key)
-    if entry is None:
-        return
-    entry.refs -= 1
-    if entry.refs > 0:
-        return
-    del _entries[key]
-    if entry.native and _native:
-        # Waits for handlers still copying from the array, frees its device
-        # copies; only then may the array go.
-        _native[0].unregister_runtime_array(key)
+class RuntimeArray:
+    """A host array that compiled programs read at run time: the primitive's
+    parameter, compared and hashed by its content key (so equal structures give
+    equal jaxprs). Whatever may still run a program that reads it holds it: its
+    owner (the pattern), the jaxprs that bind it, and the compiled executables
+    (their keepalives, added by the lowering). While it lives the native core
+    holds its address; it unregisters itself when it dies."""
+
+    __slots__ = ("key", "array", "token", "__weakref__")
+
+    def __init__(self, key: int, array: np.ndarray):
+        self.key = key
+        self.array = array
+        self.token: int | None = None  # its native registration
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RuntimeArray) and other.key == self.key
+
+    def __repr__(self) -> str:
+        return (f"RuntimeArray(key={self.key}, shape={self.array.shape}, "
+                f"dtype={self.array.dtype})")
 
 
-def _drain() -> None:
-    while _pending:
-        if not _lock.acquire(blocking=False):
-            return  # the holder drains when it lets go
-        try:
-            while _pending:
-                _locked_release(*_pending.popleft())
-        finally:
-            _lock.release()
+# One live entry per key: equal structures share it (and its device copies).
+_live: weakref.WeakValueDictionary[int, RuntimeArray] = weakref.WeakValueDictionary()
+# Guards `_live` and native registration. Nothing that runs from a garbage
+# collection takes it (`_unregister` needs no lock), so a collection inside a
+# locked region cannot deadlock.
+_lock = threading.Lock()
 
 
-def _release(owner_id: int, key: int) -> None:
-    _pending.append((owner_id, key))
-    _drain()
+def _unregister(key: int, token: int, array: np.ndarray) -> None:
+    """The native registration of a dead entry goes: after every handler still
+    reading `array` is done and its device copies are freed. `array` (held by
+    this finalizer until then) may go after that."""
+    del array
+    if _native:
+        _native[0].unregister_runtime_array(key, token)
 
 
-def _register(owner: Any, key: int, array: np.ndarray) -> None:
+def ensure_native(entry: RuntimeArray) -> None:
+    """Give the native core the entry's array (at lowering time; once)."""
     with _lock:
-        entry = _entries.get(key)
-        if entry is None:
-            entry = _entries[key] = _Entry(array)
-        if (id(owner), key) not in _owned:
-            _owned.add((id(owner), key))
-            entry.refs += 1
-            fin = weakref.finalize(owner, _release, id(owner), key)
+        if entry.token is None:
+            entry.token = _native[0].register_runtime_array(entry.key, entry.array)
+            fin = weakref.finalize(entry, _unregister, entry.key, entry.token,
+                                   entry.array)
             fin.atexit = False  # at exit the process frees everything
-    _drain()
-
-
-def ensure_native(key: int) -> None:
-    """Give the native core the array `key` (at lowering time; idempotent)."""
-    with _lock:
-        entry = _entries.get(key)
-        if entry is None:
-            raise RuntimeError(
-                f"internal: runtime array {key} is lowered but not registered "
-                "(its owner was garbage-collected during tracing?)."
-            )
-        if not entry.native:
-            _native[0].register_runtime_array(key, entry.array)
-            entry.native = True
-    _drain()
-
-
-def host_array(key: int) -> np.ndarray:
-    with _lock:
-        entry = _entries.get(key)
-    _drain()
-    if entry is None:
-        raise RuntimeError(f"internal: runtime array {key} is not registered.")
-    return entry.array
 
 
 def info() -> dict[str, int]:
-    """How many arrays are registered, and their host bytes."""
+    """How many entries are alive, and their host bytes."""
     with _lock:
-        arrays = list(_entries.values())
-    _drain()
-    return {"arrays": len(arrays), "host_bytes": sum(e.array.nbytes for e in arrays)}
+        entries = list(_live.values())
+    return {"arrays": len(entries), "host_bytes": sum(e.array.nbytes for e in entries)}
 
 
 # ---- The primitive ----------------------------------------------------------------
@@ -169,16 +137,14 @@ runtime_array_p = Primitive("lineax_amgx_runtime_array")
 
 
 @runtime_array_p.def_abstract_eval
-def _abstract_eval(*, key: int, shape: tuple[int, ...], dtype: np.dtype):
-    del key
-    return jax.core.ShapedArray(shape, dtype)
+def _abstract_eval(*, array: RuntimeArray):
+    return jax.core.ShapedArray(array.array.shape, array.array.dtype)
 
 
 @runtime_array_p.def_impl
-def _impl(*, key: int, shape: tuple[int, ...], dtype: np.dtype):
+def _impl(*, array: RuntimeArray):
     # Outside of any trace (eager use): an ordinary transfer.
-    del shape, dtype
-    return jnp.asarray(host_array(key))
+    return jnp.asarray(array.array)
 
 
 def runtime_array(owner: Any, parts: tuple[Hashable, ...], value, dtype=None):
@@ -187,8 +153,9 @@ def runtime_array(owner: Any, parts: tuple[Hashable, ...], value, dtype=None):
 
     **Arguments:**
 
-    - `owner`: the object (weak-referenceable) whose lifetime bounds the
-        registration, e.g. the pattern the array is derived from.
+    - `owner`: an object with a `__dict__` (the pattern the array is derived
+        from) that keeps the entry alive as long as it lives, so that later traces
+        find it.
     - `parts`: what determines the content (with the dtype and shape, added
         here): equal parts must mean equal arrays, e.g.
         `(pattern.fingerprint, "row_ids")`.
@@ -202,8 +169,15 @@ def runtime_array(owner: Any, parts: tuple[Hashable, ...], value, dtype=None):
     if array.size == 0:
         return jnp.zeros(array.shape, dtype)
     key = content_key(*parts, dtype.str, array.shape)
-    _register(owner, key, array)
-    return runtime_array_p.bind(key=key, shape=array.shape, dtype=dtype)
+    held = owner.__dict__.setdefault("_runtime_arrays", {})
+    entry = held.get(key)
+    if entry is None:
+        with _lock:
+            entry = _live.get(key)
+            if entry is None:
+                entry = _live[key] = RuntimeArray(key, array)
+        held[key] = entry
+    return runtime_array_p.bind(array=entry)
 
 
 def pattern_array(pattern, name: str, value=None, dtype=np.int32):

@@ -59,19 +59,21 @@ def registrations() -> dict[str, Any]:
 def runtime_array_handlers() -> dict[str, Any]:
     """The runtime-array FFI handlers as capsules, by platform ("cpu", "CUDA")."""
 
-def register_runtime_array(key: int, array: npt.NDArray[Any]) -> bool:
+def register_runtime_array(key: int, array: npt.NDArray[Any]) -> int:
     """Register a C-contiguous host array under `key` (its address, not a copy:
-    keep it alive and unchanged until `unregister_runtime_array(key)` returns).
-    False when `key` was registered already."""
+    keep it alive and unchanged until `unregister_runtime_array(key, token)`
+    returns). Returns the registration's token."""
 
-def unregister_runtime_array(key: int) -> None:
-    """Forget `key` (after every read of it is done) and free its device copies."""
+def unregister_runtime_array(key: int, token: int) -> None:
+    """Remove a registration (after every read of it is done); the last one of a
+    key frees the key's device copies."""
 
 def release_runtime_array_copies() -> None:
     """Free every device copy (the host registrations stay)."""
 
 def runtime_array_info() -> dict[str, int]:
-    """`arrays`, `host_bytes`, `device_copies`, `device_bytes`, `uploads`."""
+    """`arrays`, `registrations`, `host_bytes`, `device_copies`, `device_bytes`,
+    `uploads`."""
 
 def register_pattern(
     fingerprint: int,

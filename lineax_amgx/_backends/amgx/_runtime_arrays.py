@@ -41,11 +41,13 @@ def _register_targets() -> None:
         _registered.append(True)
 
 
-def _lowering(ctx, *, key: int, shape, dtype):
-    del shape, dtype  # the result's type comes from the abstract value
+def _lowering(ctx, *, array: _runtime_arrays.RuntimeArray):
     _register_targets()
-    _runtime_arrays.ensure_native(key)
-    return _ffi_rule(ctx, key=np.int64(key))
+    _runtime_arrays.ensure_native(array)
+    # The executable holds the entry (and so the native registration) for as
+    # long as it may run.
+    ctx.module_context.add_keepalive(array)
+    return _ffi_rule(ctx, key=np.int64(array.key))
 
 
 mlir.register_lowering(_runtime_arrays.runtime_array_p, _lowering)
