@@ -32,6 +32,12 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     digest, fingerprint, its own counters, and for AmgX the GPU bytes and last
     setup/solve seconds).
 
+    `runtime_arrays` (with `backend=None`): the structure arrays (column
+    indices, row ids, permutations, ...) that compiled programs read at run time
+    instead of holding them as constants: how many are registered, their host
+    bytes, and their device copies (one per array and GPU, made at first use,
+    freed by `clear_cache`).
+
     `device_switches` (AmgX): AmgX 2.5 keeps one cuBLAS and one cuSPARSE handle
     per process, so a process runs AmgX on one GPU at a time. A setup on another
     GPU first frees every setup of the previous one (counted in `evictions`);
@@ -60,17 +66,22 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     for c in _COUNTERS:
         out[c] = sum(i.get(c, 0) for i in infos.values())
     out["backends"] = infos
+    if n is not None:
+        out["runtime_arrays"] = n.runtime_array_info()
     return out
 
 
 def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
-    hierarchies). Counters are kept. The setups of distributed operators (MPI) are
-    not freed here, since destroying them is collective: call
-    `lineax_amgx.distributed.clear_cache(comm)` on every rank for those."""
+    hierarchies) and the GPU copies of the operators' structure arrays (compiled
+    programs upload them again when they next run). Counters are kept. The setups
+    of distributed operators (MPI) are not freed here, since destroying them is
+    collective: call `lineax_amgx.distributed.clear_cache(comm)` on every rank for
+    those."""
     n = _native_or_none()
     if n is not None:
         n.clear_cache()
+        n.release_runtime_array_copies()
     _pyamg.clear_cache()
 
 
@@ -101,10 +112,12 @@ def reset_counters() -> None:
 
 
 def finalize() -> None:
-    """Free every cached setup and shut AmgX down (`AMGX_finalize`). Idempotent;
-    the next solve initialises AmgX again."""
+    """Free every cached setup and the GPU copies of structure arrays, and shut
+    AmgX down (`AMGX_finalize`). Idempotent; the next solve initialises AmgX
+    again."""
     native = _native_or_none()
     if native is not None:
+        native.release_runtime_array_copies()
         native.finalize()
     _pyamg.clear_cache()
 

@@ -29,6 +29,7 @@ import lineax as lx
 import numpy as np
 
 from ._pattern import SparsityPattern, check_index_range
+from ._runtime_arrays import pattern_array
 from ._warnings import warn_once
 
 __all__ = [
@@ -285,7 +286,8 @@ def require_symmetric(x, pattern, values, tags, *, claim: str):
     if mirror is None:
         return x
     tol = symmetry_tolerance(values.dtype)
-    diff, _, top = _asymmetry(values, jnp.asarray(mirror))
+    # The mirror reaches the compiled program at run time, not as a constant.
+    diff, _, top = _asymmetry(values, pattern_array(pattern, "mirror", mirror))
     return eqx.error_if(x, diff > tol * top, _message(claim, tags, tol))
 
 

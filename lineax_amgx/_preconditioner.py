@@ -41,7 +41,7 @@ from ._backends.contract import (
     vector_dtype as _vector_dtype,
 )
 from ._checks import SYMMETRY_TAGS, tag_names
-from ._operator import as_tag_set
+from ._operator import as_tag_set, transposed_values
 from ._pattern import SparsityPattern
 from ._solver import AMGX
 from .matrix_free import as_csr_operator
@@ -362,10 +362,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     def transpose(self) -> AMGXPreconditioner:
         if self.symmetric_cycle:
             return self
-        pattern_t, perm = self.pattern.transpose()
-        values_t = self.values[perm]
-        if self.pattern.block_size > 1:
-            values_t = jnp.swapaxes(values_t, -1, -2)
+        pattern_t, values_t = transposed_values(self.pattern, self.values)
         key_t = self.key._replace(transposed=not self.key.transposed)
         fields = dict(
             values=values_t,

@@ -27,6 +27,7 @@ from ._backends.contract import (
     vector_dtype as _vector_dtype,
 )
 from ._operator import CSROperator
+from ._runtime_arrays import pattern_array
 from .matrix_free import as_csr_operator
 
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
@@ -386,7 +387,7 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
         a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
     row_max = jax.ops.segment_max(
         a,
-        jnp.asarray(pattern.row_ids),
+        pattern_array(pattern, "row_ids"),  # a runtime array, not a constant
         num_segments=pattern.block_rows,
         indices_are_sorted=True,
     )

@@ -1,5 +1,8 @@
 """Problem factories and reference helpers shared by the tests."""
 
+import math
+import re
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -99,3 +102,70 @@ def import_asdex():
             f"{e}"
         )
     return asdex
+
+
+# ---- Array constants in lowered (StableHLO) and compiled (HLO) text: the
+# detector of tests/test_first_call.py and tests/test_gpu_first_call.py. ----
+
+LIMIT = 1000  # elements: the largest array constant a program may hold
+
+
+def _closing(text: str, i: int) -> int:
+    """The index just past the `>` that closes the `<` before `i` (quotes and
+    nested brackets skipped)."""
+    depth = 1
+    while depth:
+        c = text[i]
+        if c == '"':
+            i = text.index('"', i + 1)
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+        i += 1
+    return i
+
+
+def lowered_constants(text: str) -> list[tuple[int, str]]:
+    """`(elements, excerpt)` of every array literal in StableHLO text: `dense<...>`
+    (a list, a hex blob or a splat) and `dense_resource<...>`, counted by the
+    tensor type that follows (a splat of a large tensor counts as large), or by
+    what the literal stores where no type follows."""
+    out = []
+    for m in re.finditer(r"\bdense(_resource)?<", text):
+        end = _closing(text, m.end())
+        body = text[m.end():end - 1]
+        t = re.match(
+            r"\s*:\s*tensor<((?:\d+x)*)([^>]*(?:<[^>]*>)?)>", text[end:end + 400]
+        )
+        if t:
+            dims = [int(d) for d in t.group(1).split("x") if d]
+            count = math.prod(dims)
+        elif m.group(1):
+            count = LIMIT + 1  # a resource of unknown size: flag it
+        elif body.startswith('"0x'):
+            count = (len(body) - 4) // 2  # bytes: at least the elements of i8
+        else:
+            count = max(1, len(re.findall(r"[^\s,\[\]()]+", body)))
+        out.append((count, text[m.start():m.start() + 120]))
+    return out
+
+
+_HLO_CONSTANT = re.compile(r"=\s*(.+?)\s+constant\(")
+
+
+def compiled_constants(text: str) -> list[tuple[int, str]]:
+    """`(elements, excerpt)` of every `constant(...)` instruction in HLO text, by
+    its shape (XLA elides large literals as `{...}`; tuple shapes are summed)."""
+    out = []
+    for line in text.splitlines():
+        m = _HLO_CONSTANT.search(line)
+        if m:
+            shapes = re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            count = sum(math.prod(int(d) for d in s.split(",") if d) for s in shapes)
+            out.append((count, line.strip()[:120]))
+    return out
+
+
+def large(constants) -> list[tuple[int, str]]:
+    return [c for c in constants if c[0] > LIMIT]

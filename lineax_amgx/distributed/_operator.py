@@ -15,6 +15,7 @@ from jaxtyping import Array, Inexact
 from .. import _protocol
 from .._checks import warn_if_downcast
 from .._operator import as_tag_set, csr_diagonal, register_queries
+from .._runtime_arrays import pattern_array, take
 from ..matrix_free import as_csr_operator
 from ._collectives import _halo, after as _after, allreduce_sum, global_norm
 from ._comm import _comm, _raise_if_any, mpi
@@ -281,9 +282,11 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             x_ext = jnp.concatenate([vector, _halo(p, vector)])
         else:
             x_ext = vector
-        prod = self.values.astype(dtype) * x_ext[jnp.asarray(p.local_columns)]
+        # Runtime arrays, not constants (see `lineax_amgx._runtime_arrays`).
+        cols = pattern_array(p, "local_columns")
+        prod = self.values.astype(dtype) * take(x_ext, cols)
         return jax.ops.segment_sum(
-            prod, jnp.asarray(p.row_ids), num_segments=p.shape[0],
+            prod, pattern_array(p, "row_ids"), num_segments=p.shape[0],
             indices_are_sorted=True,
         )
 

@@ -15,6 +15,7 @@ import numpy as np
 from .._checks import warn_dense
 from .._operator import CSROperator
 from .._pattern import SparsityPattern
+from .._runtime_arrays import pattern_array, take
 from ._coloring import Coloring, color_columns, star_recovery
 from ._sparsity import detect_closed_jaxpr, detection_count as detection_count
 
@@ -153,6 +154,13 @@ def _decompression(pattern: SparsityPattern, coloring: Coloring):
     return np.ascontiguousarray(ci), np.ascontiguousarray(ri)
 
 
+def _coloring_name(what: str, coloring: Coloring) -> str:
+    """The name of a runtime array derived from a pattern and `coloring` (the
+    coloring's content hash makes it unique per coloring)."""
+    kind = "star" if coloring.symmetric else "d2"
+    return f"{what}:{kind}:{hash(coloring):x}"
+
+
 def _operator_tags(operator) -> frozenset:
     tags = set()
     for query, tag in (
@@ -219,7 +227,8 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
         n = _size(in_struct)
         col = np.arange(n)
         code = self.coloring.colors.astype(np.int64)[col // b] * b + col % b
-        code = jnp.asarray(code, jnp.int32)
+        # A runtime array, not a constant (see `lineax_amgx._runtime_arrays`).
+        code = pattern_array(self.pattern, _coloring_name("seed", self.coloring), code)
         num = self.coloring.num_colors * b
 
         def one(k):
@@ -233,9 +242,16 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
     def to_csr(self) -> CSROperator:
         """Assemble the [`lineax_amgx.CSROperator`][] (traced JAX code)."""
         comp = self.compressed_jvps()
-        ci, ri = _decompression(self.pattern, self.coloring)
-        values = comp[ci, ri] if ci.size else jnp.zeros(self.pattern.value_shape,
-                                                        comp.dtype)
+        p, c = self.pattern, self.coloring
+        ci, ri = _decompression(p, c)
+        if ci.size:
+            values = take(
+                comp,
+                pattern_array(p, _coloring_name("decompress_colors", c), ci),
+                pattern_array(p, _coloring_name("decompress_rows", c), ri),
+            )
+        else:
+            values = jnp.zeros(p.value_shape, comp.dtype)
         if not jnp.issubdtype(values.dtype, jnp.floating):
             values = values.astype(jnp.float64 if jax.config.jax_enable_x64
                                    else jnp.float32)
@@ -358,7 +374,11 @@ def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
     if pattern.method == "dense":
         values = jnp.ravel(operator.matrix)  # CSR order of a dense pattern
     else:
-        values = operator.matrix[pattern.row_ids, pattern.indices]
+        values = take(
+            operator.matrix,
+            pattern_array(pattern, "row_ids"),
+            pattern_array(pattern, "indices"),
+        )
     if not jnp.issubdtype(values.dtype, jnp.floating):
         values = values.astype(float)
     return CSROperator(pattern, values, _operator_tags(operator))
