@@ -116,8 +116,11 @@ def test_gpu_programs_hold_no_large_constants(rng):
     assert large(lowered_constants(lowered.as_text())) == []
     compiled = lowered.compile()
     assert large(compiled_constants(compiled.as_text())) == []
-    x = compiled(op.values, b)
-    assert rel_err(x, spla.spsolve(sp.csc_matrix(spd), np.asarray(b))) < 1e-6
+    x = np.asarray(compiled(op.values, b))
+    bn = np.asarray(b)
+    # A residual, not a direct solve: SuperLU's fill-in on a 250k 3-D problem
+    # takes minutes.
+    assert np.linalg.norm(spd @ x - bn) / np.linalg.norm(bn) < 1e-7
 
     a = _nonsymmetric(n)
     opn = _gpu_op(a)
@@ -134,8 +137,13 @@ def test_gpu_programs_hold_no_large_constants(rng):
     assert large(compiled_constants(compiled.as_text())) == []
     g = np.asarray(compiled(opn.values, b, w))
     # d loss / d A_ij = -lambda_i x_j with A x = b, A^T lambda = w.
-    csc = sp.csc_matrix(a)
-    xs = spla.spsolve(csc, np.asarray(b))
-    lam = spla.spsolve(csc.T.tocsc(), np.asarray(w))
+    # References by a Krylov solve to 1e-12 (this matrix is diagonally dominant),
+    # residuals checked: a direct solve of a 250k 3-D problem takes minutes.
+    csr = sp.csr_matrix(a)
+    xs, _ = spla.bicgstab(csr, np.asarray(b), rtol=1e-12, atol=0.0, maxiter=5000)
+    lam, _ = spla.bicgstab(csr.T.tocsr(), np.asarray(w), rtol=1e-12, atol=0.0,
+                           maxiter=5000)
+    assert np.linalg.norm(csr @ xs - np.asarray(b)) < 1e-11 * np.linalg.norm(b)
+    assert np.linalg.norm(csr.T @ lam - np.asarray(w)) < 1e-11 * np.linalg.norm(w)
     rows = np.repeat(np.arange(a.shape[0]), np.diff(a.indptr))
     assert rel_err(g, -lam[rows] * xs[a.indices]) < 1e-5
