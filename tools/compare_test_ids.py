@@ -1,0 +1,157 @@
+# Copyright 2026 The lineax-amgx authors. SPDX-License-Identifier: Apache-2.0
+"""Check that merging the CPU/GPU twin test files lost no test (issue 19).
+
+    python tools/compare_test_ids.py [--base REV] [--before DIR] [--show-added]
+
+Collects the test ids of the tree at `--base` (exported with `git archive` into a
+temporary folder; default: the commit before the merge, `BASE` below) or of a
+folder given with `--before`, and of the working tree, each in three groups by
+mark: `gpu`, `mpi` (not gpu) and `cpu` (neither). Every old id must have a new
+counterpart in the same group:
+
+- the same id (a test left as it was), or
+- the id after the file and name changes of `FILES` / `NAMES` below, with the
+  backend as the first parameter (`test_gpu_x.py::test_y[p]` ->
+  `test_x.py::test_y[gpu-p]`; `test_x.py::test_y[p]` -> `test_x.py::test_y[cpu-p]`),
+  or
+- the ids listed for it in `IDS` (a test split in two, or parameters renamed).
+
+Prints a summary per group and every old id without a counterpart; exits 1 if
+there is one. Run from the repository root with the interpreter that runs the
+tests (its `pytest` is called with `python -P -m pytest`, so that the installed
+package, not the source tree, is imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+BASE = "1139104"  # main before the twin files were merged
+
+GROUPS = {
+    "gpu": "gpu",
+    "mpi": "mpi and not gpu",
+    "cpu": "not gpu and not mpi",
+}
+
+# Old file -> new file, for every test of the file (before NAMES applies).
+FILES: dict[str, str] = {
+    "tests/test_gpu_autodiff.py": "tests/test_autodiff.py",
+}
+
+# (new file, old name) -> new name: tests renamed by the merge.
+NAMES: dict[tuple[str, str], str] = {
+    ("tests/test_autodiff.py", "test_grad_jvp_and_jvp_of_grad"): "test_derivatives_jit",
+    ("tests/test_autodiff.py", "test_vmap_of_grad_over_rhs_one_setup"):
+        "test_vmap_of_grad_over_b_one_setup",
+    ("tests/test_autodiff.py", "test_vmap_over_values_and_rhs"):
+        "test_vmap_over_values_and_b",
+    ("tests/test_autodiff.py", "test_warm_start_fewer_steps_same_answer_and_gradient"):
+        "test_warm_start_same_answer_and_gradient",
+}
+
+# Old id -> new ids (all must exist): splits and renamed parameters.
+_A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
+IDS: dict[str, list[str]] = {
+    "tests/test_gpu_autodiff.py::test_symmetric_gradient_one_setup_two_solves": [
+        f"{_A}::test_symmetric_gradient_one_setup_two_solves[gpu-jit]"],
+    "tests/test_gpu_autodiff.py::test_vmap_over_8_rhs_one_setup": [
+        f"{_A}::test_vmap_over_b_one_setup[gpu-poisson_tagged]"],
+    f"{_A}::test_vmap_over_values_and_b": [f"{_A}::test_vmap_over_values_and_b[cpu-4]"],
+    "tests/test_gpu_autodiff.py::test_newton_and_chord": [
+        f"{_O}::test_newton_matches_dense_newton[gpu]",
+        f"{_O}::test_chord_reuses_one_setup[gpu]"],
+    **{f"tests/test_gpu_autodiff.py::test_implicit_adjoint_gradient[{k}]": [
+        f"{_O}::test_implicit_adjoint_gradient_wrt_lambda[gpu-{k}]"]
+       for k in ("symmetric", "nonsymmetric")},
+}
+
+_ID = re.compile(r"^(?P<file>[^:]+)::(?P<name>[^\[]+)(?:\[(?P<params>.*)\])?$")
+
+
+def collect(root: str, marks: str) -> list[str]:
+    cmd = [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q",
+           "-p", "no:cacheprovider", "-m", marks, "tests"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    ids = [ln.strip() for ln in out.stdout.splitlines() if "::" in ln]
+    if out.returncode not in (0, 5) or not ids and out.returncode != 5:
+        sys.exit(f"collection failed in {root} ({marks}):\n{out.stdout}{out.stderr}")
+    return ids
+
+
+def collect_groups(root: str) -> dict[str, list[str]]:
+    return {group: collect(root, marks) for group, marks in GROUPS.items()}
+
+
+def candidates(old: str, group: str) -> list[list[str]]:
+    """The ways `old` may live on: each a list of ids that must all exist."""
+    if old in IDS:
+        return [IDS[old]]
+    m = _ID.match(old)
+    file, name, params = m["file"], m["name"], m["params"]
+    file = FILES.get(file, file)
+    name = NAMES.get((file, name), name)
+    backend = "gpu" if group == "gpu" else "cpu"
+    with_backend = backend if params is None else f"{backend}-{params}"
+    out = [[f"{file}::{name}[{with_backend}]"]]
+    same = f"{file}::{name}" + ("" if params is None else f"[{params}]")
+    return [[old], [same], *out]
+
+
+def export(rev: str, into: str) -> None:
+    data = subprocess.run(["git", "archive", "--format=tar", rev],
+                          capture_output=True, check=True).stdout
+    path = os.path.join(into, "tree.tar")
+    with open(path, "wb") as f:
+        f.write(data)
+    with tarfile.open(path) as t:
+        t.extractall(into, filter="data")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default=BASE, help="the revision before the merge")
+    ap.add_argument("--before", help="a folder holding the tree before the merge")
+    ap.add_argument("--show-added", action="store_true",
+                    help="also list the new ids that no old id maps to")
+    args = ap.parse_args()
+    if args.before:
+        before = collect_groups(args.before)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            export(args.base, tmp)
+            before = collect_groups(tmp)
+    after = collect_groups(os.getcwd())
+    missing = []
+    for group in GROUPS:
+        new = set(after[group])
+        used: set[str] = set()
+        lost = []
+        for old in before[group]:
+            for ids in candidates(old, group):
+                if all(i in new for i in ids):
+                    used.update(ids)
+                    break
+            else:
+                lost.append(old)
+        added = sorted(new - used)
+        print(f"{group}: {len(before[group])} ids before, {len(new)} after; "
+              f"{len(before[group]) - len(lost)} found again, {len(lost)} lost, "
+              f"{len(added)} new")
+        for old in lost:
+            print(f"  LOST {old}")
+        if args.show_added:
+            for i in added:
+                print(f"  new  {i}")
+        missing += lost
+    return 1 if missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
