@@ -10,7 +10,7 @@ mark: `gpu`, `mpi` (not gpu) and `cpu` (neither). Every old id must have a new
 counterpart in the same group:
 
 - the same id (a test left as it was), or
-- the id after the file and name changes of `FILES` / `NAMES` below, with the
+- the id after the name and file changes of `NAMES` / `FILES` below, with the
   backend as the first parameter (`test_gpu_x.py::test_y[p]` ->
   `test_x.py::test_y[gpu-p]`; `test_x.py::test_y[p]` -> `test_x.py::test_y[cpu-p]`),
   or
@@ -43,22 +43,40 @@ GROUPS = {
 # Old file -> new file, for every test of the file (before NAMES applies).
 FILES: dict[str, str] = {
     "tests/test_gpu_autodiff.py": "tests/test_autodiff.py",
+    "tests/test_gpu_preconditioner.py": "tests/test_preconditioner.py",
 }
 
-# (new file, old name) -> new name: tests renamed by the merge.
+# (old file, old name) -> new name: tests renamed by the merge.
+_GA, _GP = "tests/test_gpu_autodiff.py", "tests/test_gpu_preconditioner.py"
 NAMES: dict[tuple[str, str], str] = {
-    ("tests/test_autodiff.py", "test_grad_jvp_and_jvp_of_grad"): "test_derivatives_jit",
-    ("tests/test_autodiff.py", "test_vmap_of_grad_over_rhs_one_setup"):
-        "test_vmap_of_grad_over_b_one_setup",
-    ("tests/test_autodiff.py", "test_vmap_over_values_and_rhs"):
-        "test_vmap_over_values_and_b",
+    (_GA, "test_grad_jvp_and_jvp_of_grad"): "test_derivatives_jit",
+    (_GA, "test_vmap_of_grad_over_rhs_one_setup"): "test_vmap_of_grad_over_b_one_setup",
+    (_GA, "test_vmap_over_values_and_rhs"): "test_vmap_over_values_and_b",
     ("tests/test_autodiff.py", "test_warm_start_fewer_steps_same_answer_and_gradient"):
         "test_warm_start_same_answer_and_gradient",
+    (_GP, "test_cg_one_cycle_per_iteration_no_setup"):
+        "test_cg_applies_one_cycle_per_iteration",
+    (_GP, "test_symmetric_cycle_is_spd"):
+        "test_symmetric_cycle_is_spd_and_its_own_transpose",
+    (_GP, "test_built_under_jit_and_resetup_for_new_values"):
+        "test_built_and_applied_under_jit",
+    (_GP, "test_nonsymmetric_transpose_has_its_own_entry"):
+        "test_nonsymmetric_transpose_preconditions_the_transpose",
+    (_GP, "test_mixed_precision"):
+        "test_mixed_precision_preconditioner_of_a_float64_solve",
+    (_GP, "test_float32"): "test_float32_cg_above_lineax_breakdown_threshold",
+    (_GP, "test_gradient_through_preconditioned_solve"):
+        "test_gradient_through_the_wrapper",
+    (_GP, "test_newton_krylov_bratu_one_setup"): "test_optimistix_newton_bratu",
 }
 
 # Old id -> new ids (all must exist): splits and renamed parameters.
 _A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
+_P = "tests/test_preconditioner.py"
 IDS: dict[str, list[str]] = {
+    f"{_P}::test_gradients_through_preconditioned_solves": [
+        f"{_P}::test_gradients_through_preconditioned_solves",
+        f"{_P}::test_gradient_through_the_wrapper[cpu]"],
     "tests/test_gpu_autodiff.py::test_symmetric_gradient_one_setup_two_solves": [
         f"{_A}::test_symmetric_gradient_one_setup_two_solves[gpu-jit]"],
     "tests/test_gpu_autodiff.py::test_vmap_over_8_rhs_one_setup": [
@@ -95,8 +113,8 @@ def candidates(old: str, group: str) -> list[list[str]]:
         return [IDS[old]]
     m = _ID.match(old)
     file, name, params = m["file"], m["name"], m["params"]
-    file = FILES.get(file, file)
     name = NAMES.get((file, name), name)
+    file = FILES.get(file, file)
     backend = "gpu" if group == "gpu" else "cpu"
     with_backend = backend if params is None else f"{backend}-{params}"
     out = [[f"{file}::{name}[{with_backend}]"]]
