@@ -44,11 +44,18 @@ GROUPS = {
 FILES: dict[str, str] = {
     "tests/test_gpu_autodiff.py": "tests/test_autodiff.py",
     "tests/test_gpu_preconditioner.py": "tests/test_preconditioner.py",
+    "tests/test_gpu_blocks.py": "tests/test_blocks.py",
 }
 
 # (old file, old name) -> new name: tests renamed by the merge.
 _GA, _GP = "tests/test_gpu_autodiff.py", "tests/test_gpu_preconditioner.py"
+_GB = "tests/test_gpu_blocks.py"
 NAMES: dict[tuple[str, str], str] = {
+    (_GB, "test_default_block_preset_3d_elasticity"):
+        "test_default_block_preset_solves_3d_elasticity",
+    (_GB, "test_every_block_size"): "test_coupled_species_block_sizes",
+    (_GB, "test_block_size_is_part_of_the_native_cache_key"):
+        "test_block_size_is_part_of_the_cache_key",
     (_GA, "test_grad_jvp_and_jvp_of_grad"): "test_derivatives_jit",
     (_GA, "test_vmap_of_grad_over_rhs_one_setup"): "test_vmap_of_grad_over_b_one_setup",
     (_GA, "test_vmap_over_values_and_rhs"): "test_vmap_over_values_and_b",
@@ -72,8 +79,21 @@ NAMES: dict[tuple[str, str], str] = {
 
 # Old id -> new ids (all must exist): splits and renamed parameters.
 _A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
-_P = "tests/test_preconditioner.py"
+_P, _B = "tests/test_preconditioner.py", "tests/test_blocks.py"
 IDS: dict[str, list[str]] = {
+    f"{_B}::test_elasticity2d_block_beats_scalar": [
+        f"{_B}::test_elasticity2d_block_beats_scalar[cpu-24]",
+        f"{_B}::test_block_size_is_part_of_the_cache_key[cpu]"],
+    f"{_GB}::test_elasticity2d_200k_matches_spsolve": [
+        f"{_B}::test_elasticity2d_block_beats_scalar[gpu-316]"],
+    f"{_GB}::test_elasticity2d_million_residual": [
+        f"{_B}::test_elasticity2d_block_beats_scalar[gpu-708]"],
+    f"{_B}::test_elasticity3d_block_beats_scalar": [
+        f"{_B}::test_elasticity3d_block_beats_scalar[cpu-8]"],
+    f"{_GB}::test_elasticity3d_matches_spsolve": [
+        f"{_B}::test_elasticity3d_block_beats_scalar[gpu-20]"],
+    f"{_GB}::test_elasticity3d_large_residual": [
+        f"{_B}::test_elasticity3d_block_beats_scalar[gpu-48]"],
     f"{_P}::test_gradients_through_preconditioned_solves": [
         f"{_P}::test_gradients_through_preconditioned_solves",
         f"{_P}::test_gradient_through_the_wrapper[cpu]"],
