@@ -67,6 +67,31 @@ def backend(request):
         yield b
 
 
+@pytest.fixture
+def cpu_default_device(request):
+    """The CPU as JAX's default device, for a test without `backend` (which sees to
+    its device itself): the backend follows where the data lives, so `AMGX()`
+    runs pyamg even on a machine with a GPU. Modules of CPU tests use it through
+    `pytestmark = pytest.mark.usefixtures("cpu_default_device")`."""
+    if _backend.uses_backend(request):
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+@pytest.fixture
+def fresh_pyamg_cache():
+    """An empty CPU (pyamg) cache of capacity 8 with zeroed counters."""
+    from lineax_amgx._backends import pyamg
+
+    pyamg.set_cache_size(8)
+    pyamg.clear_cache()
+    pyamg.reset_counters()
+    yield
+    pyamg.set_cache_size(8)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_setup_cache(request):
     """GPU tests that do not take `backend` start from an empty setup cache of

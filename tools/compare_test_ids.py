@@ -45,12 +45,45 @@ FILES: dict[str, str] = {
     "tests/test_gpu_autodiff.py": "tests/test_autodiff.py",
     "tests/test_gpu_preconditioner.py": "tests/test_preconditioner.py",
     "tests/test_gpu_blocks.py": "tests/test_blocks.py",
+    "tests/test_gpu.py": "tests/test_solve.py",
+    "tests/test_cpu_backend.py": "tests/test_solve.py",  # (but see NAMES)
 }
 
-# (old file, old name) -> new name: tests renamed by the merge.
+# (old file, old name) -> new name, or "new file::new name": tests renamed or
+# moved by the merge.
 _GA, _GP = "tests/test_gpu_autodiff.py", "tests/test_gpu_preconditioner.py"
 _GB = "tests/test_gpu_blocks.py"
+_S, _C, _CB = "tests/test_solve.py", "tests/test_cache.py", "tests/test_cpu_backend.py"
 NAMES: dict[tuple[str, str], str] = {
+    **{(_CB, n): f"{_CB}::{n}" for n in (
+        "test_classical_config", "test_every_preset_solves_poisson",
+        "test_vcycle_preset_reports_max_steps", "test_user_config_dict_and_json",
+        "test_native_relative_criterion_uses_initial_residual", "test_native_norms",
+        "test_unsupported_key_warns_once", "test_dilu_smoother_warns",
+        "test_unsupported_solver_raises",
+        "test_translation_warning_comes_with_the_solve",
+        "test_untranslatable_config_fails_with_the_solve",
+        "test_unused_near_nullspace_warning_comes_with_the_solve",
+        "test_config_variants")},
+    ("tests/test_gpu.py", "test_gpu_solve_never_translates_for_pyamg"):
+        f"{_CB}::test_gpu_solve_never_translates_for_pyamg",
+    **{(_CB, n): f"{_C}::{n}" for n in (
+        "test_reuse_same_values_then_resetup", "test_reused_state_skips_comparison",
+        "test_stale_token_is_slow_not_wrong", "test_isolated_mode_and_eviction",
+        "test_concurrent_solves_from_threads")},
+    **{("tests/test_gpu.py", n): f"{_C}::{n}" for n in (
+        "test_new_values_resetup_same_values_no_resetup",
+        "test_capacity_one_alternating_patterns", "test_isolated_mode_keeps_nothing",
+        "test_same_indptr_different_indices_no_wrong_reuse",
+        "test_memory_returns_after_clear_and_finalize",
+        "test_threads_solve_concurrently", "test_two_devices_one_at_a_time")},
+    ("tests/test_gpu.py", "test_float64_matches_spsolve"):
+        "test_gallery_matches_spsolve",
+    ("tests/test_gpu.py", "test_float32_residual"): "test_single_precision_dffi",
+    ("tests/test_gpu.py", "test_mixed_precision"): "test_mixed_precision_ddfi",
+    ("tests/test_gpu.py", "test_jit_and_eager_agree"): "test_jit_matches_eager",
+    ("tests/test_gpu.py", "test_warm_start_saves_iterations"):
+        "test_warm_start_needs_fewer_iterations",
     (_GB, "test_default_block_preset_3d_elasticity"):
         "test_default_block_preset_solves_3d_elasticity",
     (_GB, "test_every_block_size"): "test_coupled_species_block_sizes",
@@ -81,6 +114,17 @@ NAMES: dict[tuple[str, str], str] = {
 _A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
 _P, _B = "tests/test_preconditioner.py", "tests/test_blocks.py"
 IDS: dict[str, list[str]] = {
+    "tests/test_gpu.py::test_float64_matches_spsolve[convdiff2d]": [
+        f"{_S}::test_gallery_matches_spsolve[gpu-convection_diffusion2d]"],
+    f"{_CB}::test_poisson_256_iteration_count": [
+        f"{_S}::test_large_poisson2d[cpu-256]"],
+    "tests/test_gpu.py::test_million_unknowns_2d_poisson": [
+        f"{_S}::test_large_poisson2d[gpu-1000]"],
+    f"{_CB}::test_single_precision_dffi": [
+        f"{_S}::test_single_precision_dffi[cpu-poisson2d]"],
+    f"{_CB}::test_not_converged_and_nonfinite": [
+        f"{_S}::test_not_converged_reports_max_steps[cpu]",
+        f"{_S}::test_nonfinite_rhs_is_flagged"],
     f"{_B}::test_elasticity2d_block_beats_scalar": [
         f"{_B}::test_elasticity2d_block_beats_scalar[cpu-24]",
         f"{_B}::test_block_size_is_part_of_the_cache_key[cpu]"],
@@ -133,8 +177,9 @@ def candidates(old: str, group: str) -> list[list[str]]:
         return [IDS[old]]
     m = _ID.match(old)
     file, name, params = m["file"], m["name"], m["params"]
-    name = NAMES.get((file, name), name)
+    new = NAMES.get((file, name), name)
     file = FILES.get(file, file)
+    file, _, name = new.rpartition("::") if "::" in new else (file, "", new)
     backend = "gpu" if group == "gpu" else "cpu"
     with_backend = backend if params is None else f"{backend}-{params}"
     out = [[f"{file}::{name}[{with_backend}]"]]
