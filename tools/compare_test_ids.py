@@ -47,6 +47,7 @@ FILES: dict[str, str] = {
     "tests/test_gpu_blocks.py": "tests/test_blocks.py",
     "tests/test_gpu.py": "tests/test_solve.py",
     "tests/test_cpu_backend.py": "tests/test_solve.py",  # (but see NAMES)
+    "tests/test_gpu_failures.py": "tests/test_bad_input.py",
 }
 
 # (old file, old name) -> new name, or "new file::new name": tests renamed or
@@ -54,7 +55,19 @@ FILES: dict[str, str] = {
 _GA, _GP = "tests/test_gpu_autodiff.py", "tests/test_gpu_preconditioner.py"
 _GB = "tests/test_gpu_blocks.py"
 _S, _C, _CB = "tests/test_solve.py", "tests/test_cache.py", "tests/test_cpu_backend.py"
+_BI, _GF, _PR = ("tests/test_bad_input.py", "tests/test_gpu_failures.py",
+                 "tests/test_process.py")
 NAMES: dict[tuple[str, str], str] = {
+    **{(_BI, n): f"{_PR}::{n}" for n in (
+        "test_no_amgx_library", "test_process_exits_cleanly",
+        "test_exit_after_a_lost_cuda_context_keeps_the_status")},
+    **{(_GF, n): f"{_PR}::{n}" for n in (
+        "test_lost_cuda_context_is_an_exception_and_a_clean_exit",
+        "test_gpu_solve_without_amgx_library", "test_soak_quick")},
+    (_GF, "test_zero_row_is_singular_amgx_not_called"): "test_zero_row_is_singular",
+    (_GF, "test_not_converged_eager_and_jit"): "test_max_steps_reached",
+    (_GF, "test_indefinite_matrix_flagged"):
+        "test_indefinite_matrix_breakdown_or_divergence",
     **{(_CB, n): f"{_CB}::{n}" for n in (
         "test_classical_config", "test_every_preset_solves_poisson",
         "test_vcycle_preset_reports_max_steps", "test_user_config_dict_and_json",
@@ -114,6 +127,16 @@ NAMES: dict[tuple[str, str], str] = {
 _A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
 _P, _B = "tests/test_preconditioner.py", "tests/test_blocks.py"
 IDS: dict[str, list[str]] = {
+    **{f"{_GF}::test_nonfinite_input_through_amgx[{v}-{w}]": [
+        f"{_BI}::test_nonfinite_input[gpu-{w}-{v}]"]
+       for v in ("nan", "inf") for w in ("values", "b", "y0")},
+    **{f"{_GF}::test_singular_matrix_through_amgx[{c}]": [
+        f"{_BI}::test_singular_matrix_is_flagged[gpu-{c}]",
+        f"{_BI}::test_consistent_singular_system_never_wrong[gpu-{c}]"]
+       for c in ("None", "FGMRES_AGGREGATION", "PBICGSTAB_AGGREGATION",
+                 "AMG_AGGREGATION")},
+    f"{_GF}::test_structural_errors_before_amgx": [
+        f"{_BI}::test_structurally_empty_row_or_column[gpu-row]"],
     "tests/test_gpu.py::test_float64_matches_spsolve[convdiff2d]": [
         f"{_S}::test_gallery_matches_spsolve[gpu-convection_diffusion2d]"],
     f"{_CB}::test_poisson_256_iteration_count": [
