@@ -127,6 +127,8 @@ NAMES: dict[tuple[str, str], str] = {
 _A, _O = "tests/test_autodiff.py", "tests/test_optimistix.py"
 _P, _B = "tests/test_preconditioner.py", "tests/test_blocks.py"
 IDS: dict[str, list[str]] = {
+    "tests/test_gpu_matrix_free.py::test_jacobian_operator_no_pattern_given": [
+        "tests/test_sparsify.py::test_jacobian_operator_no_pattern_given[gpu-200]"],
     **{f"{_GF}::test_nonfinite_input_through_amgx[{v}-{w}]": [
         f"{_BI}::test_nonfinite_input[gpu-{w}-{v}]"]
        for v in ("nan", "inf") for w in ("values", "b", "y0")},
