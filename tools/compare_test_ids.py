@@ -48,6 +48,7 @@ FILES: dict[str, str] = {
     "tests/test_gpu.py": "tests/test_solve.py",
     "tests/test_cpu_backend.py": "tests/test_solve.py",  # (but see NAMES)
     "tests/test_gpu_failures.py": "tests/test_bad_input.py",
+    "tests/test_gpu_distributed.py": "tests/test_distributed_solve.py",
 }
 
 # (old file, old name) -> new name, or "new file::new name": tests renamed or
@@ -57,7 +58,21 @@ _GB = "tests/test_gpu_blocks.py"
 _S, _C, _CB = "tests/test_solve.py", "tests/test_cache.py", "tests/test_cpu_backend.py"
 _BI, _GF, _PR = ("tests/test_bad_input.py", "tests/test_gpu_failures.py",
                  "tests/test_process.py")
+_D, _DS, _GD = ("tests/test_distributed.py", "tests/test_distributed_solve.py",
+                 "tests/test_gpu_distributed.py")
 NAMES: dict[tuple[str, str], str] = {
+    **{(_D, n): f"{_DS}::{n}" for n in (
+        "test_solve_matches_spsolve", "test_solve_nonsymmetric_and_warm_start",
+        "test_solve_nonfinite_on_one_rank", "test_grad_wrt_b_matches_single_process",
+        "test_grad_wrt_values_symmetric", "test_independent_operations_in_one_jit",
+        "test_different_operations_on_the_ranks_time_out",
+        "test_native_path_agrees_on_setup_hit_and_resetup",
+        "test_native_path_refuses_ranks_in_different_calls",
+        "test_distributed_clear_cache_is_collective",
+        "test_native_path_checks_amgx_mpi", "test_native_path_selection",
+        "test_ffi_path_traces_with_a_signature_every_rank_shares")},
+    (_GD, "test_nonsymmetric_solve"): "test_solve_nonsymmetric_and_warm_start",
+    (_GD, "test_nonfinite_input_on_one_rank"): "test_solve_nonfinite_on_one_rank",
     **{(_BI, n): f"{_PR}::{n}" for n in (
         "test_no_amgx_library", "test_process_exits_cleanly",
         "test_exit_after_a_lost_cuda_context_keeps_the_status")},
