@@ -4,6 +4,11 @@ import functools as ft
 import traceback
 
 import pytest
+from mpi4py import MPI
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+SIZE = COMM.Get_size()
 
 
 def collective(comm):
@@ -58,12 +63,10 @@ def fresh_cpu_cache(request):
     if request.node.get_closest_marker("gpu") is not None:
         yield
         return
-    from mpi4py import MPI
-
     import lineax_amgx as lxa
 
     lxa.clear_cache()
     lxa.reset_counters()
-    MPI.COMM_WORLD.Barrier()
+    COMM.Barrier()
     yield
-    MPI.COMM_WORLD.Barrier()
+    COMM.Barrier()

@@ -68,28 +68,18 @@ def backend(request):
 
 
 @pytest.fixture
-def cpu_default_device(request):
-    """The CPU as JAX's default device, for a test without `backend` (which sees to
-    its device itself): the backend follows where the data lives, so `AMGX()`
-    runs pyamg even on a machine with a GPU. Modules of CPU tests use it through
-    `pytestmark = pytest.mark.usefixtures("cpu_default_device")`."""
-    if _backend.uses_backend(request):
+def on_cpu(request):
+    """A CPU test without the `backend` fixture gets what `backend` gives its CPU
+    case: an empty setup cache of capacity 8 with zeroed counters (left empty),
+    and the CPU as JAX's default device (the backend follows where the data
+    lives, so `AMGX()` runs pyamg even on a machine with a GPU). Modules use it
+    through `pytestmark = pytest.mark.usefixtures("on_cpu")`; tests that take
+    `backend`, and GPU tests, are left to `backend`."""
+    if _backend.uses_backend(request) or _backend.on_gpu(request):
         yield
         return
-    with jax.default_device(jax.devices("cpu")[0]):
+    with _backend.Backend("cpu").running():
         yield
-
-
-@pytest.fixture
-def fresh_pyamg_cache():
-    """An empty CPU (pyamg) cache of capacity 8 with zeroed counters."""
-    from lineax_amgx._backends import pyamg
-
-    pyamg.set_cache_size(8)
-    pyamg.clear_cache()
-    pyamg.reset_counters()
-    yield
-    pyamg.set_cache_size(8)
 
 
 @pytest.fixture(autouse=True)

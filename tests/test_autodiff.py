@@ -17,7 +17,7 @@ import lineax as lx
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from _backend import cases, only, uses_backend
+from _backend import cases, only
 from helpers import convection_diffusion2d, poisson2d, random_nonsymmetric, rel_err
 
 import lineax_amgx as lxa
@@ -26,18 +26,7 @@ SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 RTOL = 1e-12  # solver tolerance: the comparisons below are at 1e-7
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(request):
-    """CPU tests without the `backend` fixture (which does this itself)."""
-    if uses_backend(request):
-        yield
-        return
-    lxa.set_cache_size(8, entries_per_key=4)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.set_cache_size(8, entries_per_key=4)
-    lxa.clear_cache()
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
 def counts(*outputs):

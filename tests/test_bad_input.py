@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from _backend import cases, only, uses_backend
+from _backend import cases, only
 from helpers import anisotropic2d, convection_diffusion2d, poisson2d, rel_residual
 from jax.experimental import sparse as jsparse
 
@@ -29,25 +29,13 @@ from lineax_amgx._backends.contract import Status
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    pytest.mark.usefixtures("on_cpu"),
 ]
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 R = lx.RESULTS
 N = 8  # 8 x 8 Poisson: 64 unknowns (on the GPU: 40 x 40)
 MiB = 2**20
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(request):
-    """CPU tests without the `backend` fixture (which does this itself)."""
-    if uses_backend(request):
-        yield
-        return
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.clear_cache()
 
 
 @pytest.fixture

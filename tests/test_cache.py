@@ -25,7 +25,7 @@ from lineax_amgx._backends import pyamg as _cpu
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lineax_amgx.PyamgTranslationWarning"),
-    pytest.mark.usefixtures("cpu_default_device"),
+    pytest.mark.usefixtures("on_cpu"),
 ]
 
 KEYS = ("setups", "resetups", "solves", "size", "evictions")
@@ -49,7 +49,7 @@ def _poisson_op(n=16, *, tags=SPD):
 # ---- the CPU's hierarchy cache: several setups per key, value comparisons, tokens
 
 
-def test_reuse_same_values_then_resetup(rng, fresh_pyamg_cache):
+def test_reuse_same_values_then_resetup(rng):
     a, op = _poisson_op()
     b = _rhs(rng, a.shape[0])
     solver = lxa.AMGX(rtol=1e-10)
@@ -72,7 +72,7 @@ def test_reuse_same_values_then_resetup(rng, fresh_pyamg_cache):
     assert info["size"] == 1 and info["entries"][0]["resetups"] == 1
 
 
-def test_reused_state_skips_comparison(rng, fresh_pyamg_cache):
+def test_reused_state_skips_comparison(rng):
     a, op = _poisson_op()
     solver = lxa.AMGX(rtol=1e-10)
     state = solver.init(op, {})
@@ -88,7 +88,7 @@ def test_reused_state_skips_comparison(rng, fresh_pyamg_cache):
     assert c["token_hits"] - before["token_hits"] == 3
 
 
-def test_stale_token_is_slow_not_wrong(rng, fresh_pyamg_cache):
+def test_stale_token_is_slow_not_wrong(rng):
     a, op = _poisson_op()
     solver = lxa.AMGX(rtol=1e-10)
     state = solver.init(op, {})
@@ -99,7 +99,7 @@ def test_stale_token_is_slow_not_wrong(rng, fresh_pyamg_cache):
     assert _counts()["setups"] == 2
 
 
-def test_isolated_mode_and_eviction(rng, fresh_pyamg_cache):
+def test_isolated_mode_and_eviction(rng):
     a, op = _poisson_op()
     b = _rhs(rng, a.shape[0])
     solver = lxa.AMGX(rtol=1e-10)
@@ -117,7 +117,7 @@ def test_isolated_mode_and_eviction(rng, fresh_pyamg_cache):
         _cpu.set_cache_size(-1)
 
 
-def test_concurrent_solves_from_threads(rng, fresh_pyamg_cache):
+def test_concurrent_solves_from_threads(rng):
     a, op = _poisson_op()
     solver = lxa.AMGX(rtol=1e-10)
     f = jax.jit(lambda v, b: lx.linear_solve(op.with_values(v), b, solver=solver).value)

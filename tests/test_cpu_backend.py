@@ -25,7 +25,7 @@ from lineax_amgx._backends.pyamg import _translate
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lineax_amgx.PyamgTranslationWarning"),
-    pytest.mark.usefixtures("cpu_default_device"),
+    pytest.mark.usefixtures("on_cpu"),
 ]
 
 

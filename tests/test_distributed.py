@@ -22,6 +22,14 @@ import scipy.sparse as sp
 MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py or an MPI library is missing")
 
 import _mpi_helpers  # noqa: E402
+from _mpi_helpers import (  # noqa: E402, F401 (fresh_cpu_cache: an autouse fixture)
+    COMM,
+    RANK,
+    SIZE,
+    fresh_cpu_cache,
+    global_matrix,
+    raises_everywhere,
+)
 
 import lineax_amgx as lxa  # noqa: E402
 import lineax_amgx.distributed as _distributed  # noqa: E402
@@ -30,15 +38,8 @@ D = _distributed
 
 pytestmark = pytest.mark.mpi
 
-COMM = MPI.COMM_WORLD
-RANK = COMM.Get_rank()
-SIZE = COMM.Get_size()
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-
 collective = _mpi_helpers.collective(COMM)
-raises_everywhere = _mpi_helpers.raises_everywhere
-global_matrix = _mpi_helpers.global_matrix
-fresh_cpu_cache = _mpi_helpers.fresh_cpu_cache  # (an autouse fixture)
 
 
 # -- layout ----------------------------------------------------------------------

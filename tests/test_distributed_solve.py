@@ -19,9 +19,7 @@ every rank (float64, to 1e-8), and scipy. The distributed AmgX counters only
 grow within a process: `test_poisson_equals_single_gpu` must be the first GPU
 test here.
 
-Every test is wrapped by `collective`: the outcome of each rank is allgathered, so
-a failure on one rank fails the test on all of them (and no rank waits forever
-for one that has left). Collective calls come before the assertions.
+Every test is collective, as in `test_distributed.py`.
 """
 
 import jax
@@ -36,6 +34,14 @@ MPI = pytest.importorskip("mpi4py.MPI", reason="mpi4py or an MPI library is miss
 
 import _mpi_helpers  # noqa: E402
 from _backend import only  # noqa: E402
+from _mpi_helpers import (  # noqa: E402, F401 (fresh_cpu_cache: an autouse fixture)
+    COMM,
+    RANK,
+    SIZE,
+    fresh_cpu_cache,
+    global_matrix,
+    raises_everywhere,
+)
 from helpers import poisson3d, random_nonsymmetric, rel_err  # noqa: E402
 
 import lineax_amgx as lxa  # noqa: E402
@@ -45,15 +51,8 @@ from lineax_amgx.distributed import _amgx as DA, _comm as DC  # noqa: E402
 
 pytestmark = pytest.mark.mpi
 
-COMM = MPI.COMM_WORLD
-RANK = COMM.Get_rank()
-SIZE = COMM.Get_size()
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
-
 collective = _mpi_helpers.collective(COMM)
-raises_everywhere = _mpi_helpers.raises_everywhere
-global_matrix = _mpi_helpers.global_matrix
-fresh_cpu_cache = _mpi_helpers.fresh_cpu_cache  # (an autouse fixture)
 
 
 def device(backend):

@@ -19,7 +19,6 @@ import optimistix as optx
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from _backend import uses_backend
 from helpers import (
     anisotropic2d,
     convection_diffusion2d,
@@ -30,6 +29,8 @@ from helpers import (
 
 import lineax_amgx as lxa
 from lineax_amgx._preconditioner import AMGXPreconditioned, AMGXPreconditioner
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
@@ -120,19 +121,6 @@ def counts(backend=None):
 
 def assert_no_setup(c, backend):
     assert all(c[k] == 0 for k in NO_SETUP[backend.name]), c
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(request):
-    """CPU tests without the `backend` fixture (which does this itself)."""
-    if uses_backend(request):
-        yield
-        return
-    lxa.set_cache_size(8)
-    lxa.clear_cache()
-    lxa.reset_counters()
-    yield
-    lxa.clear_cache()
 
 
 @eqx.filter_jit
