@@ -9,14 +9,6 @@ from typing import Any
 from ._backends import pyamg as _pyamg
 from ._backends.amgx import _library
 
-
-def _native_or_none():
-    try:
-        return _library.native()
-    except ImportError:  # pragma: no cover
-        return None
-
-
 _COUNTERS = (*_library.codes.COUNTER_NAMES, "device_switches")
 
 
@@ -45,9 +37,8 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     per GPU.
     """
     infos = {}
-    n = _native_or_none()
-    if n is not None and backend in (None, "amgx"):
-        infos["amgx"] = dict(n.cache_info(), backend="amgx")
+    if backend in (None, "amgx"):
+        infos["amgx"] = dict(_library.native().cache_info(), backend="amgx")
     if backend in (None, "pyamg"):
         infos["pyamg"] = dict(_pyamg.cache_info(), backend="pyamg")
     if backend is not None:
@@ -57,8 +48,8 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
             )
         return infos[backend]
     out: dict[str, Any] = {
-        "capacity": infos.get("amgx", infos["pyamg"])["capacity"],
-        "isolated": infos.get("amgx", infos["pyamg"])["isolated"],
+        "capacity": infos["amgx"]["capacity"],
+        "isolated": infos["amgx"]["isolated"],
         "size": sum(i["size"] for i in infos.values()),
         "entries": [e | {"backend": name} for name, i in infos.items()
                     for e in i["entries"]],
@@ -78,10 +69,9 @@ def clear_cache() -> None:
     of distributed operators (MPI) are not freed here, since destroying them is
     collective: call `lineax_amgx.distributed.clear_cache(comm)` on every rank for
     those."""
-    n = _native_or_none()
-    if n is not None:
-        n.clear_cache()
-        n.release_runtime_array_copies()
+    native = _library.native()
+    native.clear_cache()
+    native.release_runtime_array_copies()
     _pyamg.clear_cache()
 
 
@@ -97,17 +87,15 @@ def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
         raise ValueError(f"cache size must be >= 0, got {n}.")
     if entries_per_key is not None and entries_per_key < 1:
         raise ValueError(f"entries_per_key must be >= 1, got {entries_per_key}.")
-    native = _native_or_none()
-    if native is not None:
-        native.set_cache_size(n, 1 if entries_per_key is None else entries_per_key)
+    _library.native().set_cache_size(
+        n, 1 if entries_per_key is None else entries_per_key
+    )
     _pyamg.set_cache_size(n, entries_per_key)
 
 
 def reset_counters() -> None:
     """Zero the total counters (entries keep theirs)."""
-    native = _native_or_none()
-    if native is not None:
-        native.reset_counters()
+    _library.native().reset_counters()
     _pyamg.reset_counters()
 
 
@@ -115,10 +103,9 @@ def finalize() -> None:
     """Free every cached setup and the GPU copies of structure arrays, and shut
     AmgX down (`AMGX_finalize`). Idempotent; the next solve initialises AmgX
     again."""
-    native = _native_or_none()
-    if native is not None:
-        native.release_runtime_array_copies()
-        native.finalize()
+    native = _library.native()
+    native.release_runtime_array_copies()
+    native.finalize()
     _pyamg.clear_cache()
 
 

@@ -149,8 +149,6 @@ _RESOURCE_KEYS = frozenset({
     "device_alloc_scaling_factor", "device_alloc_scaling_threshold", "num_streams",
     "high_priority_stream", "serialize_threads",
 })
-# Solvers whose iteration needs a symmetric positive definite preconditioner.
-_CG_LIKE = frozenset({"CG", "PCG", "PCGF"})
 # Smoothers that keep a V-cycle symmetric when presweeps == postsweeps.
 _SYMMETRIC_SMOOTHERS = frozenset({
     "BLOCK_JACOBI", "JACOBI_L1", "CHEBYSHEV", "CHEBYSHEV_POLY", "POLYNOMIAL",

@@ -3,8 +3,12 @@
 import math
 import re
 
+import lineax as lx
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 
 def gpu_array(x):
@@ -32,6 +36,16 @@ def anisotropic2d(n: int, eps: float = 1e-3, theta: float = np.pi / 8) -> sp.csr
 
     stencil = pyamg.gallery.diffusion_stencil_2d(epsilon=eps, theta=theta, type="FD")
     return sp.csr_array(pyamg.gallery.stencil_grid(stencil, (n, n), format="csr"))
+
+
+def elasticity2d(n: int, *, block: bool = False):
+    """pyamg's 2-D linear elasticity (2 unknowns per node): scalar CSR, or the
+    2 x 2 BSR matrix with `block=True`."""
+    import pyamg
+
+    a, _ = pyamg.gallery.linear_elasticity((n, n), format="bsr")
+    a = sp.bsr_array(a)
+    return a if block else sp.csr_array(a.tocsr())
 
 
 def convection_diffusion2d(n: int, peclet: float = 100.0) -> sp.csr_array:
@@ -64,6 +78,31 @@ def rel_residual(a, x, b) -> float:
     x = np.asarray(x, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(b - a @ x) / np.linalg.norm(b))
+
+
+def true_residual(a, x, b) -> float:
+    """`||b - A x||_2` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(b - sp.csr_array(a, dtype=np.float64) @ x))
+
+
+def reference(a, b) -> np.ndarray:
+    """Float64 direct solve."""
+    a64 = sp.csc_array(a, dtype=np.float64)
+    return spla.spsolve(a64, np.asarray(b, dtype=np.float64))
+
+
+def dense_solve_fn(pattern):
+    """`(values, b) -> x` by a dense float64 solve: the reference for gradients."""
+    import jax.numpy as jnp
+
+    def fn(values, b):
+        m = jnp.zeros(pattern.shape, values.dtype)
+        m = m.at[pattern.row_ids, pattern.indices].add(values)
+        return jnp.linalg.solve(m, b)
+
+    return fn
 
 
 def jacobian_nonzeros(fn, x, points=2, seed=0) -> np.ndarray:
