@@ -10,12 +10,13 @@ docs/development/architecture.md, "Runtime arrays").
 
 `runtime_array(owner, parts, value)` instead binds `runtime_array_p`, a primitive
 with **no operands** whose abstract value is `value`'s shape and dtype and whose
-only parameter is a 64-bit key naming the content (derived from `parts`, e.g. a
-pattern's fingerprint and the array's name). So:
+only parameter is a `RuntimeArray` entry, compared and hashed by a 64-bit key
+naming the content (derived from `parts`, e.g. a pattern's fingerprint and the
+array's name). So:
 
-- the jaxpr carries the key, never the array: equal patterns give equal jaxprs
-  (one trace-cache hit, one compiled program), whether the operator is an argument
-  of `jit` or closed over;
+- the array is never a constant or an operand of the program, and equal patterns
+  give equal jaxprs (one trace-cache hit, one compiled program), whether the
+  operator is an argument of `jit` or closed over;
 - under `vmap` it is never batched and under `jvp`/`grad` it has no tangent
   (a primitive without operands is bound at the outer level, as JAX does for any
   primitive whose inputs are all unbatched / without tangents);
