@@ -599,6 +599,15 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         return matrix
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        if any(options.get(k) is not None for k in ("null_space", "left_null_space")):
+            raise NotImplementedError(
+                "AMGXPreconditioned does not take options['null_space']: its inner "
+                "Lineax solver projects neither the right-hand side nor the answer, "
+                "which a singular system (and its derivative) needs. Use "
+                "lineax_amgx.AMGX(null_space=...) (or options['null_space'] with "
+                "lineax_amgx.AMGX()): AmgX's Krylov method around the same "
+                "multigrid, with the projections. See the singular systems guide."
+            )
         if "preconditioner" in options:
             raise ValueError(
                 "AMGXPreconditioned builds its own preconditioner: do not pass "

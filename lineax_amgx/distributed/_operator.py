@@ -384,6 +384,17 @@ def _(operator: DistributedCSROperator, vector, after=None) -> Array:
     return global_norm(_after(vector, after), operator.layout)
 
 
+@_protocol.inner.register
+def _(operator: DistributedCSROperator, u, v, after=None) -> Array:
+    # `u^T v` summed over the ranks' rows (one allreduce, after `after`).
+    return allreduce_sum(_after(u.T @ v, after), operator.layout)
+
+
+@_protocol.accepts_near_nullspace.register
+def _(operator: DistributedCSROperator) -> bool:
+    return False  # (the distributed backends refuse options["near_nullspace"])
+
+
 @_protocol.sequence.register
 def _(operator: DistributedCSROperator, x, *deps):
     return _after(x, *deps)

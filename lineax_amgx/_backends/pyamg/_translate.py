@@ -161,6 +161,9 @@ class _AMGPlan:
     cf: tuple[str, tuple[tuple[str, Any], ...]]
     interpolation: str
     smooth_prolongation: str  # "jacobi" | "energy"
+    # 0: the coarsest level is solved exactly; else AmgX's `coarse_solver:
+    # NOSOLVER` with `coarsest_sweeps` (see `_build._coarse_solver`).
+    coarsest_sweeps: int = 0
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,13 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cycle = "W"
     coarse = scope.get("coarse_solver", "DENSE_LU_SOLVER")
     coarse_name = coarse.get("solver") if isinstance(coarse, Mapping) else coarse
-    if coarse_name != "DENSE_LU_SOLVER":
+    coarsest_sweeps = 0
+    if coarse_name == "NOSOLVER":
+        # AmgX: no coarse solver, the coarsest level gets `coarsest_sweeps`
+        # (AmgX's default 2) sweeps of the level's smoother from a zero guess.
+        # pyamg: a pseudo-inverse of a small level, those sweeps on a large one.
+        coarsest_sweeps = max(int(scope.get("coarsest_sweeps", 2)), 0)
+    elif coarse_name != "DENSE_LU_SOLVER":
         _warn_once(
             "coarse_solver", coarse_name,
             "the coarsest level is solved exactly (pinv or sparse LU)",
@@ -310,6 +319,7 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cf=cf,
         interpolation=interpolation,
         smooth_prolongation=smooth_prolongation,
+        coarsest_sweeps=coarsest_sweeps,
     )
 
 
