@@ -57,8 +57,7 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     for c in _COUNTERS:
         out[c] = sum(i.get(c, 0) for i in infos.values())
     out["backends"] = infos
-    if n is not None:
-        out["runtime_arrays"] = n.runtime_array_info()
+    out["runtime_arrays"] = _library.native().runtime_array_info()
     return out
 
 
