@@ -111,6 +111,19 @@ def test_composed_operator_with_dense_sparsity_warns(rng):
     assert rel_err(x, np.linalg.solve(np.asarray(m) + np.eye(n), b)) < 1e-8
 
 
+def test_complex_matrix_operator_is_refused_not_cast(rng):
+    """A complex Lineax operator: a clear TypeError, never a cast that drops the
+    imaginary part (both the traced dense path and a concrete one)."""
+    n = 12
+    m = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
+    m = jnp.asarray(m + 4 * n * np.eye(n), dtype=jnp.complex128)
+    b = jnp.asarray(rng.standard_normal(n) + 0j)
+    with pytest.raises(TypeError, match="[Cc]omplex"):
+        lx.linear_solve(lx.MatrixLinearOperator(m), b, solver=lxa.AMGX())
+    with pytest.raises(TypeError, match="[Cc]omplex"):
+        as_csr_operator(lx.MatrixLinearOperator(m))
+
+
 def test_concrete_matrix_operator_stores_its_nonzeros(rng):
     """Outside any trace (as_csr_operator or AMGXPreconditioner called eagerly) a
     MatrixLinearOperator's exact zeros are dropped, as from_dense does; no

@@ -206,7 +206,12 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 m.sum_duplicates()
                 m.sort_indices()
                 data = m.data
-                if dtype is not None:
+                if np.issubdtype(data.dtype, np.complexfloating):
+                    err = (
+                        f"complex values ({data.dtype}) are not supported by "
+                        "lineax-amgx (casting them would drop the imaginary part)."
+                    )
+                elif dtype is not None:
                     data = data.astype(dtype)
                 elif not np.issubdtype(data.dtype, np.floating):
                     data = data.astype(jnp.result_type(float))
