@@ -208,3 +208,14 @@ def compiled_constants(text: str) -> list[tuple[int, str]]:
 
 def large(constants) -> list[tuple[int, str]]:
     return [c for c in constants if c[0] > LIMIT]
+
+
+def convected_poisson3d(n: int) -> sp.csr_array:
+    """3D Poisson plus upwind convection along the fastest axis (non-symmetric,
+    diagonally dominant), indices sorted."""
+    a = poisson3d(n)
+    m = a.shape[0]
+    shift = sp.diags([np.ones(m - 1)], [-1], shape=(m, m))
+    out = sp.csr_array(a + 0.8 * (sp.eye(m) - shift))
+    out.sort_indices()
+    return out

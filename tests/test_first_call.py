@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from helpers import (
     compiled_constants,
+    convected_poisson3d,
     large,
     lowered_constants,
     poisson3d,
@@ -86,14 +87,7 @@ def test_detector_negative_control():
 # -----------------------------------------------------------------------------
 
 
-def _nonsymmetric(n: int) -> sp.csr_array:
-    """3D Poisson plus upwind convection along the fastest axis."""
-    a = poisson3d(n)
-    m = a.shape[0]
-    shift = sp.diags([np.ones(m - 1)], [-1], shape=(m, m))
-    out = sp.csr_array(a + 0.8 * (sp.eye(m) - shift))
-    out.sort_indices()
-    return out
+_nonsymmetric = convected_poisson3d
 
 
 def _spd_values(a: sp.csr_array, rng) -> np.ndarray:

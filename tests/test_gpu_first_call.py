@@ -17,6 +17,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from helpers import (
     compiled_constants,
+    convected_poisson3d,
     gpu_array,
     large,
     lowered_constants,
@@ -32,13 +33,7 @@ pytestmark = pytest.mark.gpu
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 
-def _nonsymmetric(n: int) -> sp.csr_array:
-    a = poisson3d(n)
-    m = a.shape[0]
-    shift = sp.diags([np.ones(m - 1)], [-1], shape=(m, m))
-    out = sp.csr_array(a + 0.8 * (sp.eye(m) - shift))
-    out.sort_indices()
-    return out
+_nonsymmetric = convected_poisson3d
 
 
 def _gpu_op(a, tags=()):
