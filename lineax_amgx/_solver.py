@@ -225,8 +225,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr = as_csr_operator(operator)
         p = csr.pattern
         _protocol.check_structure(p)
-        # A symmetry tag on non-symmetric values: an error before the setup.
-        csr = _checks.symmetry_checked(
+        # A symmetry tag on non-symmetric values: concrete ones raise now;
+        # traced ones give a verdict that makes the setup raise before it sets
+        # anything up (folded into its `ok` code: no synchronisation of its own).
+        asymmetric, refusal = _checks.symmetry_verdict(
             csr, operator, claim="The operator given to AMGX is tagged"
         )
         resolved = self._resolve(operator, csr)
@@ -254,6 +256,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             transposed=False,
             verbose=self.verbose,
             backend=self.backend,
+            refusal=refusal,
         )
         values = csr.values.astype(_matrix_dtype(mode))
         # A row of zeros: the backend skips the setup (and returns an invalid
@@ -266,7 +269,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         if ns is not None:
             nns, quiet = ns.near_nullspace(csr, resolved, nns, _vector_dtype(mode))
         token = router.setup(p, values, key, nns, ok=finite & ~zero_row,
-                             quiet_near_nullspace=quiet)
+                             refuse=asymmetric, quiet_near_nullspace=quiet)
         if ns is not None:  # orthonormal bases, once per setup
             ns = ns.build(csr, self._vector_dtype(mode), after=token)
         return _AMGXState(

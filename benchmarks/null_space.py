@@ -1,0 +1,142 @@
+"""Singular systems: iterations of a pure-Neumann 3-D Poisson solve (constant null
+space) against the Dirichlet problem of the same grid, for the singular path's
+coarsest-level choices.
+
+A null space makes AMGX project `b`, solve the consistent singular system and
+project the answer; every AMG scope's dense-LU coarse solve (which cannot factor
+the singular coarsest matrix) becomes smoother sweeps on the coarsest level
+(`_config._for_singular`). This benchmark measures what that costs in iterations
+and time, next to alternatives for the coarsest level, so that the default is a
+measured choice:
+
+- `dirichlet`: the Dirichlet problem with the preset as it is (dense LU at the
+  coarsest level): the reference count;
+- `dirichlet-sweeps`: the Dirichlet problem with the singular path's coarsest
+  level (to separate the coarse solve's share from the boundary condition's);
+- `neumann`: the singular path as shipped;
+- `neumann-sweeps-K`: `coarsest_sweeps` K instead;
+- `neumann-coarse-pcg`: a PCG solve of the coarsest level (from a zero guess on
+  a consistent system, CG stays in the range: the minimum-norm coarse solution);
+- `neumann-rows-R`: coarsening stopped at `min_coarse_rows` R.
+
+Each solve is checked (relative residual of the projected system, `x` orthogonal
+to the constants); times are medians after a warm-up, blocked until ready.
+
+    python benchmarks/null_space.py --n 100            # GPU: 1M unknowns
+    python benchmarks/null_space.py --n 16 --repeats 1 # CPU (pyamg) smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import scipy.sparse as sp
+from _common import device_name, median_time, record
+
+import lineax_amgx as lxa
+
+
+def laplacian3d(n: int, boundary: str):
+    """The 7-point Laplacian on an n^3 grid, Dirichlet or zero-flux (Neumann)."""
+    one = sp.diags_array([-1.0, 2.0, -1.0], offsets=[-1, 0, 1], shape=(n, n)).tolil()
+    if boundary == "neumann":
+        one[0, 0] = one[n - 1, n - 1] = 1.0
+    one = sp.csr_array(one)
+    eye = sp.eye_array(n, format="csr")
+    a = (sp.kron(sp.kron(one, eye), eye) + sp.kron(sp.kron(eye, one), eye)
+         + sp.kron(sp.kron(eye, eye), one))
+    a = sp.csr_array(a)
+    a.sort_indices()
+    return a
+
+
+def variant(base: dict, *, coarse=None, sweeps=None, min_rows=None) -> dict:
+    """`base` (a config dict) with its AMG preconditioner's coarsest level changed."""
+    cfg = copy.deepcopy(base)
+    amg = cfg["solver"]["preconditioner"]
+    if coarse is not None:
+        amg["coarse_solver"] = coarse
+    if sweeps is not None:
+        amg["coarsest_sweeps"] = sweeps
+    if min_rows is not None:
+        amg["min_coarse_rows"] = min_rows
+    return cfg
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=100, help="grid side (n^3 unknowns)")
+    parser.add_argument("--config", default="PCG_AGGREGATION")
+    parser.add_argument("--rtol", type=float, default=1e-8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", True)
+
+    base = lxa.configs[args.config]
+    nosolver = dict(coarse="NOSOLVER")
+    coarse_pcg = {"scope": "coarse", "solver": "PCG", "max_iters": 200,
+                  "tolerance": 1e-10, "convergence": "RELATIVE_INI_CORE",
+                  "monitor_residual": 1, "norm": "L2"}
+    cases = [
+        ("dirichlet", "dirichlet", base),
+        ("dirichlet-sweeps", "dirichlet", variant(base, sweeps=4, **nosolver)),
+        ("neumann", "neumann", base),
+        ("neumann-sweeps-16", "neumann", variant(base, sweeps=16, **nosolver)),
+        ("neumann-sweeps-64", "neumann", variant(base, sweeps=64, **nosolver)),
+        ("neumann-coarse-pcg", "neumann", variant(base, coarse=coarse_pcg)),
+        ("neumann-rows-256", "neumann", variant(base, sweeps=16, min_rows=256,
+                                                **nosolver)),
+        ("neumann-rows-2", "neumann", variant(base, sweeps=4, min_rows=2, **nosolver)),
+    ]
+    n = args.n
+    mats = {k: laplacian3d(n, k) for k in ("dirichlet", "neumann")}
+    rng = np.random.default_rng(0)
+    rhs = rng.standard_normal(n**3)
+    rhs -= rhs.mean()  # consistent for the Neumann problem too
+    b = jnp.asarray(rhs)
+    basis = lxa.constant_null_space(n**3)
+    spd = (lx.symmetric_tag, lx.positive_semidefinite_tag)
+    ops = {k: lxa.CSROperator.from_scipy(a, tags=spd) for k, a in mats.items()}
+    print(f"{n}^3 = {n**3:,} unknowns on {device_name()}, {args.config}, "
+          f"rtol {args.rtol:g}")
+    counts = {}
+    for label, kind, cfg in cases:
+        solver = lxa.AMGX(cfg, rtol=args.rtol)
+        options = {"null_space": basis} if kind == "neumann" else None
+        solve = jax.jit(lambda o, v, s=solver, opt=options: lx.linear_solve(
+            o, v, solver=s, options=opt, throw=False))
+        try:
+            sol = solve(ops[kind], b)
+            jax.block_until_ready(sol.value)
+        except Exception as e:  # noqa: BLE001 - a variant AmgX refuses is reported
+            print(f"{label:20s} refused: {str(e).splitlines()[0][:160]}")
+            record(args.out, {"benchmark": "null_space", "n": n**3, "case": label,
+                              "error": str(e).splitlines()[0][:300]})
+            continue
+        x = np.asarray(sol.value)
+        resid = np.linalg.norm(rhs - mats[kind] @ x) / np.linalg.norm(rhs)
+        steps = int(sol.stats["num_steps"])
+        ok = sol.result == lx.RESULTS.successful
+        seconds, _ = median_time(lambda: jax.block_until_ready(solve(ops[kind], b)),
+                                 repeats=args.repeats, warmup=1)
+        counts[label] = steps
+        ref = counts.get("dirichlet")
+        ratio = "" if ref is None else f"{steps / ref:5.2f}x"
+        print(f"{label:20s} {steps:4d} iterations {ratio:>7s}  {seconds * 1e3:8.1f} ms"
+              f"  residual {resid:.1e}  mean(x) {x.mean():.1e}"
+              f"{'' if ok else '  NOT successful: ' + str(sol.result)}")
+        record(args.out, {"benchmark": "null_space", "n": n**3, "case": label,
+                          "iterations": steps, "seconds": seconds,
+                          "residual": float(resid), "successful": bool(ok),
+                          "config": json.dumps(cfg, sort_keys=True)})
+
+
+if __name__ == "__main__":
+    main()
