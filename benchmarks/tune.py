@@ -45,6 +45,7 @@ import queue
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -190,12 +191,17 @@ class _W:
     key = None
 
 
-def _problem(name, size):
+def _problem(name, size, cache_dir=None):
     import problems as P
 
     if _W.key != (name, size):
         _W.problem = _W.op = None
-        _W.problem = P.make(name, size)
+        if cache_dir:  # generated ahead by the parent's process pool
+            from suite import _wait_problem
+
+            _W.problem = _wait_problem(cache_dir, name, size)
+        else:
+            _W.problem = P.make(name, size)
         _W.key = (name, size)
     return _W.problem
 
@@ -276,7 +282,7 @@ def run_solve(t, ctx):
 
     import lineax_amgx as lxa
 
-    p = _problem(t["problem"], t["size"])
+    p = _problem(t["problem"], t["size"], ctx.get("cache_dir"))
     rec = {"n": p.n, "nnz": int(p.A.nnz), "block_size": p.block_size, "tag": p.tag}
     if t["variant"] == "lx-cg-mf":
         from suite import _Ctx, run_lineax
@@ -355,7 +361,7 @@ def run_vcycle(t, ctx):
 
     import lineax_amgx as lxa
 
-    p = _problem(t["problem"], t["size"])
+    p = _problem(t["problem"], t["size"], ctx.get("cache_dir"))
     cfg, kwargs = variant_config(t["variant"], p.tag, p.block_size, vcycle=True)
     op = _operator(p)
     r = jnp.asarray(np.random.default_rng(0).standard_normal(p.n))
@@ -408,7 +414,7 @@ def run_sequence(t, ctx):
 
     import lineax_amgx as lxa
 
-    p = _problem(t["problem"], t["size"])
+    p = _problem(t["problem"], t["size"], ctx.get("cache_dir"))
     if p.block_size != 1:
         return {"n": p.n, "skipped": "sequences are measured on scalar CSR problems"}
     a = p.A  # sorted, no duplicates: the CSROperator's value order
@@ -574,9 +580,10 @@ def estimate(task, gpu: bool) -> float:
 def load_estimate(problem, size, gpu: bool) -> float:
     if not gpu:
         return 1.0
-    # generation + CSROperator.from_scipy (1.5 s at 1M, 6 s at 8M with SPD tags)
-    per_m = {"fem2d": 35.0, "elasticity3d-bsr": 6.0, "elasticity3d": 5.0}
-    return per_m.get(problem, 2.5) * size / 1e6
+    # CSROperator.from_scipy (1.5 s at 1M, 6 s at 8M with SPD tags) after the
+    # pool's generation (fem2d: ~30 s at 1M, started at the beginning)
+    per_m = {"fem2d": 4.0, "elasticity3d-bsr": 4.0, "elasticity3d": 3.0}
+    return per_m.get(problem, 2.0) * size / 1e6
 
 
 def _top(results, k, key):
@@ -613,13 +620,13 @@ def plan(args):
     if "c" in args.sections:
         groups.append(("c", "poisson3d", first, args.seq_variants + ["lx-cg-mf"],
                        {"steps": args.seq_steps, "amplitude": args.seq_amplitude}))
+    if "d" in args.sections:
+        for prob in args.hard_problems:
+            groups.append(("d", prob, args.hard_size, args.hard_variants, {}))
     for size in larger:
         if "a" in args.sections:
             groups.append(("a", "poisson3d", size,
                            ["lx-cg-mf"] + args.large_variants, {}))
-    if "d" in args.sections:
-        for prob in args.hard_problems:
-            groups.append(("d", prob, args.hard_size, args.hard_variants, {}))
     return groups
 
 
@@ -633,6 +640,24 @@ def run(args) -> int:
     path = os.path.join(args.out, "tune.jsonl")
     ctx = {"backend": args.backend, "repeats": args.repeats,
            "repeat_budget": args.repeat_budget, "out": os.path.abspath(args.out)}
+    groups = plan(args)
+    pool = None
+    if args.gen_workers:
+        # Generate every problem ahead (fem2d's Delaunay takes ~30 s at 1M), in
+        # the order they are needed, cached as .npz (keyed by problems.py).
+        import concurrent.futures as cf
+
+        import suite
+
+        ctx["cache_dir"] = os.path.join(args.cache_dir, suite._problems_digest())
+        os.makedirs(ctx["cache_dir"], exist_ok=True)
+        import multiprocessing as mp
+
+        # spawn, not fork: this process has imported JAX (the config checks)
+        pool = cf.ProcessPoolExecutor(args.gen_workers,
+                                      mp_context=mp.get_context("spawn"))
+        for key in dict.fromkeys((g[1], g[2]) for g in groups):
+            pool.submit(suite._generate, ctx["cache_dir"], *key)
     results: list[dict] = []
     worker = None
     card = "?"
@@ -647,7 +672,7 @@ def run(args) -> int:
             results.append(rec)
             print(_line(rec), flush=True)
 
-        for section, prob, size, names, extra in plan(args):
+        for section, prob, size, names, extra in groups:
             key = "total_s" if section == "d" else "solve_s"
             for variant in expand(names, results, key):
                 task = {"section": section, "problem": prob, "size": size,
@@ -702,6 +727,8 @@ def run(args) -> int:
     if worker is not None:
         worker.proc.stdin.close()
         worker.proc.wait(timeout=60)
+    if pool is not None:
+        pool.shutdown(cancel_futures=True)
     summary(results)
     print(f"# {len(results)} lines in {path}; {n_err} errors", flush=True)
     return 0
@@ -795,6 +822,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds per task at least (4x its estimate otherwise)")
     ap.add_argument("--backend", default="auto", choices=["auto", "amgx", "pyamg"])
+    ap.add_argument("--gen-workers", type=int, default=None,
+                    help="processes generating problems ahead (default 6 with >= 8 "
+                         "cores, else 0: the worker generates each in turn)")
+    ap.add_argument("--cache-dir", default=os.path.join(
+        tempfile.gettempdir(), "lineax_amgx_suite"))
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="CPU, pyamg, tiny sizes: checks the script, not speed")
     ap.add_argument("--list", action="store_true")
@@ -811,6 +843,9 @@ def main(argv=None) -> int:
         args.sizes = args.sizes or ["1000"]
         args.hard_size = args.hard_size or "1000"
         args.repeats, args.repeat_budget = 1, 0.5
+    if args.gen_workers is None:
+        args.gen_workers = 6 if (os.cpu_count() or 1) >= 8 and not args.cpu_smoke \
+            else 0
     if args.device_budget is None:
         args.device_budget = 600.0 if args.cpu_smoke else 330.0
     args.sizes = [parse_size(s) for s in (args.sizes or ["1e6", "8e6"])]
