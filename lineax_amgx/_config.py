@@ -520,6 +520,11 @@ def _finalised(
     if verbose:
         solver["print_solve_stats"] = 1
         solver["obtain_timings"] = 1
+        # The hierarchy, level by level (rows, nonzeros, memory): where a cycle's
+        # time goes (the small coarse levels are launch-bound on a GPU).
+        for scope in _walk_solvers(solver):
+            if scope.get("solver") == "AMG":
+                scope["print_grid_stats"] = 1
     return cfg
 
 
