@@ -9,15 +9,13 @@ the singular coarsest matrix) becomes smoother sweeps on the coarsest level
 and time, next to alternatives for the coarsest level, so that the default is a
 measured choice:
 
-- `dirichlet`: the Dirichlet problem with the preset as it is (dense LU at the
-  coarsest level): the reference count;
-- `dirichlet-sweeps`: the Dirichlet problem with the singular path's coarsest
-  level (to separate the coarse solve's share from the boundary condition's);
-- `neumann`: the singular path as shipped;
-- `neumann-sweeps-K`: `coarsest_sweeps` K instead;
-- `neumann-coarse-pcg`: a PCG solve of the coarsest level (from a zero guess on
-  a consistent system, CG stays in the range: the minimum-norm coarse solution);
-- `neumann-rows-R`: coarsening stopped at `min_coarse_rows` R.
+- `dirichlet/V` and `neumann/V` for each AMG variant V (the preset; 3 pre- and
+  post-sweeps; aggregates of 2 or 8; an F-cycle): the ratio compares the two
+  problems under the same variant (the Neumann one through the singular path);
+- `dirichlet/coarse-sweeps-4`: the Dirichlet problem with the singular path's
+  coarsest level (the coarse solve's share, apart from the boundary condition's);
+- `neumann/coarse-sweeps-16`, `neumann/min-rows-256`: more coarsest sweeps, or
+  coarsening stopped at 256 rows (compared with `dirichlet/preset`).
 
 Each solve is checked (relative residual of the projected system, `x` orthogonal
 to the constants); times are medians after a warm-up, blocked until ready.
@@ -81,19 +79,26 @@ def main():
 
     base = lxa.configs[args.config]
     nosolver = dict(coarse="NOSOLVER")
-    coarse_pcg = {"scope": "coarse", "solver": "PCG", "max_iters": 200,
-                  "tolerance": 1e-10, "convergence": "RELATIVE_INI_CORE",
-                  "monitor_residual": 1, "norm": "L2"}
-    cases = [
-        ("dirichlet", "dirichlet", base),
-        ("dirichlet-sweeps", "dirichlet", variant(base, sweeps=4, **nosolver)),
-        ("neumann", "neumann", base),
-        ("neumann-sweeps-16", "neumann", variant(base, sweeps=16, **nosolver)),
-        ("neumann-sweeps-64", "neumann", variant(base, sweeps=64, **nosolver)),
-        ("neumann-coarse-pcg", "neumann", variant(base, coarse=coarse_pcg)),
-        ("neumann-rows-256", "neumann", variant(base, sweeps=16, min_rows=256,
-                                                **nosolver)),
-        ("neumann-rows-2", "neumann", variant(base, sweeps=4, min_rows=2, **nosolver)),
+    # Both problems under each AMG variant (the ratio compares like with like),
+    # then the singular path's coarsest-level alternatives (Neumann only).
+    amg_variants = {
+        "preset": {},
+        "sweeps-3": {"presweeps": 3, "postsweeps": 3},
+        "SIZE_2": {"selector": "SIZE_2"},
+        "SIZE_8": {"selector": "SIZE_8"},
+        "F-cycle": {"cycle": "F"},
+    }
+    cases = []
+    for name, over in amg_variants.items():
+        cfg = copy.deepcopy(base)
+        cfg["solver"]["preconditioner"].update(over)
+        cases += [(f"dirichlet/{name}", "dirichlet", cfg),
+                  (f"neumann/{name}", "neumann", cfg)]
+    cases += [
+        ("dirichlet/coarse-sweeps-4", "dirichlet", variant(base, sweeps=4, **nosolver)),
+        ("neumann/coarse-sweeps-16", "neumann", variant(base, sweeps=16, **nosolver)),
+        ("neumann/min-rows-256", "neumann", variant(base, sweeps=16, min_rows=256,
+                                                    **nosolver)),
     ]
     n = args.n
     mats = {k: laplacian3d(n, k) for k in ("dirichlet", "neumann")}
@@ -116,7 +121,7 @@ def main():
             sol = solve(ops[kind], b)
             jax.block_until_ready(sol.value)
         except Exception as e:  # noqa: BLE001 - a variant AmgX refuses is reported
-            print(f"{label:20s} refused: {str(e).splitlines()[0][:160]}")
+            print(f"{label:26s} refused: {str(e).splitlines()[0][:160]}")
             record(args.out, {"benchmark": "null_space", "n": n**3, "case": label,
                               "error": str(e).splitlines()[0][:300]})
             continue
@@ -127,9 +132,10 @@ def main():
         seconds, _ = median_time(lambda: jax.block_until_ready(solve(ops[kind], b)),
                                  repeats=args.repeats, warmup=1)
         counts[label] = steps
-        ref = counts.get("dirichlet")
+        ref = counts.get("dirichlet/" + label.split("/")[1],
+                         counts.get("dirichlet/preset"))
         ratio = "" if ref is None else f"{steps / ref:5.2f}x"
-        print(f"{label:20s} {steps:4d} iterations {ratio:>7s}  {seconds * 1e3:8.1f} ms"
+        print(f"{label:26s} {steps:4d} iterations {ratio:>7s}  {seconds * 1e3:8.1f} ms"
               f"  residual {resid:.1e}  mean(x) {x.mean():.1e}"
               f"{'' if ok else '  NOT successful: ' + str(sol.result)}")
         record(args.out, {"benchmark": "null_space", "n": n**3, "case": label,

@@ -26,8 +26,8 @@ from ._backends.contract import (
     mode_for,
     vector_dtype as _vector_dtype,
 )
-from ._operator import CSROperator
-from ._runtime_arrays import pattern_array
+from ._operator import CSROperator, row_slots
+from ._runtime_arrays import pattern_array, take
 from .matrix_free import as_csr_operator
 
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
@@ -471,13 +471,19 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
     a = jnp.abs(jax.lax.stop_gradient(values))
     if pattern.block_size > 1:
         a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
+    finite = jnp.all(jnp.isfinite(a))
+    if pattern.row_layout:  # one fused pass, no scatter (see `row_slots`)
+        slots, valid = row_slots(pattern)
+        if pattern.block_size > 1:
+            valid = valid[..., None]
+        row_max = jnp.max(jnp.where(valid, take(a, slots), 0), axis=1)
+        return jnp.any(row_max == 0) & finite, finite
     row_max = jax.ops.segment_max(
         a,
         pattern_array(pattern, "row_ids"),  # a runtime array, not a constant
         num_segments=pattern.block_rows,
         indices_are_sorted=True,
     )
-    finite = jnp.all(jnp.isfinite(a))
     return jnp.any(row_max == 0) & finite, finite
 
 
