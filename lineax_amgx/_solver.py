@@ -27,6 +27,7 @@ from ._backends.contract import (
     vector_dtype as _vector_dtype,
 )
 from ._operator import CSROperator, row_slots
+from ._pattern import SparsityPattern
 from ._runtime_arrays import pattern_array, take
 from .matrix_free import as_csr_operator
 
@@ -472,7 +473,9 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
     if pattern.block_size > 1:
         a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
     finite = jnp.all(jnp.isfinite(a))
-    if pattern.row_layout:  # one fused pass, no scatter (see `row_slots`)
+    # One fused pass, no scatter (see `row_slots`); a distributed pattern's
+    # rows reduce by segment.
+    if isinstance(pattern, SparsityPattern) and pattern.row_layout:
         slots, valid = row_slots(pattern)
         if pattern.block_size > 1:
             valid = valid[..., None]
