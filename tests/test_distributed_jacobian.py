@@ -118,7 +118,7 @@ def single_process(u, f, params, rtol):
 def test_bratu_newton_equals_single_process(backend, c):
     residual, halo, layout, sl, u, f, params = local_problem(c=c)
     dev = device(backend)
-    rtol = backend.pick(cpu=1e-13, gpu=1e-12)
+    rtol = 1e-13  # (the system is small: AmgX reaches it in float64 too)
     put = ft_put(dev)
     args = (*params, put(f[sl]))
     tags = SPD if c == 0 else ()
@@ -146,7 +146,7 @@ def test_bratu_newton_equals_single_process(backend, c):
     F_ref, dx_ref, A_ref = single_process(u, f, params, rtol)
     _, dx1_ref, _ = single_process(x1g, f, params, rtol)
     # The residual and the assembled Jacobian: the single process's, exactly.
-    assert rel_err(F0g, F_ref) < 1e-14
+    assert rel_err(F0g, F_ref) < 1e-13
     assert (A_global != A_ref).nnz == 0 or (
         abs(A_global - A_ref).max() <= 1e-13 * abs(A_ref).max())
     assert A_global.nnz == A_ref.nnz == 5 * NX * NY - 2 * NX - 2 * NY

@@ -237,10 +237,12 @@ class DistributedJacobianOperator(lx.AbstractLinearOperator):
     agreed, the sparsity of the local rows against `[x_local, x_halo]` is found
     by tracing `fn` (exact for stencils; the pattern holds for every `x` and every
     value of `args`' floating-point leaves), and the local columns are colored.
-    Then, also inside `jit`, [`DistributedJacobianOperator.to_csr`][] assembles a
+    Then, also inside `jit`,
+    [`lineax_amgx.distributed.DistributedJacobianOperator.to_csr`][] assembles a
     [`lineax_amgx.distributed.DistributedCSROperator`][] with one halo exchange and
     one JVP per color, and `lx.linear_solve(op, b, solver=lineax_amgx.AMGX())`
-    does so by itself. [`DistributedJacobianOperator.at`][] moves to a new point
+    does so by itself.
+    [`lineax_amgx.distributed.DistributedJacobianOperator.at`][] moves to a new point
     without communicating (the Newton loop).
 
     ```python
@@ -278,7 +280,8 @@ class DistributedJacobianOperator(lx.AbstractLinearOperator):
 
     def __init__(self, fn: Callable, x, halo=(), args: Any = None, *,
                  layout: Layout | None = None, comm=None, tags: object = (),
-                 structure: _Structure | None = None):
+                 _structure: _Structure | None = None):
+        structure = _structure
         if structure is None:
             comm = _comm(comm) if layout is None else layout.comm
             x = jnp.asarray(x)
@@ -316,7 +319,7 @@ class DistributedJacobianOperator(lx.AbstractLinearOperator):
                              f"shape {self.x.shape}.")
         return DistributedJacobianOperator(
             self.structure.fn, x, args=self.args if args is None else args,
-            tags=self.tags, structure=self.structure)
+            tags=self.tags, _structure=self.structure)
 
     def residual(self) -> jax.Array:
         """`fn(x, x_halo, args)` at the point: this rank's residual rows (one halo
