@@ -246,3 +246,36 @@ def test_bad_input_raises_on_every_rank():
         lambda x: D.DistributedJacobianOperator(residual, x, halo, args,
                                                 layout=layout).x)(x),
         match="outside jit")
+
+
+@collective
+def test_detection_and_tracing_happen_once():
+    """The structure is found once, at construction: Newton steps at new points
+    (`at`, under `jit`) detect nothing and communicate only at run time, and the
+    jitted step is traced once."""
+    from lineax_amgx.matrix_free import _sparsify as MF, _sparsity
+
+    _sparsity.clear_detection_cache()  # (another test may have detected the same)
+    residual, halo, layout, sl, u, f, params = local_problem(seed=6)
+    traces = []
+
+    def counted(x, x_halo, args):
+        traces.append(1)
+        return residual(x, x_halo, args)
+
+    args = (*params, jnp.asarray(f[sl]))
+    before = MF.detection_count()
+    J = D.DistributedJacobianOperator(counted, jnp.asarray(u[sl]), halo, args,
+                                      layout=layout, tags=SPD)
+    detected = MF.detection_count() - before
+    solver = lxa.AMGX(rtol=1e-10)
+    step = jax.jit(lambda x: x - lx.linear_solve(
+        J.at(x), J.at(x).residual(), solver=solver).value)
+    x1 = step(jnp.asarray(u[sl]))
+    n_traces = len(traces)
+    x2 = step(x1)
+    x3 = step(x2)
+    assert detected == 1
+    assert MF.detection_count() - before == 1  # no detection in the steps
+    assert len(traces) == n_traces  # no retrace at new points
+    assert np.all(np.isfinite(np.asarray(x3)))
