@@ -279,3 +279,28 @@ def test_detection_and_tracing_happen_once():
     assert MF.detection_count() - before == 1  # no detection in the steps
     assert len(traces) == n_traces  # no retrace at new points
     assert np.all(np.isfinite(np.asarray(x3)))
+
+
+@collective
+def test_the_guide_script_runs(capsys):
+    """The guide's Bratu script (docs/guide/distributed.md), run on these ranks:
+    rank 0 prints what the page says."""
+    import os
+    import sys
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "docs")
+    sys.path.insert(0, docs)
+    try:
+        import _snippets
+    finally:
+        sys.path.remove(docs)
+    page = os.path.join(docs, "guide", "distributed.md")
+    blocks = [b for b in _snippets.extract(page)
+              if b["needs"] and "bratu.py" in b["needs"]]
+    assert len(blocks) == 1
+    capsys.readouterr()
+    exec(compile(blocks[0]["code"], "bratu.py", "exec"), {"__name__": "bratu"})
+    out = capsys.readouterr().out
+    expected = "5 colors; |F| < 1e-8 after 3 Newton steps\n" if RANK == 0 else ""
+    assert out == expected, out
