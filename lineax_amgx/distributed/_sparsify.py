@@ -30,7 +30,7 @@ from .._runtime_arrays import pattern_array, take
 from ..matrix_free import as_csr_operator
 from ..matrix_free._coloring import Coloring, color_columns
 from ..matrix_free._sparsity import detect_closed_jaxpr
-from ._collectives import _halo
+from ._collectives import _extended
 from ._comm import _comm, _raise_if_any
 from ._layout import Layout
 from ._operator import DistributedCSROperator
@@ -74,7 +74,7 @@ def _halo_error(halo: np.ndarray, layout: Layout) -> str | None:
 
 def _exchange_pattern(halo_sorted: np.ndarray, layout: Layout) -> DistributedPattern:
     """Collective. The exchange plan of the declared halo, as a
-    `DistributedPattern` (whose halo plan is what `_halo` needs): every local row
+    `DistributedPattern` (whose halo plan is what `_extended` needs): every local row
     holds its own diagonal and row 0 also the halo columns. It is never solved."""
     n, start = layout.n_local, layout.row_start
     diag = np.arange(start, start + n, dtype=np.int64)
@@ -94,24 +94,29 @@ class _Structure:
 
     __slots__ = ("fn", "layout", "halo", "exchange", "halo_order", "local_pattern",
                  "coloring", "pattern", "seed_code", "decompress", "n_halo",
-                 "float_args", "__weakref__", "__dict__")
+                 "__weakref__", "__dict__")
 
-    def exchange_halo(self, x):
-        """The declared halo's values, in the user's order (one exchange)."""
+    def extended(self, x):
+        """`[x, x_halo]`, the declared halo in the user's order (one exchange,
+        collective whenever any rank declares a halo: a rank that reads none may
+        still have to send)."""
+        n = x.shape[0]
+        z = _extended(self.exchange, x)  # [x, halo in sorted order]
         if self.n_halo == 0:
-            return jnp.zeros((0,), x.dtype)
-        sorted_vals = _halo(self.exchange, x)
-        return take(sorted_vals, pattern_array(self.exchange, "halo_order",
-                                               self.halo_order))
+            return z
+        order = pattern_array(self.exchange, "halo_order", self.halo_order + n)
+        return jnp.concatenate([z[:n], take(z, order)])
 
     def residual(self, x, args):
-        return self.fn(x, self.exchange_halo(x), args)
+        n = x.shape[0]
+        z = self.extended(x)
+        return self.fn(z[:n], z[n:], args)
 
     def residual_and_values(self, x, args):
         """The residual rows and the Jacobian's values in the order of `pattern`:
         one exchange, one linearisation, one JVP per color (vmapped)."""
         n = x.shape[0]
-        z = jnp.concatenate([x, self.exchange_halo(x)])
+        z = self.extended(x)
         F, lin = jax.linearize(lambda z: self.fn(z[:n], z[n:], args), z)
         K = self.coloring.num_colors
         if K == 0 or self.pattern.nnz == 0:
@@ -195,7 +200,7 @@ def _build(fn, x, halo, args, layout: Layout) -> _Structure:
         err = ("the residual function failed on (x, x_halo, args): "
                f"{type(e).__name__}: {e}")
     _raise_if_any(comm, err)
-    xh = np.asarray(s.exchange_halo(x))  # collective (eager): the probing point
+    xh = np.asarray(s.extended(x))[x.shape[0]:]  # collective: the probing point
     local = None
     err = None
     try:
