@@ -241,6 +241,17 @@ def test_bad_input_raises_on_every_rank():
     raises_everywhere(D.DistributedError, lambda: D.DistributedJacobianOperator(
         lambda x, h, a: residual(x, h, a)[1:], x, halo, args, layout=layout),
         match="expected an array of shape")
+    # A rank without rows (the last one) cannot join an exchange between the
+    # others: refused.
+    if SIZE > 2:
+        counts = [NX * NY // (SIZE - 1)] * (SIZE - 1)
+        counts[0] += NX * NY - sum(counts)
+        empty = D.Layout.from_offsets(np.concatenate([[0], np.cumsum(counts + [0])]))
+        lo_e, hi_e = empty.row_start, empty.row_end
+        halo_e = np.array([hi_e] if 0 < hi_e < NX * NY else [], dtype=np.int64)
+        raises_everywhere(D.DistributedError, lambda: D.DistributedJacobianOperator(
+            lambda x, h, a: x, jnp.asarray(u[lo_e:hi_e]), halo_e, None,
+            layout=empty), match="without rows")
     # Built inside jit: refused with the fix.
     raises_everywhere(D.DistributedError, lambda: jax.jit(
         lambda x: D.DistributedJacobianOperator(residual, x, halo, args,

@@ -31,7 +31,7 @@ from ..matrix_free import as_csr_operator
 from ..matrix_free._coloring import Coloring, color_columns
 from ..matrix_free._sparsity import detect_closed_jaxpr
 from ._collectives import _extended
-from ._comm import _comm, _raise_if_any
+from ._comm import DistributedError, _comm, _raise_if_any
 from ._layout import Layout
 from ._operator import DistributedCSROperator
 from ._pattern import DistributedPattern
@@ -178,6 +178,12 @@ def _build(fn, x, halo, args, layout: Layout) -> _Structure:
     halo = halo.astype(np.int64)
     halo_sorted = np.sort(halo)
     exchange = _exchange_pattern(halo_sorted, layout)
+    if exchange.communicates and min(layout.counts) == 0:  # (the same everywhere)
+        raise DistributedError(
+            f"A rank without rows (row counts {list(layout.counts)}) cannot take part "
+            "in a halo exchange (its exchange would have no data, which XLA drops); "
+            "give every rank at least one row."
+        )
     s = _Structure()
     s.fn, s.layout, s.halo, s.exchange = fn, layout, halo, exchange
     s.n_halo = int(halo.size)
