@@ -79,10 +79,13 @@ def _exchange_pattern(halo_sorted: np.ndarray, layout: Layout) -> DistributedPat
     n, start = layout.n_local, layout.row_start
     diag = np.arange(start, start + n, dtype=np.int64)
     if n == 0:
-        return DistributedPattern(np.zeros(1, np.int64), np.zeros(0, np.int64), layout)
-    first = np.sort(np.concatenate([[start], halo_sorted]))
-    indices = np.concatenate([first, diag[1:]])
-    indptr = np.concatenate([[0], first.size + np.arange(n, dtype=np.int64)])
+        indptr, indices = np.zeros(1, np.int64), np.zeros(0, np.int64)
+    else:
+        first = np.sort(np.concatenate([[start], halo_sorted]))
+        indices = np.concatenate([first, diag[1:]])
+        indptr = np.concatenate([[0], first.size + np.arange(n, dtype=np.int64)])
+    # (One call site on every rank: the ranks' MPI operations are matched by
+    # where they are called from.)
     return DistributedPattern(indptr, indices, layout)
 
 
