@@ -428,8 +428,8 @@ def _callback_inputs(fn, *args):
 @collective
 def test_callbacks_move_only_what_crosses_ranks():
     """The halo exchange hands the host only the entries other ranks need and
-    one more (and makes no callback when no rank needs any); `after` moves one element of each
-    array, not the arrays."""
+    one more (and makes no callback when no rank needs any); `after` moves one
+    element of each array, not the arrays."""
     op = lxa.DistributedCSROperator.from_global_scipy(
         global_matrix() if RANK == 0 else None)
     x = jnp.ones(op.layout.n_local)
