@@ -374,6 +374,10 @@ def test_native_path_uploads_blocks(fake_block_amgx):
                                      ("random3d", 16)])
 @collective
 def test_gpu_block_solve_equals_single_gpu(backend, kind, n):
+    # 28,800 / 26,460 / 13,872 unknowns. Elasticity's condition number (~1e5)
+    # bounds how close two float64 answers can be: the residual is checked to
+    # 1e-10 and the answers against each other to 1e-6 (a wrong block or halo
+    # order is off by O(1)).
     A = matrix(kind, n)
     dev = device(backend)
     b = np.random.default_rng(3).standard_normal(A.shape[0])
@@ -386,8 +390,11 @@ def test_gpu_block_solve_equals_single_gpu(backend, kind, n):
     x1 = np.asarray(lx.linear_solve(single, jax.device_put(jnp.asarray(b), dev),
                                     solver=solver).value)
     assert sol.result == lx.RESULTS.successful
-    assert rel_err(x, x1) < 1e-8, rel_err(x, x1)
-    assert rel_err(x, spla.spsolve(sp.csc_matrix(A), b)) < 1e-8
+    assert np.linalg.norm(A @ x - b) <= 1e-10 * np.linalg.norm(b)
+    assert rel_err(x, x1) < 1e-6, rel_err(x, x1)
+    assert rel_err(x, spla.spsolve(sp.csc_matrix(A), b)) < 1e-6
+    steps = COMM.allgather(int(sol.stats["num_steps"]))
+    assert len(set(steps)) == 1, steps
     d = D.cache_info()
     grown = COMM.allgather((d["setups"] - before["setups"], d["solves"]
                             - before["solves"]))
