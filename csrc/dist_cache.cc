@@ -61,6 +61,8 @@ DistEntry* DistCache::acquire(int action, const Key& key, uintptr_t comm_ptr,
                               int block_size, const void* values, size_t bytes,
                               size_t capacity, ResetupMode resetup_mode,
                               CUdeviceptr dev_values, CUstream stream) {
+  // Every rank has the same block size (one global pattern): all refuse together.
+  check_gpu_block_size(block_size);
   auto it = entries_.begin();
   for (; it != entries_.end(); ++it)
     if ((*it)->key == key) break;

@@ -34,6 +34,20 @@ struct Key {
   }
 };
 
+// Block sizes AmgX cannot take (see kMaxGpuBlockSize) are refused before AmgX
+// sees them: single-process (handlers.cc) and distributed (dist_cache.cc) setups.
+inline void check_gpu_block_size(int32_t block_size) {
+  if (block_size >= 1 && block_size <= kMaxGpuBlockSize) return;
+  const std::string b = std::to_string(block_size);
+  throw Failure("AmgX cannot solve " + b + "x" + b +
+                " block systems here: lineax-amgx passes block sizes 1 to " +
+                std::to_string(kMaxGpuBlockSize) +
+                " to AmgX (6 and 8 crash AmgX 2.5 with an illegal memory access, 7 "
+                "has no aggregation kernel). Use the scalar form of the operator "
+                "(block_size=1) on the GPU, or the CPU backend (pyamg), which takes "
+                "blocks up to 8.");
+}
+
 struct Counters {
 #define LXA_COUNTER_FIELD(name) int64_t name = 0;
   LXA_COUNTERS(LXA_COUNTER_FIELD)

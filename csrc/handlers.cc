@@ -39,18 +39,7 @@ Key make_key(CUdevice device, int64_t fingerprint, int32_t block_size, int32_t m
 }
 
 void check_values(const ffi::AnyBuffer& values, const Pattern& p, int32_t mode) {
-  // Block sizes AmgX cannot take (see kMaxGpuBlockSize) are refused before AmgX
-  // sees them.
-  if (p.block_size < 1 || p.block_size > kMaxGpuBlockSize) {
-    const std::string b = std::to_string(p.block_size);
-    throw Failure("AmgX cannot solve " + b + "x" + b +
-                  " block systems here: lineax-amgx passes block sizes 1 to " +
-                  std::to_string(kMaxGpuBlockSize) +
-                  " to AmgX (6 and 8 crash AmgX 2.5 with an illegal memory access, 7 "
-                  "has no aggregation kernel). Use the scalar form of the operator "
-                  "(block_size=1) on the GPU, or the CPU backend (pyamg), which takes "
-                  "blocks up to 8.");
-  }
+  check_gpu_block_size(p.block_size);
   size_t per = element_size(mode, true);
   size_t bs = static_cast<size_t>(p.block_size);
   size_t want = p.indices.size() * bs * bs * per;

@@ -72,10 +72,12 @@ def native_distribution_args(op: DistributedCSROperator | DistributedPattern) ->
     - `offsets` (int64, `size + 1`): the partition offsets, for
         `AMGX_distribution_set_partition_data(dist, AMGX_DIST_PARTITION_OFFSETS,
         offsets)`.
-    - `n_global`, `n_local`, `nnz_local` (int).
+    - `n_global`, `n_local`, `nnz_local` (int): block rows and blocks for a
+        block operator.
+    - `block_size` (int): `b` of the `b x b` blocks (1: scalar).
     - `indptr` (int32, `n_local + 1`): the local row pointer.
     - `global_indices` (int64, `nnz_local`): global column indices, for
-        `AMGX_matrix_upload_distributed(A, n_global, n_local, nnz_local, 1, 1,
+        `AMGX_matrix_upload_distributed(A, n_global, n_local, nnz_local, b, b,
         indptr, global_indices, values, NULL, dist)` (64-bit column indices are
         AmgX's default; `AMGX_distribution_set_32bit_colindices` is not needed).
     - `fingerprint` (int): this rank's structure (with the offsets);
@@ -83,7 +85,7 @@ def native_distribution_args(op: DistributedCSROperator | DistributedPattern) ->
     - `mpi_library` (str): the MPI family (see `check_mpi_library`).
 
     The values are the operator's `values` (the traced array: an FFI operand, not
-    an attribute). Vectors are the local parts (`n_local`), bound to the matrix
+    an attribute). Vectors are the local parts (`n_local * b`), bound to the matrix
     with `AMGX_vector_bind` before upload.
     """
     MPI = mpi()
@@ -104,6 +106,7 @@ def native_distribution_args(op: DistributedCSROperator | DistributedPattern) ->
         n_global=lay.n_global,
         n_local=lay.n_local,
         nnz_local=pattern.nnz,
+        block_size=pattern.block_size,
         indptr=pattern.indptr,
         global_indices=pattern.global_indices,
         fingerprint=pattern.fingerprint,

@@ -34,18 +34,21 @@ _INT32_MAX = np.iinfo(np.int32).max
 # other ranks need are gathered on the device before the callback, and the
 # transpose's contributions are added up on the device after it. A pattern that
 # communicates with no rank (`communicates` is the same on every rank) makes no
-# callback at all.
+# callback at all. For a block pattern (`b x b` blocks) the plan counts block
+# columns and every one of them carries its `b` consecutive entries: the counts
+# are scaled by `b` here and the vectors travel flat.
 
 
 def _halo_forward_host(
     pattern: DistributedPattern, site: int, sendbuf: np.ndarray
 ) -> np.ndarray:
     sendbuf = np.ascontiguousarray(sendbuf)
-    out = np.empty(pattern.halo.shape[0], sendbuf.dtype)
+    b = pattern.block_size
+    out = np.empty(pattern.halo.shape[0] * b, sendbuf.dtype)
     with _turn(pattern.layout.comm, site, "halo"):
         pattern.layout.comm.Alltoallv(
-            [sendbuf, _counts_displs(pattern.send_counts)],
-            [out, _counts_displs(pattern.recv_counts)],
+            [sendbuf, _counts_displs(np.multiply(pattern.send_counts, b))],
+            [out, _counts_displs(np.multiply(pattern.recv_counts, b))],
         )
     return out
 
@@ -54,22 +57,29 @@ def _halo_transpose_host(
     pattern: DistributedPattern, site: int, ct: np.ndarray
 ) -> np.ndarray:
     ct = np.ascontiguousarray(ct)
-    recv = np.empty(len(pattern.send_indices), ct.dtype)
+    b = pattern.block_size
+    recv = np.empty(len(pattern.send_indices) * b, ct.dtype)
     with _turn(pattern.layout.comm, site, "halo_transpose"):
         pattern.layout.comm.Alltoallv(
-            [ct, _counts_displs(pattern.recv_counts)],
-            [recv, _counts_displs(pattern.send_counts)],
+            [ct, _counts_displs(np.multiply(pattern.recv_counts, b))],
+            [recv, _counts_displs(np.multiply(pattern.send_counts, b))],
         )
     return recv
 
 
 def _halo_call(pattern: DistributedPattern, x):
+    b = pattern.block_size
+    shape = (pattern.halo.shape[0] * b,)
     if not pattern.communicates:
-        return jnp.zeros(pattern.halo.shape, x.dtype)
-    sendbuf = take(x, Ellipsis, pattern_array(pattern, "send_indices"))
+        return jnp.zeros(shape, x.dtype)
+    send = pattern_array(pattern, "send_indices")
+    if b == 1:
+        sendbuf = take(x, Ellipsis, send)
+    else:  # the b entries of every block column that is sent, flat
+        sendbuf = take(x.reshape(-1, b), send).reshape(-1)
     return jax.pure_callback(
         ft.partial(_halo_forward_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct(pattern.halo.shape, x.dtype),
+        jax.ShapeDtypeStruct(shape, x.dtype),
         sendbuf,
         vmap_method="sequential",
     )
@@ -78,16 +88,20 @@ def _halo_call(pattern: DistributedPattern, x):
 def _halo_transpose_call(pattern: DistributedPattern, ct):
     """The transpose of the exchange: send the halo's cotangents back to their
     owners and add them up where they came from."""
-    out = jnp.zeros((pattern.shape[0],), ct.dtype)
+    b = pattern.block_size
+    out = jnp.zeros((pattern.block_rows, b) if b > 1 else (pattern.shape[0],),
+                    ct.dtype)
     if not pattern.communicates:
-        return out
+        return out.reshape(-1)
     recv = jax.pure_callback(
         ft.partial(_halo_transpose_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct((len(pattern.send_indices),), ct.dtype),
+        jax.ShapeDtypeStruct((len(pattern.send_indices) * b,), ct.dtype),
         ct,
         vmap_method="sequential",
     )
-    return out.at[pattern_array(pattern, "send_indices")].add(recv)
+    if b > 1:
+        recv = recv.reshape(-1, b)
+    return out.at[pattern_array(pattern, "send_indices")].add(recv).reshape(-1)
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -230,6 +244,15 @@ def _layout_of(obj) -> Layout:
         f"Expected a Layout, DistributedPattern or DistributedCSROperator, got "
         f"{type(obj).__name__}."
     )
+
+
+def _block_size_of(obj) -> int:
+    """The unknowns per (block) row of what `_layout_of` accepts: a layout counts
+    rows only (1); a block pattern or operator has `b` unknowns per block row."""
+    if isinstance(obj, DistributedPattern):
+        return obj.block_size
+    pattern = getattr(obj, "pattern", None)
+    return pattern.block_size if isinstance(pattern, DistributedPattern) else 1
 
 
 def allreduce_sum(x, layout) -> Array:

@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from .. import _protocol
+from .._blocks import check_block_size
 from .._checks import warn_if_downcast
 from .._operator import as_tag_set, csr_diagonal, register_queries
 from .._runtime_arrays import pattern_array, take
@@ -79,10 +80,17 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
     [`lineax_amgx.DistributedCSROperator.from_local_rows`][] (every rank brings
     its own rows). Both are collective.
 
+    Block operators (`block_size = b > 1`: elasticity, several unknowns per
+    node) keep their `b x b` blocks and are partitioned by block rows: AmgX's
+    block modes on the GPU, pyamg's BSR smoothed aggregation on the CPU, as for
+    a single-process block [`lineax_amgx.CSROperator`][]. Their vectors hold the
+    `b` unknowns of every local block row, node by node.
+
     **Arguments:**
 
     - `pattern`: the [`lineax_amgx.DistributedPattern`][] (static).
-    - `values`: the local values, shape `(nnz_local,)` (may be traced).
+    - `values`: the local values, shape `(nnz_local,)` (`(nnz_local, b, b)` for
+        a block pattern; may be traced).
     - `tags`: Lineax tags, trusted, describing the *global* matrix (for example
         `lx.symmetric_tag`, `lx.positive_semidefinite_tag`).
     """
@@ -113,6 +121,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         *,
         tags: object = (),
         sum_duplicates: bool = False,
+        block_size: int = 1,
     ) -> DistributedCSROperator:
         """Collective. Every rank passes its own contiguous block of rows, in rank
         order (rank 0 the first rows); the row offsets are agreed with an
@@ -124,13 +133,16 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         - `global_indices`: global column indices of the local entries (int32 or
             int64), sorted and unique within each row unless `sum_duplicates`.
         - `values`: the local values (may be a JAX array; traced only without
-            `sum_duplicates`).
+            `sum_duplicates`), shape `(nnz_local, b, b)` for blocks.
         - `n_global`: the global number of rows (and columns), the same on every
             rank.
         - `comm`: the mpi4py communicator (default `MPI.COMM_WORLD`).
         - `tags`: Lineax tags of the global matrix.
         - `sum_duplicates`: sort the column indices of every row and sum duplicate
             entries on the host.
+        - `block_size`: `b` for a block (BSR) operator: then `indptr`,
+            `global_indices` and `n_global` count block rows and block columns
+            (the operator has `n_global * b` scalar rows).
         """
         comm = _comm(comm)
         indptr = np.asarray(indptr)
@@ -139,24 +151,25 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             err = "indptr must be a one-dimensional array of length n_local + 1."
         _raise_if_any(comm, err)
         layout = Layout.from_local_size(indptr.shape[0] - 1, comm, n_global=n_global)
+        b = int(block_size)
         if sum_duplicates:
             import scipy.sparse as sp
 
             err = None
             try:
                 # Copies: scipy canonicalises in place, never touch the inputs.
-                m = sp.csr_array(
-                    (np.array(values), np.array(global_indices, np.int64),
-                     np.array(indptr)),
-                    shape=(layout.n_local, layout.n_global),
-                )
+                arrays = (np.array(values), np.array(global_indices, np.int64),
+                          np.array(indptr))
+                shape = (layout.n_local * b, layout.n_global * b)
+                m = (sp.csr_array(arrays, shape=shape) if b == 1 else
+                     sp.bsr_array(arrays, shape=shape, blocksize=(b, b)))
                 m.sum_duplicates()
                 m.sort_indices()
             except Exception as e:  # noqa: BLE001 - reported on every rank
                 err = f"could not canonicalise the local rows: {e}"
             _raise_if_any(comm, err)
             indptr, global_indices, values = m.indptr, m.indices, m.data
-        pattern = DistributedPattern(indptr, global_indices, layout)
+        pattern = DistributedPattern(indptr, global_indices, layout, b)
         return cls(pattern, values, tags)
 
     @classmethod
@@ -169,6 +182,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         tags: object = (),
         offsets=None,
         dtype=None,
+        block_size: int | None = None,
     ) -> DistributedCSROperator:
         """Collective. Distribute a global scipy sparse matrix held by `root`: the
         root splits its rows contiguously (balanced: the first `n % size` ranks get
@@ -181,9 +195,14 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         - `root`: the rank holding `matrix`.
         - `tags`: Lineax tags of the global matrix.
         - `offsets`: explicit row offsets (`size + 1` values, on every rank);
-            default balanced.
+            default balanced. Block rows for a block operator.
         - `dtype`: cast the values (default: the matrix's floating dtype, else the
             default JAX float).
+        - `block_size`: as in [`lineax_amgx.CSROperator.from_scipy`][]: a BSR
+            matrix keeps its square blocks (`None`, the default), `b` blocks a
+            scalar matrix into `b x b` blocks (every block holding a nonzero is
+            stored whole), `1` makes a BSR matrix scalar. Rows are distributed
+            by block rows. Read on `root`.
         """
         import scipy.sparse as sp
 
@@ -201,24 +220,22 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             elif matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
                 err = f"the matrix must be square, got shape {matrix.shape}."
             else:
-                m = sp.csr_array(matrix)
-                m = m.copy() if m is matrix else m
-                m.sum_duplicates()
-                m.sort_indices()
-                data = m.data
-                if np.issubdtype(data.dtype, np.complexfloating):
-                    err = (
-                        f"complex values ({data.dtype}) are not supported by "
-                        "lineax-amgx (casting them would drop the imaginary part)."
-                    )
-                elif dtype is not None:
-                    data = data.astype(dtype)
-                elif not np.issubdtype(data.dtype, np.floating):
-                    data = data.astype(jnp.result_type(float))
-                header = (int(m.shape[0]), np.dtype(data.dtype).str)
+                m, b, err = _canonical(matrix, block_size)
+        if err is None and rank == root:
+            data = m.data
+            if np.issubdtype(data.dtype, np.complexfloating):
+                err = (
+                    f"complex values ({data.dtype}) are not supported by "
+                    "lineax-amgx (casting them would drop the imaginary part)."
+                )
+            elif dtype is not None:
+                data = data.astype(dtype)
+            elif not np.issubdtype(data.dtype, np.floating):
+                data = data.astype(jnp.result_type(float))
+            header = (int(m.shape[0]) // b, np.dtype(data.dtype).str, b)
         _raise_if_any(comm, err)
         with _turn(comm, kind="from_global.header"):
-            n_global, dstr = comm.bcast(header, root=root)
+            n_global, dstr, b = comm.bcast(header, root=root)
         if offsets is None:
             layout = Layout(balanced_offsets(n_global, size), comm)
         else:
@@ -227,7 +244,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 comm,
                 None if layout.n_global == n_global else (
                     f"offsets end at {layout.n_global} but the matrix has "
-                    f"{n_global} rows."
+                    f"{n_global} {'block ' if b > 1 else ''}rows."
                 ),
             )
         vdtype = np.dtype(dstr)
@@ -251,7 +268,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 root=root,
             )
             idx = np.empty(nnz_counts[rank], np.int64)
-            vals = np.empty(nnz_counts[rank], vdtype)
+            vals = np.empty(nnz_counts[rank] * b * b, vdtype)
             cd = _counts_displs(nnz_counts)
             comm.Scatterv(
                 [m.indices.astype(np.int64), cd, MPI.INT64_T] if rank == root
@@ -259,12 +276,16 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 [idx, MPI.INT64_T],
                 root=root,
             )
-            comm.Scatterv(
-                [np.ascontiguousarray(data), cd] if rank == root else None,
+            comm.Scatterv(  # (a block's b * b values are consecutive)
+                [np.ascontiguousarray(data).reshape(-1),
+                 _counts_displs(np.multiply(nnz_counts, b * b))]
+                if rank == root else None,
                 vals,
                 root=root,
             )
-        pattern = DistributedPattern(ptr, idx, layout)
+        if b > 1:
+            vals = vals.reshape(-1, b, b)
+        pattern = DistributedPattern(ptr, idx, layout, b)
         return cls(pattern, vals, tags)
 
     # -- Lineax operator interface ---------------------------------------------------
@@ -275,10 +296,11 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
 
     @property
     def block_size(self) -> int:
-        return 1
+        return self.pattern.block_size
 
     def mv(self, vector):
         p = self.pattern
+        b = p.block_size
         _check_vector(p, vector, "The vector")
         vector = jnp.asarray(vector)
         dtype = jnp.result_type(vector.dtype, self.values.dtype)
@@ -289,11 +311,19 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             x_ext = vector
         # Runtime arrays, not constants (see `lineax_amgx._runtime_arrays`).
         cols = pattern_array(p, "local_columns")
-        prod = self.values.astype(dtype) * take(x_ext, cols)
-        return jax.ops.segment_sum(
-            prod, pattern_array(p, "row_ids"), num_segments=p.shape[0],
+        if b == 1:
+            prod = self.values.astype(dtype) * take(x_ext, cols)
+        else:
+            prod = jnp.einsum(
+                "kij,kj->ki", self.values.astype(dtype),
+                take(x_ext.reshape(-1, b), cols),
+                precision=jax.lax.Precision.HIGHEST,
+            )
+        out = jax.ops.segment_sum(
+            prod, pattern_array(p, "row_ids"), num_segments=p.block_rows,
             indices_are_sorted=True,
         )
+        return out.reshape(p.shape[0])
 
     def as_matrix(self):
         raise NotImplementedError(
@@ -305,6 +335,17 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
     def transpose(self):
         if lx.symmetric_tag in self.tags:
             return self
+        if self.pattern.block_size > 1:
+            # Its own refusal: a transposed block operator also transposes every
+            # b x b block, which a redistribution of scalar entries would not.
+            raise NotImplementedError(
+                "distributed transpose of a non-symmetric block "
+                f"DistributedCSROperator (block_size={self.pattern.block_size}) is "
+                "not implemented yet. Tag the operator `lx.symmetric_tag` if the "
+                "global matrix is symmetric; reverse-mode gradients of solves with "
+                "non-symmetric distributed block operators are not available "
+                "(forward-mode, jax.jvp, is)."
+            )
         raise NotImplementedError(
             "distributed transpose of a non-symmetric DistributedCSROperator is not "
             "implemented yet (it needs a redistribution of the entries between "
@@ -333,12 +374,13 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         return DistributedCSROperator(self.pattern, values, self.tags)
 
     def to_scipy_local(self):
-        """This rank's rows, `(n_local, n_global)`, as a scipy CSR array."""
+        """This rank's rows, `(n_local, n_global)`, as a scipy CSR array (BSR
+        for a block operator; scalar shape)."""
         return self.pattern.to_scipy(np.asarray(self.values))
 
     def gather_scipy(self, root: int | None = 0):
-        """Collective. The global matrix as a scipy CSR array on `root` (on every
-        rank with `root=None`), `None` elsewhere."""
+        """Collective. The global matrix as a scipy CSR array (BSR for a block
+        operator) on `root` (on every rank with `root=None`), `None` elsewhere."""
         import scipy.sparse as sp
 
         comm = self.layout.comm
@@ -349,7 +391,47 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             )
         if parts is None:
             return None
-        return sp.csr_array(sp.vstack(parts, format="csr"))
+        out = sp.csr_array(sp.vstack(parts, format="csr"))
+        b = self.pattern.block_size
+        return out if b == 1 else sp.bsr_array(out, blocksize=(b, b))
+
+
+def _canonical(matrix, block_size):
+    """`(m, b, err)`: the root's matrix as canonical scipy CSR (`b = 1`) or BSR
+    with square `b x b` blocks (copies: never the caller's arrays), as
+    `CSROperator.from_scipy` reads `block_size`; or an error message."""
+    import scipy.sparse as sp
+
+    if block_size is not None:
+        try:
+            check_block_size(block_size)
+        except (TypeError, ValueError) as e:
+            return None, 1, str(e)
+    if matrix.format == "bsr" and block_size is None:
+        r, c = matrix.blocksize
+        if r != c:
+            return None, 1, f"BSR blocks must be square, got {matrix.blocksize}."
+        b = int(r)
+        m = sp.bsr_array(matrix, copy=True)
+    elif block_size is not None and int(block_size) > 1:
+        b = int(block_size)
+        if matrix.shape[0] % b:
+            return None, 1, (
+                f"cannot block a matrix of shape {matrix.shape} into {b}x{b} "
+                "blocks: the shape is not a multiple of the block size."
+            )
+        m = sp.bsr_array(sp.csr_array(matrix), blocksize=(b, b))
+    else:
+        b = 1
+        m = sp.csr_array(matrix)
+        m = m.copy() if m is matrix else m
+    try:
+        check_block_size(b)  # (a BSR matrix's own blocks)
+    except ValueError as e:
+        return None, 1, str(e)
+    m.sum_duplicates()
+    m.sort_indices()
+    return m, b, None
 
 
 def _register_queries():

@@ -11,6 +11,7 @@ import hashlib
 import numpy as np
 
 from .. import _protocol
+from .._blocks import check_block_size
 from .._pattern import SparsityPattern
 from ._comm import DistributedError, _raise_if_any, mpi
 from ._layout import Layout
@@ -76,7 +77,8 @@ def _local_structure_error(indptr, indices, n_local, n_global) -> str | None:
 
 
 class DistributedPattern:
-    """The structure of one rank's rows of a distributed square CSR matrix.
+    """The structure of one rank's rows of a distributed square (block) CSR
+    matrix.
 
     Static metadata like [`lineax_amgx.SparsityPattern`][]: host arrays, hashed
     once, compared by value. Building one is **collective** (the ranks agree on
@@ -88,18 +90,23 @@ class DistributedPattern:
     - `global_indices`: global column index of every local entry, sorted and
         unique within each row (stored as int64).
     - `layout`: the [`lineax_amgx.Layout`][].
+    - `block_size`: `b` for `b x b` blocks (1: scalar CSR). With `b > 1`,
+        `indptr`, `global_indices` and the `layout` count *block* rows and
+        columns (AmgX partitions block rows), and the values have shape
+        `(nnz_local, b, b)`.
 
     **Attributes:**
 
-    - `shape`: the local shape `(n_local, n_global)`; `global_shape` is
-        `(n_global, n_global)`.
+    - `shape`: the local scalar shape `(n_local * b, n_global * b)`;
+        `global_shape` is `(n_global * b, n_global * b)`.
     - `fingerprint`: 63-bit hash of this rank's structure and of the offsets;
         `global_fingerprint`: the same on every rank, a hash of all of them.
-    - The halo plan: `halo` (sorted global columns owned by other ranks that the
-        local rows use), `local_columns` (each entry's column in the extended
-        vector `[x_local, x_halo]`), `send_indices` / `send_counts` (the local
-        rows every other rank needs from this one, grouped by rank) and
-        `recv_counts` (how many halo entries come from each rank).
+    - The halo plan (in block columns): `halo` (sorted global columns owned by
+        other ranks that the local rows use), `local_columns` (each entry's
+        column in the extended vector `[x_local, x_halo]`), `send_indices` /
+        `send_counts` (the local rows every other rank needs from this one,
+        grouped by rank) and `recv_counts` (how many halo entries come from
+        each rank).
     """
 
     __slots__ = (
@@ -109,10 +116,16 @@ class DistributedPattern:
         "_global", "__weakref__", "__dict__",
     )
 
-    def __init__(self, indptr, global_indices, layout: Layout):
+    def __init__(self, indptr, global_indices, layout: Layout, block_size: int = 1):
         if not isinstance(layout, Layout):
             raise TypeError(f"layout must be a Layout, got {type(layout).__name__}.")
         comm = layout.comm
+        err = None
+        try:
+            block_size = check_block_size(block_size)
+        except (TypeError, ValueError) as e:
+            err = str(e)
+        _raise_if_any(comm, err)
         indptr = np.asarray(indptr)
         indices = np.asarray(global_indices)
         err = _local_structure_error(indptr, indices, layout.n_local, layout.n_global)
@@ -120,12 +133,12 @@ class DistributedPattern:
         self.indptr = np.ascontiguousarray(indptr, dtype=np.int32)
         self.global_indices = np.ascontiguousarray(indices, dtype=np.int64)
         self.layout = layout
-        self.shape = (layout.n_local, layout.n_global)
-        self.block_size = 1
+        b = self.block_size = block_size
+        self.shape = (layout.n_local * b, layout.n_global * b)
         self.method = "given"
         h = hashlib.blake2b(digest_size=8)
         h.update(np.asarray(layout.offsets, dtype=np.int64).tobytes())
-        h.update(np.asarray([layout.rank], dtype=np.int64).tobytes())
+        h.update(np.asarray([layout.rank, b], dtype=np.int64).tobytes())
         h.update(self.indptr.tobytes())
         h.update(b"|")
         h.update(self.global_indices.tobytes())
@@ -194,14 +207,16 @@ class DistributedPattern:
         return (
             self.global_fingerprint == other.global_fingerprint
             and self.fingerprint == other.fingerprint
+            and self.block_size == other.block_size
             and self.layout == other.layout
             and np.array_equal(self.indptr, other.indptr)
             and np.array_equal(self.global_indices, other.global_indices)
         )
 
     def __repr__(self):
+        b = f", block_size={self.block_size}" if self.block_size > 1 else ""
         return (
-            f"DistributedPattern(shape={self.shape}, nnz={self.nnz}, "
+            f"DistributedPattern(shape={self.shape}{b}, nnz={self.nnz}, "
             f"halo={self.halo.size}, {self.layout!r}, "
             f"fingerprint={self.fingerprint:#018x})"
         )
@@ -214,30 +229,33 @@ class DistributedPattern:
 
     @property
     def global_shape(self) -> tuple[int, int]:
-        n = self.layout.n_global
+        n = self.layout.n_global * self.block_size
         return (n, n)
 
     @property
     def value_shape(self) -> tuple[int, ...]:
-        return (self.nnz,)
+        b = self.block_size
+        return (self.nnz,) if b == 1 else (self.nnz, b, b)
 
     @property
     def block_rows(self) -> int:
-        return self.shape[0]
+        """The local (block) rows: `layout.n_local`."""
+        return self.layout.n_local
 
     @ft.cached_property
     def empty_rows(self) -> np.ndarray:
-        """Local rows that store no entry."""
+        """Local (block) rows that store no entry."""
         out = np.flatnonzero(np.diff(self.indptr) == 0)
         out.setflags(write=False)
         return out
 
     @ft.cached_property
     def empty_cols(self) -> np.ndarray:
-        """Columns owned by this rank (local numbering, like its rows) that no
-        rank stores an entry in: known locally from the halo plan."""
-        used = np.zeros(self.shape[0], dtype=bool)
-        used[self.local_columns[self.local_columns < self.shape[0]]] = True
+        """(Block) columns owned by this rank (local numbering, like its rows)
+        that no rank stores an entry in: known locally from the halo plan."""
+        n = self.block_rows
+        used = np.zeros(n, dtype=bool)
+        used[self.local_columns[self.local_columns < n]] = True
         used[self.send_indices] = True
         out = np.flatnonzero(~used)
         out.setflags(write=False)
@@ -245,16 +263,18 @@ class DistributedPattern:
 
     @ft.cached_property
     def row_ids(self) -> np.ndarray:
-        """The local row of every stored entry."""
-        out = np.repeat(np.arange(self.shape[0], dtype=np.int32), np.diff(self.indptr))
+        """The local (block) row of every stored entry."""
+        out = np.repeat(
+            np.arange(self.block_rows, dtype=np.int32), np.diff(self.indptr)
+        )
         out.setflags(write=False)
         return out
 
     @ft.cached_property
     def diagonal_positions(self) -> np.ndarray:
-        """For each local row `i`, the position of the entry in global column
-        `row_start + i`, or -1 where it is not stored."""
-        pos = np.full(self.shape[0], -1, dtype=np.int64)
+        """For each local (block) row `i`, the position of the entry in global
+        (block) column `row_start + i`, or -1 where it is not stored."""
+        pos = np.full(self.block_rows, -1, dtype=np.int64)
         rows = self.row_ids
         on = np.nonzero(self.global_indices == rows + self.layout.row_start)[0]
         pos[rows[on]] = on
@@ -262,11 +282,19 @@ class DistributedPattern:
         return pos
 
     def to_scipy(self, values):
-        """This rank's rows as a scipy CSR array of shape `(n_local, n_global)`."""
+        """This rank's rows as a scipy CSR (BSR for blocks) array of the local
+        scalar shape `shape`."""
         import scipy.sparse as sp
 
-        return sp.csr_array(
-            (np.asarray(values), self.global_indices, self.indptr), shape=self.shape
+        b = self.block_size
+        if b == 1:
+            return sp.csr_array(
+                (np.asarray(values), self.global_indices, self.indptr),
+                shape=self.shape,
+            )
+        return sp.bsr_array(
+            (np.asarray(values), self.global_indices, self.indptr),
+            shape=self.shape, blocksize=(b, b),
         )
 
     # -- the global structure, on one rank (collective, cached) ---------------------
@@ -296,7 +324,8 @@ class DistributedPattern:
         pattern = None
         if rank == root:
             pattern = SparsityPattern(
-                np.concatenate([[0], ptr]), idx, self.global_shape, check=False
+                np.concatenate([[0], ptr]), idx, self.global_shape, self.block_size,
+                check=False,
             )
         self._global = (root, pattern)
         return pattern
@@ -327,13 +356,14 @@ def _structure_error(pattern: DistributedPattern) -> str | None:
     if lay.n_global == 0:
         err = "AMGX got an empty (0 x 0) distributed operator."
     else:
+        unit = "block " if pattern.block_size > 1 else ""
         for what, empty in (("row", pattern.empty_rows),
                             ("column", pattern.empty_cols)):
             if empty.size:
                 err = (
-                    f"The operator is structurally singular: global {what} "
+                    f"The operator is structurally singular: global {unit}{what} "
                     f"{int(empty[0]) + lay.row_start} stores no entries "
-                    f"({empty.size} empty {what}s among rows "
+                    f"({empty.size} empty {unit}{what}s among {unit}rows "
                     f"{lay.row_start}:{lay.row_end}). Check the assembly."
                 )
                 break

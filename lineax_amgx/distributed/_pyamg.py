@@ -33,12 +33,17 @@ _ROOT = 0
 
 
 def _gather_to_root(comm, local: np.ndarray, counts, root: int):
+    """`local` (rows of equal trailing shape: `(n,)`, or `(nnz, b, b)` blocks)
+    gathered on `root`, `counts` rows from every rank."""
     local = np.ascontiguousarray(local)
+    inner = local.shape[1:]
+    unit = int(np.prod(inner, dtype=np.int64))
     if comm.Get_rank() == root:
-        out = np.empty(int(np.sum(counts)), local.dtype)
-        comm.Gatherv(local, [out, _counts_displs(counts)], root=root)
-        return out
-    comm.Gatherv(local, None, root=root)
+        out = np.empty(int(np.sum(counts)) * unit, local.dtype)
+        comm.Gatherv(local.reshape(-1),
+                     [out, _counts_displs(np.multiply(counts, unit))], root=root)
+        return out.reshape(-1, *inner)
+    comm.Gatherv(local.reshape(-1), None, root=root)
     return None
 
 
@@ -98,7 +103,8 @@ def solve(
     comm_key = pattern.layout.comm_key
     site = _new_site()
     out_dtype = np.dtype(b.dtype)
-    counts = pattern.layout.counts
+    # Vectors: the b unknowns of every block row.
+    counts = np.multiply(pattern.layout.counts, pattern.block_size)
     nnz_counts = np.diff(pattern.nnz_offsets)
 
     def host(values, token, b, ok, *maybe_x0):
@@ -133,7 +139,7 @@ def solve(
                     result = (int(status), int(steps), float(resid), None)
                     x = np.asarray(x, out_dtype)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank
-                    x = np.zeros(pattern.layout.n_global, out_dtype)
+                    x = np.zeros(pattern.global_shape[0], out_dtype)
                     result = (Status.FAILED, 0, float("inf"), repr(e))
             status, steps, resid, err = comm.bcast(result, root=_ROOT)
             if err is not None:

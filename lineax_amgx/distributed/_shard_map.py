@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._collectives import _block_size_of, _layout_of
 from ._comm import _comm, _raise_if_any
 from ._layout import Layout
 from ._pattern import DistributedPattern
@@ -58,7 +59,9 @@ def check_jax_distributed(comm=None) -> None:
 
 
 def _padded_rows(layout: Layout) -> int:
-    return max(layout.counts)
+    """The largest rank's vector length (`layout`: a Layout, or a block operator
+    or pattern, whose vectors hold `b` entries per block row)."""
+    return max(_layout_of(layout).counts) * _block_size_of(layout)
 
 
 def _padded_nnz(pattern: DistributedPattern) -> int:
@@ -66,21 +69,23 @@ def _padded_nnz(pattern: DistributedPattern) -> int:
 
 
 def _pad(x, size: int):
-    """`x` (NumPy or JAX, 1-D) followed by zeros up to `size` entries."""
+    """`x` (NumPy or JAX; 1-D, or block values `(nnz, b, b)`) followed by zeros
+    up to `size` entries."""
     xp = jnp if isinstance(x, jax.Array) else np
-    return xp.concatenate([x, xp.zeros((size - x.shape[0],), x.dtype)])
+    return xp.concatenate([x, xp.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
 def pad_vector(x_local, layout: Layout):
     """This rank's part of a vector, padded with zeros to the largest rank's row
     count: the uniform shard shape `shard_map` needs. Works on NumPy and JAX
-    arrays (inside `shard_map` too)."""
+    arrays (inside `shard_map` too). For a block operator pass the operator (or
+    its pattern) as `layout`."""
     return _pad(x_local, _padded_rows(layout))
 
 
 def unpad_vector(x_padded, layout: Layout):
-    """The inverse of `pad_vector`: this rank's `n_local` entries."""
-    return x_padded[: layout.n_local]
+    """The inverse of `pad_vector`: this rank's `n_local` (times `b`) entries."""
+    return x_padded[: _layout_of(layout).n_local * _block_size_of(layout)]
 
 
 def pad_values(values_local, pattern: DistributedPattern):
