@@ -146,14 +146,18 @@ def _exchange_transpose_host(pattern, site, ct, head):
 
 
 def _extended_call(pattern: DistributedPattern, x):
-    n, h = pattern.shape[0], pattern.halo.shape[0]
+    b = pattern.block_size
+    n, h = pattern.shape[0], pattern.halo.shape[0] * b
     if not pattern.communicates:  # (then no rank has a halo)
         return jnp.concatenate([x, jnp.zeros((h,), x.dtype)])
     k = min(n, 1)
+    send = pattern_array(pattern, "send_indices")
+    # The b entries of every block column that is sent, flat.
+    sendbuf = take(x, send) if b == 1 else take(x.reshape(-1, b), send).reshape(-1)
     out = jax.pure_callback(
         ft.partial(_exchange_host, pattern, _new_site()),
         jax.ShapeDtypeStruct((k + h,), x.dtype),
-        take(x, pattern_array(pattern, "send_indices")),
+        sendbuf,
         x[:k],
         vmap_method="sequential",
     )
@@ -161,6 +165,7 @@ def _extended_call(pattern: DistributedPattern, x):
 
 
 def _extended_transpose_call(pattern: DistributedPattern, c):
+    b = pattern.block_size
     n = pattern.shape[0]
     if not pattern.communicates:
         return c[:n]
@@ -168,12 +173,15 @@ def _extended_transpose_call(pattern: DistributedPattern, c):
     send = pattern_array(pattern, "send_indices")
     r = jax.pure_callback(
         ft.partial(_exchange_transpose_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct((k + len(pattern.send_indices),), c.dtype),
+        jax.ShapeDtypeStruct((k + len(pattern.send_indices) * b,), c.dtype),
         c[n:],
         c[:k],
         vmap_method="sequential",
     )
-    return jnp.concatenate([r[:k], c[k:n]]).at[send].add(r[k:])
+    base = jnp.concatenate([r[:k], c[k:n]])
+    if b == 1:
+        return base.at[send].add(r[k:])
+    return base.reshape(-1, b).at[send].add(r[k:].reshape(-1, b)).reshape(-1)
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
