@@ -24,6 +24,7 @@ from ._pattern import DistributedPattern, _counts_displs
 from ._sequencer import (
     turn as _turn,
 )
+from ._transpose import transposed_values
 from ._vectors import _check_vector
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -303,14 +304,16 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         )
 
     def transpose(self):
+        """`A^T`. Symmetric (tagged) operators return themselves. Otherwise
+        collective the first time for a pattern: the transposed pattern is a
+        redistribution of the entries between the ranks, built once and cached
+        (every rank reaches it at the same point, as `jax.grad` through a solve
+        does); the values travel the same way at run time (one `Alltoallv`)."""
         if lx.symmetric_tag in self.tags:
             return self
-        raise NotImplementedError(
-            "distributed transpose of a non-symmetric DistributedCSROperator is not "
-            "implemented yet (it needs a redistribution of the entries between "
-            "ranks). Tag the operator `lx.symmetric_tag` if the global matrix is "
-            "symmetric; reverse-mode gradients of solves with non-symmetric "
-            "distributed operators are not available."
+        pattern_t, values_t = transposed_values(self.pattern, self.values)
+        return DistributedCSROperator(
+            pattern_t, values_t, lx.transpose_tags(self.tags)
         )
 
     def in_structure(self):
