@@ -44,6 +44,10 @@ NOT_RUN = {
     ("guide/distributed.md", "mpi and GPUs (solve.py: mpiexec -n 4 python solve.py)"),
     # Gradient of a distributed solve: continues the multi-rank script above.
     ("guide/distributed.md", "mpi (continues the example above)"),
+    # Reverse mode through a non-symmetric distributed solve; cache controls across
+    # ranks: multi-rank scripts (run by the author with mpiexec -n 2 and -n 3).
+    ("guide/distributed.md", "mpi (transpose.py: mpiexec -n 2 python transpose.py)"),
+    ("guide/distributed.md", "mpi (cache.py: mpiexec -n 2 python cache.py)"),
     # shard_map under jax.distributed: one JAX process per MPI rank.
     ("guide/distributed.md", "mpi under jax.distributed (continues the example above)"),
     # info() on a machine with AmgX and a GPU: shows AmgX's version and path.
