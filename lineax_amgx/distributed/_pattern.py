@@ -261,6 +261,10 @@ class DistributedPattern:
         pos.setflags(write=False)
         return pos
 
+    # The single-process solvers ask for a padded per-row layout
+    # (`SparsityPattern.row_layout`); distributed rows use segment reductions.
+    row_layout = False
+
     def to_scipy(self, values):
         """This rank's rows as a scipy CSR array of shape `(n_local, n_global)`."""
         import scipy.sparse as sp
