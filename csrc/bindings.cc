@@ -459,6 +459,10 @@ NB_MODULE(_native, m) {
     DistCache& c = DistCache::get();
     nb::dict d = counters_dict(c.totals);
     d["size"] = c.entries().size();
+    // The capacity is the single-process cache's (set_cache_size); isolated mode
+    // (0) is agreed with the other ranks at every distributed call.
+    d["capacity"] = Cache::get().capacity;
+    d["isolated"] = Cache::get().isolated();
     nb::list entries;
     for (const auto& e : c.entries()) {
       nb::dict s = counters_dict(e->counters);
@@ -483,11 +487,38 @@ NB_MODULE(_native, m) {
     return d;
   });
 
-  // Collective over every communicator that has distributed entries.
-  m.def("dist_clear_cache", []() {
-    std::lock_guard<std::recursive_mutex> lock(core_mutex());
-    DistCache::get().clear();
-  });
+  // Collective over every communicator that has distributed entries, or over
+  // the communicator `comm_key` (its entries only).
+  m.def(
+      "dist_clear_cache",
+      [](int64_t comm_key) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        DistCache::get().clear(comm_key);
+      },
+      nb::arg("comm_key") = -1);
+
+  // Collective: every rank removes its part of the entry (id, generation), after
+  // the ranks agreed (a failed solve, isolated mode). `destroy=False` leaks it
+  // (its communicator is out of step). No-op when the entry is not resident.
+  m.def(
+      "dist_remove",
+      [](int32_t ordinal, int32_t id, int32_t gen, bool destroy) {
+        std::lock_guard<std::recursive_mutex> lock(core_mutex());
+        try {
+          DistCache& c = DistCache::get();
+          for (const auto& e : c.entries()) {
+            if (e->id != id || e->generation != gen) continue;
+            std::unique_ptr<PrimaryContextScope> scope;
+            if (destroy && context_healthy(e->key.device))
+              scope = std::make_unique<PrimaryContextScope>(ordinal);
+            c.remove(e.get(), destroy);
+            return;
+          }
+        } catch (const Failure& e) {
+          throw std::runtime_error(e.what());
+        }
+      },
+      nb::arg("ordinal"), nb::arg("id"), nb::arg("gen"), nb::arg("destroy") = true);
 
   m.def(
       "set_cache_size",

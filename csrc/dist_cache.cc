@@ -175,16 +175,33 @@ void DistCache::solve(DistEntry& e, const void* b, const void* x0, void* x,
   take_captured();
 }
 
-void DistCache::clear() {
-  for (auto& e : entries_) {
+void DistCache::remove(const DistEntry* e, bool destroy) {
+  for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+    if (it->get() != e) continue;
+    if (destroy)
+      dispose(*it);
+    else
+      (void)it->release();
+    entries_.erase(it);
+    ++totals.evictions;
+    return;
+  }
+}
+
+void DistCache::clear(int64_t comm) {
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (comm >= 0 && (*it)->key.comm != comm) {
+      ++it;
+      continue;
+    }
     // Its device's context current (the device copy of the values is freed).
     std::unique_ptr<PrimaryContextScope> scope;
-    if (context_healthy(e->key.device))
-      scope = std::make_unique<PrimaryContextScope>(static_cast<int>(e->key.device));
-    dispose(e);
+    if (context_healthy((*it)->key.device))
+      scope = std::make_unique<PrimaryContextScope>(static_cast<int>((*it)->key.device));
+    dispose(*it);
+    it = entries_.erase(it);
   }
-  entries_.clear();
-  release_resources(true);
+  if (entries_.empty()) release_resources(true);
 }
 
 void DistCache::abandon() {

@@ -83,8 +83,16 @@ class DistCache {
   void solve(DistEntry& e, const void* b, const void* x0, void* x, int32_t* status,
              int32_t* iterations, double* residual);
 
-  // Collective over every communicator that has entries.
-  void clear();
+  // Collective over the entry's communicator (AmgX destroys its objects with
+  // MPI); with `destroy` false the entry is leaked instead (its communicator is
+  // out of step: a collective destroy could never complete). Counted as an
+  // eviction. Every rank removes its part of the same entry (a failed solve,
+  // isolated mode), after the ranks agreed.
+  void remove(const DistEntry* e, bool destroy = true);
+
+  // Collective over every communicator that has entries (`comm` < 0), or over
+  // the communicator `comm` (its entries only).
+  void clear(int64_t comm = -1);
 
   // Leaks every entry and the distributed resources (finalize with live entries).
   void abandon();

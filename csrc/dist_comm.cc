@@ -112,7 +112,8 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
                         int64_t fingerprint, int64_t signature, int64_t site,
                         std::string_view config, int32_t mode, int32_t transposed,
                         CUdeviceptr values, size_t bytes, CUdeviceptr ok_ptr,
-                        CUdeviceptr token_ptr, const char* what) {
+                        CUdeviceptr token_ptr, const char* what, bool* isolated,
+                        bool setup_only) {
   DistComm& c = dist_comm(comm_key);
   std::shared_ptr<const DistPattern> p;
   Key key{};
@@ -124,7 +125,9 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
   int64_t sig = static_cast<int64_t>(
       mix(mix(static_cast<uint64_t>(signature)) ^ mix(static_cast<uint64_t>(site) + 1) ^
           mix(static_cast<uint64_t>(count) + 2)) >> 2);
-  int64_t mine[5] = {kProbeSetup, 0, 0, sig, -sig};
+  // (probe, non-finite, error, signature, -signature, isolated mode)
+  int64_t mine[6] = {kProbeSetup, 0, 0, sig, -sig,
+                     Cache::get().isolated() ? 1 : 0};
   std::string err;
   try {
     if (!poisoned().empty()) throw Failure(poisoned());
@@ -150,8 +153,8 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
     err = e.what();
     mine[2] = 1;
   }
-  int64_t all[5];
-  agree_max(c, mine, all, 5, what);
+  int64_t all[6];
+  agree_max(c, mine, all, 6, what);
   if (all[2]) raise_agreed_failure(err, what);
   if (all[3] != -all[4])
     throw Failure(std::string("the ranks reached different distributed AmgX calls "
@@ -163,7 +166,11 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
                   "compile time, which can differ between ranks whose programs differ "
                   "(uneven row counts): chain independent distributed operations with "
                   "lineax_amgx._distributed.after.");
+  if (isolated != nullptr) *isolated = all[5] != 0;
   if (all[1]) return nullptr;
+  // Isolated mode on some rank: a setup keeps nothing (the solve sets up and
+  // removes its own entry), as in the single-process cache.
+  if (all[5] && setup_only) return nullptr;
   DistEntry* e = nullptr;
   try {
     // A fresh setup goes through AmgX's distributed upload, which copies the
@@ -187,6 +194,24 @@ DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm
   }
   agree_no_error(c, err, what);
   return e;
+}
+
+void finish_dist_solve(DistComm& c, const DistEntry* e, const std::string& err,
+                       bool evict) {
+  int64_t mine = err.empty() ? 0 : 1, any = 0;
+  try {
+    agree_max(c, &mine, &any, 1, "solve");
+  } catch (...) {
+    // Out of step (a timeout): a collective destroy could never complete, so
+    // the entry is leaked, not destroyed; the communicator is refused from now.
+    if (e != nullptr) DistCache::get().remove(e, /*destroy=*/false);
+    throw;
+  }
+  // AmgX's state after a failed solve is unknown (as in the single-process
+  // cache): every rank drops its part of the entry, together (a collective
+  // destroy); the next solve sets up afresh.
+  if ((any || evict) && e != nullptr) DistCache::get().remove(e);
+  if (any) raise_agreed_failure(err, "solve");
 }
 
 }  // namespace lxa

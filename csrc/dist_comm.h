@@ -79,11 +79,22 @@ void agree_no_error(DistComm& c, const std::string& err, const char* what);
 // ranks (every rank's cache probe: the worst wins; non-finite input anywhere;
 // errors; and that all run the same call, by `signature`), then sets up or resets
 // up together. Returns nullptr when some rank has non-finite input (AmgX is not
-// called on any rank).
+// called on any rank). `*isolated` (when given) is whether some rank's cache is
+// in isolated mode (capacity 0), agreed with the rest: then a setup call
+// (`setup_only`) keeps nothing and returns nullptr, and the caller of a solve
+// removes the entry afterwards, on every rank.
 DistEntry* dist_acquire(const ContextScope& scope, CUstream stream, int64_t comm_key,
                         int64_t fingerprint, int64_t signature, int64_t site,
                         std::string_view config, int32_t mode, int32_t transposed,
                         CUdeviceptr values, size_t bytes, CUdeviceptr ok_ptr,
-                        CUdeviceptr token_ptr, const char* what);
+                        CUdeviceptr token_ptr, const char* what,
+                        bool* isolated = nullptr, bool setup_only = false);
+
+// After a solve with `e` that may have failed on some ranks (`err` non-empty
+// here): every rank learns whether any did; if so (or when `evict`, isolated
+// mode) every rank removes its part of the entry, and on failure raises.
+// Collective.
+void finish_dist_solve(DistComm& c, const DistEntry* e, const std::string& err,
+                       bool evict);
 
 }  // namespace lxa

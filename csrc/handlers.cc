@@ -223,7 +223,8 @@ ffi::Error DistSetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
       DistEntry* e = dist_acquire(
           scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
           reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
-          reinterpret_cast<CUdeviceptr>(ok.typed_data()), 0, "setup");
+          reinterpret_cast<CUdeviceptr>(ok.typed_data()), 0, "setup", nullptr,
+          /*setup_only=*/true);
       write_token(token, e, stream);
   });
 }
@@ -237,11 +238,12 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
                          int64_t signature, int64_t site) {
   return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/false,
                      [&](CUstream stream, const ContextScope& scope) {
+      bool isolated = false;
       DistEntry* e = dist_acquire(
           scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
           reinterpret_cast<CUdeviceptr>(values.untyped_data()), values.size_bytes(),
           reinterpret_cast<CUdeviceptr>(ok.typed_data()),
-          reinterpret_cast<CUdeviceptr>(token.typed_data()), "solve");
+          reinterpret_cast<CUdeviceptr>(token.typed_data()), "solve", &isolated);
       CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
       size_t vec_bytes = x->size_bytes();
       int32_t info_host[2] = {kStatusNonFinite, 0};  // 0 iterations
@@ -272,7 +274,9 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
         } catch (const std::exception& ex) {
           err = std::string("AmgX distributed solve failed: ") + ex.what();
         }
-        agree_no_error(dist_comm(comm_key), err, "solve");
+        // A failure on any rank evicts the entry on every rank (then raises);
+        // isolated mode removes it after every solve.
+        finish_dist_solve(dist_comm(comm_key), e, err, isolated);
       }
       write_solve_info(*info, info_host, *residual, res, stream);
   });

@@ -8,6 +8,7 @@ from typing import Any
 
 from ._backends import pyamg as _pyamg
 from ._backends.amgx import _library
+from .distributed import _cache as _dcache
 
 _COUNTERS = (*_library.codes.COUNTER_NAMES, "device_switches")
 
@@ -35,6 +36,19 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     GPU first frees every setup of the previous one (counted in `evictions`);
     each such switch is counted here. For work on several GPUs, use one process
     per GPU.
+
+    `distributed` (with `backend=None`, once a distributed operator was built in
+    this process): the setups of distributed operators, which act on every rank
+    together. Then this call is **collective**: every rank of their
+    communicators must make it, at the same point of its program (a rank left
+    waiting raises [`lineax_amgx.DistributedTimeoutError`][] after
+    `LINEAX_AMGX_MPI_TIMEOUT` seconds). It holds the distributed AmgX cache's
+    counters, `capacity` and `isolated` (this rank's; the same on every rank),
+    `size` (this rank's AmgX entries and the CPU setups, held by rank 0) and
+    `communicators`: per communicator, each rank's number of AmgX entries
+    (`amgx_sizes`), this rank's entries and rank 0's CPU setups
+    (`pyamg_entries`; on rank 0 also in `"pyamg"`). Without distributed
+    operators it is `None` and the call is local.
     """
     infos = {}
     if backend in (None, "amgx"):
@@ -58,20 +72,26 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
         out[c] = sum(i.get(c, 0) for i in infos.values())
     out["backends"] = infos
     out["runtime_arrays"] = _library.native().runtime_array_info()
+    out["distributed"] = _dcache.collective_info()
     return out
 
 
 def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
     hierarchies) and the GPU copies of the operators' structure arrays (compiled
-    programs upload them again when they next run). Counters are kept. The setups
-    of distributed operators (MPI) are not freed here, since destroying them is
-    collective: call `lineax_amgx.distributed.clear_cache(comm)` on every rank for
-    those."""
+    programs upload them again when they next run). Counters are kept.
+
+    Once distributed operators were built in this process it also frees their
+    setups, and is then **collective**: destroying a distributed AmgX setup is
+    (AmgX's MPI), so every rank of their communicators must call it, at the same
+    point of its program. A rank left waiting by the others raises
+    [`lineax_amgx.DistributedTimeoutError`][] after `LINEAX_AMGX_MPI_TIMEOUT`
+    seconds (see the distributed guide, "Cache controls across ranks")."""
     native = _library.native()
     native.clear_cache()
     native.release_runtime_array_copies()
     _pyamg.clear_cache()
+    _dcache.collective_clear()
 
 
 def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
@@ -80,7 +100,12 @@ def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
     own AmgX objects (for debugging). `entries_per_key > 1` keeps several setups of
     one pattern and config resident (operators that alternate on one mesh); by
     default the AmgX cache keeps one (new values reset it up) and the CPU cache four
-    (its rebuilds are cheap to keep)."""
+    (its rebuilds are cheap to keep).
+
+    Distributed solves follow the same setting: isolated mode on any rank makes
+    every rank's distributed AmgX solve set up and destroy its own entry (agreed
+    at each call), and the CPU setups of distributed operators follow rank 0's
+    setting (rank 0 holds them). Set the same value on every rank."""
     n = int(n)
     if n < 0:
         raise ValueError(f"cache size must be >= 0, got {n}.")

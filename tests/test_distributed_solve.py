@@ -407,7 +407,7 @@ class FakeDistributedAmgX:
         self.entries[key] = e
         return e["id"], e["gen"]
 
-    def dist_clear_cache(self):
+    def dist_clear_cache(self, comm_key=-1):
         self.comm.Barrier()  # collective, as destroying AmgX's entries is
         self.entries.clear()
 

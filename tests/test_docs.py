@@ -47,6 +47,10 @@ NOT_RUN = {
     # A complete matrix-free Newton script (run under mpiexec -n 2 and 3 by
     # tests/test_distributed_jacobian.py).
     ("guide/distributed.md", "mpi (bratu.py: mpiexec -n 2 python bratu.py)"),
+    # Reverse mode through a non-symmetric distributed solve; cache controls across
+    # ranks: multi-rank scripts (run by the author with mpiexec -n 2 and -n 3).
+    ("guide/distributed.md", "mpi (transpose.py: mpiexec -n 2 python transpose.py)"),
+    ("guide/distributed.md", "mpi (cache.py: mpiexec -n 2 python cache.py)"),
     # shard_map under jax.distributed: one JAX process per MPI rank.
     ("guide/distributed.md", "mpi under jax.distributed (continues the example above)"),
     # info() on a machine with AmgX and a GPU: shows AmgX's version and path.

@@ -294,10 +294,13 @@ def _check_native_mpi(comm_key: int) -> None:
 
 
 
-def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
-    """Collective (inside a turn). The token of the AmgX entry holding `values`:
-    every rank probes its cache, the worst outcome wins on every rank (a hit only
-    when all hit), and the ranks set up or resetup together."""
+def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token,
+                    *, setup_only: bool = False):
+    """Collective (inside a turn). `(token, isolated)`: the token of the AmgX
+    entry holding `values`: every rank probes its cache, the worst outcome wins on
+    every rank (a hit only when all hit), and the ranks set up or resetup
+    together. `isolated`: some rank's cache has capacity 0 (agreed): then a setup
+    (`setup_only`) keeps nothing, and a solve's entry is removed after it."""
 
     MPI = mpi()
     comm_key = pattern.layout.comm_key
@@ -312,8 +315,9 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     # the token does not name a resident entry (probe), or for a (re)setup.
     as_numpy = ft.cache(lambda: np.ascontiguousarray(values))
     no_values = np.empty(0, np.uint8)
-    err, state = None, _native.PROBE_SETUP
+    err, state, isolated = None, _native.PROBE_SETUP, False
     try:
+        isolated = bool(native.dist_cache_info().get("isolated", False))
         tok = (int(token[0]), int(token[1]))
         state, _, _ = native.dist_probe(ordinal, *static, no_values, *tok)
         if state == _native.PROBE_RESETUP:  # not named by the token: compare
@@ -322,11 +326,14 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
         err = str(e)
     what = _call_signature(pattern, key, "acquire")
     with _turn(comm, kind="amgx.agree"):  # the probes' errors and outcomes at once
-        everyone = comm.allgather((int(state), err, what))
-    _raise_gathered([e for _, e, _ in everyone], RuntimeError)
-    if len({w for _, _, w in everyone}) > 1:
+        everyone = comm.allgather((int(state), err, what, isolated))
+    _raise_gathered([e for _, e, _, _ in everyone], RuntimeError)
+    if len({w for _, _, w, _ in everyone}) > 1:
         raise RuntimeError(_DIFFERENT_CALLS)
-    action = max(st for st, _, _ in everyone)
+    action = max(st for st, _, _, _ in everyone)
+    isolated = any(i for _, _, _, i in everyone)
+    if isolated and setup_only:  # as the single-process cache: nothing kept
+        return np.array([-1, -1], np.int32), True
     amgx_comm = _amgx_comm(comm_key)
     err, out = None, (-1, -1)
     try:
@@ -340,7 +347,7 @@ def _native_acquire(pattern: DistributedPattern, key: SolveKey, values, token):
     except Exception as e:  # noqa: BLE001 - re-raised on every rank
         err = f"AmgX distributed setup failed: {e}"
     _raise_if_any(comm, err, RuntimeError)
-    return np.array(out, np.int32)
+    return np.array(out, np.int32), isolated
 
 
 def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
@@ -354,7 +361,8 @@ def amgx_setup(pattern: DistributedPattern, values, ok, key: SolveKey):
         with _turn(comm, site, "amgx.setup"):
             if not agree(int(ok) != 0, comm):
                 return np.array([-1, -1], np.int32)
-            return _native_acquire(pattern, key, values, (-1, -1))
+            return _native_acquire(pattern, key, values, (-1, -1),
+                                   setup_only=True)[0]
 
     return host_setup(host, values, ok)
 
@@ -372,7 +380,7 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
         with _turn(comm, site, "amgx.solve"):
             if not agree(int(ok) != 0, comm):
                 return nonfinite_host_result(b.shape, out_dtype)
-            tok = _native_acquire(pattern, key, values, np.asarray(token))
+            tok, isolated = _native_acquire(pattern, key, values, np.asarray(token))
             x = np.empty(b.shape, out_dtype)
             x0 = np.ascontiguousarray(maybe_x0[0], out_dtype) if maybe_x0 else None
             err, result = None, (Status.FAILED, 0, float("inf"))
@@ -383,7 +391,15 @@ def amgx_solve(pattern: DistributedPattern, values, token, b, x0, ok, key: Solve
                 )
             except Exception as e:  # noqa: BLE001 - re-raised on every rank
                 err = f"AmgX distributed solve failed: {e}"
-            _raise_if_any(comm, err, RuntimeError)
+            with _turn(comm, kind="amgx.solved"):
+                failed = comm.allgather(err)
+            if isolated or any(e is not None for e in failed):
+                # A failure anywhere leaves AmgX's state unknown: every rank
+                # drops its part of the entry, together (a collective destroy),
+                # as isolated mode does after every solve.
+                _library.native().dist_remove(
+                    _device_ordinal(comm_key), int(tok[0]), int(tok[1]))
+            _raise_gathered(failed, RuntimeError)
         status, steps, resid = result
         if key.verbose and comm.Get_rank() == 0:
             print(

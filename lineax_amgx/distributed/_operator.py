@@ -25,6 +25,7 @@ from ._pattern import DistributedPattern, _counts_displs
 from ._sequencer import (
     turn as _turn,
 )
+from ._transpose import transposed_values
 from ._vectors import _check_vector
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -333,6 +334,11 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         )
 
     def transpose(self):
+        """`A^T`. Symmetric (tagged) operators return themselves. Otherwise
+        collective the first time for a pattern: the transposed pattern is a
+        redistribution of the entries between the ranks, built once and cached
+        (every rank reaches it at the same point, as `jax.grad` through a solve
+        does); the values travel the same way at run time (one `Alltoallv`)."""
         if lx.symmetric_tag in self.tags:
             return self
         if self.pattern.block_size > 1:
@@ -346,12 +352,9 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 "non-symmetric distributed block operators are not available "
                 "(forward-mode, jax.jvp, is)."
             )
-        raise NotImplementedError(
-            "distributed transpose of a non-symmetric DistributedCSROperator is not "
-            "implemented yet (it needs a redistribution of the entries between "
-            "ranks). Tag the operator `lx.symmetric_tag` if the global matrix is "
-            "symmetric; reverse-mode gradients of solves with non-symmetric "
-            "distributed operators are not available."
+        pattern_t, values_t = transposed_values(self.pattern, self.values)
+        return DistributedCSROperator(
+            pattern_t, values_t, lx.transpose_tags(self.tags)
         )
 
     def in_structure(self):

@@ -281,6 +281,10 @@ class DistributedPattern:
         pos.setflags(write=False)
         return pos
 
+    # The single-process solvers ask for a padded per-row layout
+    # (`SparsityPattern.row_layout`); distributed rows use segment reductions.
+    row_layout = False
+
     def to_scipy(self, values):
         """This rank's rows as a scipy CSR (BSR for blocks) array of the local
         scalar shape `shape`."""

@@ -32,6 +32,25 @@ _INT32_MAX = np.iinfo(np.int32).max
 _ROOT = 0
 
 
+# The CPU setups of each communicator's distributed operators, on the root: the
+# pyamg problems (cache keys) it set up, for the cache controls (`_cache`).
+_problems: dict[int, dict[tuple, pyamg.Host]] = {}
+
+
+def _problem(comm_key: int, gpat, key: SolveKey) -> pyamg.Host:
+    problem = pyamg.Host(gpat, key)
+    held = _problems.setdefault(comm_key, {})
+    for k in [k for k, p in held.items() if not p.resident()]:
+        del held[k]  # evicted since: forget them (bounded by the capacity)
+    held[problem.cache_key] = problem
+    return problem
+
+
+def resident_problems(comm_key: int) -> list[pyamg.Host]:
+    """The root's resident CPU setups of `comm_key`'s operators (none elsewhere)."""
+    return [p for p in _problems.get(comm_key, {}).values() if p.resident()]
+
+
 def _gather_to_root(comm, local: np.ndarray, counts, root: int):
     """`local` (rows of equal trailing shape: `(n,)`, or `(nnz, b, b)` blocks)
     gathered on `root`, `counts` rows from every rank."""
@@ -73,9 +92,11 @@ def setup(
             )
             err = None
             if comm.Get_rank() == _ROOT:
+                problem = _problem(comm_key, gpat, key)
                 try:
-                    token = pyamg.Host(gpat, key).setup(vals)
+                    token = problem.setup(vals)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                    problem.evict()  # (nothing of a failed setup is kept)
                     err = f"pyamg setup failed: {e!r}"
             _raise_if_any(comm, err, RuntimeError)
             return comm.bcast(token, root=_ROOT)
@@ -114,7 +135,7 @@ def solve(
             if not agree(int(ok) != 0, comm):
                 return nonfinite_host_result(b.shape, out_dtype)
             gpat = pattern.global_pattern(_ROOT)
-            problem = None if gpat is None else pyamg.Host(gpat, key)
+            problem = None if gpat is None else _problem(comm_key, gpat, key)
             # Token hit on the root: nobody sends values. One decision for all.
             hit = False
             if rank == _ROOT:
@@ -139,6 +160,10 @@ def solve(
                     result = (int(status), int(steps), float(resid), None)
                     x = np.asarray(x, out_dtype)
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank
+                    # A failed solve leaves the setup in an unknown state: evicted
+                    # (only the root holds CPU setups; the error reaches every
+                    # rank below).
+                    problem.evict()
                     x = np.zeros(pattern.global_shape[0], out_dtype)
                     result = (Status.FAILED, 0, float("inf"), repr(e))
             status, steps, resid, err = comm.bcast(result, root=_ROOT)

@@ -129,6 +129,15 @@ class Host:
         needs no values)."""
         return _cache.holds(self.cache_key, token)
 
+    def evict(self) -> bool:
+        """Drop this problem's resident setups (after a failed solve); whether
+        there were any."""
+        return _cache.evict(self.cache_key)
+
+    def resident(self) -> bool:
+        """Whether a setup of this problem is in the cache."""
+        return self.cache_key in _cache.entries
+
     def solve(self, values, token, b, x0=None, near_nullspace=None):
         """`(x, status, iterations, ||b - A x||_2)`: from the setup `token` names,
         else from an exact comparison of `values` with the resident ones, else

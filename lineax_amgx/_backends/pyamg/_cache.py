@@ -92,6 +92,17 @@ class _Cache:
             self.entries.clear()
             self.by_id.clear()
 
+    def evict(self, ckey) -> bool:
+        """Drop the entry of `ckey` (a failed solve: its state is unknown);
+        whether there was one. Counted as an eviction."""
+        with self.lock:
+            entry = self.entries.pop(ckey, None)
+            if entry is None:
+                return False
+            self.by_id.pop(entry.id, None)
+            self.counters["evictions"] += 1
+            return True
+
     def reset_counters(self):
         with self.lock:
             self.counters = dict.fromkeys(_COUNTERS, 0)
