@@ -183,6 +183,11 @@ def test_profile_is_computed_from_host_values_only():
     assert op2.profile == op.profile
     assert jax.tree.structure(op2) == jax.tree.structure(
         lxa.CSROperator.from_arrays(a.indptr, a.indices, a.data, a.shape))
+    # a NaN off-diagonal value: never "isotropic" (the solver reports the NaN)
+    bad = a.data.copy()
+    bad[1] = np.nan  # row 0: (0, 0) is entry 0, (0, 1) entry 1
+    assert _choice(lxa.CSROperator.from_arrays(
+        a.indptr, a.indices, bad, a.shape, tags=SPD)).branch != "spd-isotropic"
     # block patterns and matrices without a positive diagonal: none
     assert lxa.CSROperator.from_scipy(elasticity2d(4, block=True)).profile is None
     neg = lxa.CSROperator.from_scipy(-a)
