@@ -132,10 +132,13 @@ void write_solve_info(ffi::Buffer<ffi::S32>& info, const int32_t* info_host,
 // The single-process handlers: the resource cache (cache.h).
 // ------------------------------------------------------------------------------
 
+// `ok`: 1 sets up, 0 skips (non-finite values or a zero row: no entry), 2 refuses
+// with `refusal` (the values break a promise the solver checked on the device,
+// such as a symmetry tag; the contract's OK_* codes).
 ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S32> ok,
                      ffi::Result<ffi::Buffer<ffi::S32>> token, int64_t fingerprint,
                      std::string_view config, int32_t mode, int32_t transposed,
-                     int32_t verbose) {
+                     int32_t verbose, std::string_view refusal) {
   return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/true,
                      [&](CUstream stream, const ContextScope& scope) {
       auto pattern = find_pattern(fingerprint);
@@ -143,6 +146,7 @@ ffi::Error SetupImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       int32_t ok_host = 0;
       LXA_CU(cuMemcpyDtoH_v2(&ok_host, reinterpret_cast<CUdeviceptr>(ok.typed_data()),
                              sizeof(int32_t)));
+      if (ok_host == 2) throw Failure(std::string(refusal));
       Cache& cache = Cache::get();
       Entry* e = nullptr;
       if (ok_host != 0 && !cache.isolated()) {
@@ -324,6 +328,11 @@ auto solve_binding() {
 }
 
 template <typename B>
+auto refusing(B binding) {
+  return std::move(binding).template Attr<std::string_view>("refusal");
+}
+
+template <typename B>
 auto distributed(B binding) {
   return std::move(binding)
       .template Attr<int64_t>("comm_key")
@@ -334,7 +343,8 @@ auto distributed(B binding) {
 }  // namespace
 }  // namespace lxa
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSetup, lxa::SetupImpl, lxa::setup_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSetup, lxa::SetupImpl,
+                              lxa::refusing(lxa::setup_binding()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaSolve, lxa::SolveImpl, lxa::solve_binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LxaDistSetup, lxa::DistSetupImpl,
                               lxa::distributed(lxa::setup_binding()));

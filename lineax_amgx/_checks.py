@@ -10,9 +10,9 @@
 - An operator tagged symmetric (or positive/negative semidefinite) whose values
   are not symmetric: the forward solve may even succeed, but the backward pass
   reuses the forward setup as if `A^T = A`, so gradients are wrong. One helper,
-  `require_symmetric`, for the `CSROperator` constructors (concrete values:
-  `ValueError`), `AMGX.init` and `AMGXPreconditioner` (traced values:
-  `eqx.error_if`).
+  `asymmetry_verdict`, for the `CSROperator` constructors (concrete values:
+  `ValueError`), `AMGX.init` and `AMGXPreconditioner` (traced values: a verdict
+  the backend's setup turns into an error before it sets anything up).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from ._warnings import warn_once
 __all__ = [
     "DenseOperatorWarning",
     "SYMMETRY_TAGS",
+    "asymmetry_verdict",
     "check_symmetric",
     "claimed_symmetry",
-    "require_symmetric",
     "symmetry_tolerance",
+    "symmetry_verdict",
     "tag_names",
     "warn_dense",
     "warn_if_downcast",
@@ -266,33 +267,38 @@ def _message(claim: str, tags, tol: float) -> str:
     )
 
 
-def require_symmetric(x, pattern, values, tags, *, claim: str):
-    """Check that `values` on `pattern` are symmetric when `tags` holds a symmetry
-    tag, and return `x` (the thing the check is attached to).
+def asymmetry_verdict(pattern, values, tags, *, claim: str):
+    """Whether `values` on `pattern` break a symmetry tag in `tags`:
+    `(refuse, message)`.
 
-    Concrete `values`: a `ValueError` now, naming the tag and the largest
-    asymmetry (one gather and one pass over the values, on their device).
-    Traced `values` (under `jit`, `vmap`, `grad`): `x` comes back through
-    `eqx.error_if`, so the check runs before whatever uses `x` (and obeys
-    `EQX_ON_ERROR`). `claim` starts the message (`"The operator is tagged"`).
-    The structural part (the mirror permutation) is computed once per pattern."""
+    Concrete `values`: checked now (`check_symmetric`: a `ValueError` naming the
+    tag and the largest asymmetry); `(None, "")`. Traced `values` (under `jit`,
+    `vmap`, `grad`): `refuse` is a traced bool scalar (one gather through the
+    pattern's mirror and one pass over the values, on their device) and
+    `message` the error the backend's setup raises when it is true: the solver
+    folds `refuse` into the setup's `ok` code (`contract.OK_REFUSE`), which the
+    setup reads anyway, so the check costs no host synchronisation of its own
+    and the error comes before AmgX's (or pyamg's) setup. `(None, "")` where
+    there is nothing to check. `claim` starts the message (`"The operator is
+    tagged"`). The structural part (the mirror permutation) is computed once per
+    pattern."""
     tags = frozenset(tags) & SYMMETRY_TAGS
     if not tags:
-        return x
+        return None, ""
     if not isinstance(values, jax.core.Tracer):
         check_symmetric(pattern, values, tags, claim=claim)
-        return x
+        return None, ""
     mirror = _checked_mirror(pattern, tags, claim)
     if mirror is None:
-        return x
+        return None, ""
     tol = symmetry_tolerance(values.dtype)
     # The mirror reaches the compiled program at run time, not as a constant.
     diff, _, top = _asymmetry(values, pattern_array(pattern, "mirror", mirror))
-    return eqx.error_if(x, diff > tol * top, _message(claim, tags, tol))
+    return diff > tol * top, _message(claim, tags, tol)
 
 
 def check_symmetric(pattern, values, tags, *, claim: str) -> None:
-    """`require_symmetric` for concrete values only (traced values pass: the
+    """`asymmetry_verdict` for concrete values only (traced values pass: the
     solvers check them), with nothing to attach the check to: the `CSROperator`
     constructors call it."""
     tags = frozenset(tags) & SYMMETRY_TAGS
@@ -323,12 +329,9 @@ def check_symmetric(pattern, values, tags, *, claim: str) -> None:
     )
 
 
-def symmetry_checked(csr, *operators, claim: str):
-    """`csr` (a CSR-like operator with `pattern`, `values`, `with_values`) with
-    its values checked by `require_symmetric` against the symmetry tags that
-    `csr` or any of `operators` claims: the same operator where there is nothing
-    to check, else one whose values carry the check (what a solver's `init`
-    uses, so the check runs before the setup)."""
+def symmetry_verdict(csr, *operators, claim: str):
+    """`asymmetry_verdict` of `csr`'s values (a CSR-like operator with `pattern`
+    and `values`) against the symmetry tags that `csr` or any of `operators`
+    claims: what a solver's `init` folds into its setup."""
     tags = claimed_symmetry(csr, *operators)
-    values = require_symmetric(csr.values, csr.pattern, csr.values, tags, claim=claim)
-    return csr if values is csr.values else csr.with_values(values)
+    return asymmetry_verdict(csr.pattern, csr.values, tags, claim=claim)

@@ -702,7 +702,10 @@ def _dense_lu_cap(scope: Mapping[str, Any]) -> int | None:
 # <= 32 rows: AmgX's PCG_AGGREGATION as near as pyamg gets), 3-D pure-Neumann
 # Poisson at 40^3, 64^3 and 100^3: 2 or 10 coarsest sweeps and an exact
 # pseudo-inverse gave the same PCG iteration count within one (100^3, rtol 1e-6:
-# 33, against 23 for the Dirichlet problem); 4 is used.
+# 33, against 23 for the Dirichlet problem); 4 is used. On the H200 (AmgX 2.5,
+# 100^3, rtol 1e-8, benchmarks/null_space.py): 4, 16 or 64 sweeps, or coarsening
+# stopped at 256 or 2 rows, gave 57-62 iterations (35 for Dirichlet): the
+# coarsest level is not where the Neumann problem's extra iterations come from.
 SINGULAR_COARSEST_SWEEPS = 4
 
 

@@ -301,6 +301,22 @@ class CSROperator(lx.AbstractLinearOperator):
         b = p.block_size
         # Runtime arrays, not constants: see `_runtime_arrays`.
         cols = pattern_array(p, "indices")
+        if p.row_layout:  # each row summed by itself: no scatter, no atomics
+            slots, valid = row_slots(p)
+            cols = take(cols, slots)
+            if b == 1:
+                prod = take(self.values, slots) * take(vector, cols)
+            else:
+                xb = vector.reshape(p.block_cols, b)
+                prod = jnp.einsum(
+                    "rkij,rkj->rki",
+                    take(self.values, slots),
+                    take(xb, cols),
+                    precision=jax.lax.Precision.HIGHEST,
+                )
+                valid = valid[..., None]
+            # `where`, not a multiplication by the mask: 0 * inf would be NaN.
+            return jnp.sum(jnp.where(valid, prod, 0), axis=1).reshape(p.shape[0])
         rows = pattern_array(p, "row_ids")
         if b == 1:
             prod = self.values * take(vector, cols)
@@ -353,6 +369,19 @@ class CSROperator(lx.AbstractLinearOperator):
 
 
 # ---- Lineax's singledispatch queries -------------------------------------------
+
+
+def row_slots(pattern: SparsityPattern) -> tuple[jax.Array, jax.Array]:
+    """The stored entries by row, for `pattern.row_layout` patterns: `(slots,
+    valid)`, both `(block_rows, max_row_length)`; `slots[i, k]` is the position of
+    row `i`'s `k`-th stored entry (clamped to a valid position past the row's
+    end, where `valid` is false). Computed on the device from `indptr` (a runtime
+    array): a per-row reduction over them is one fused pass, with no scatter."""
+    indptr = pattern_array(pattern, "indptr")
+    start, length = indptr[:-1], indptr[1:] - indptr[:-1]
+    k = jnp.arange(pattern.max_row_length, dtype=indptr.dtype)
+    slots = jnp.minimum(start[:, None] + k, pattern.nnz - 1)
+    return slots, k < length[:, None]
 
 
 def csr_diagonal(op) -> jax.Array:

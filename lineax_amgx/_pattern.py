@@ -268,6 +268,18 @@ class SparsityPattern:
         return pos
 
     @ft.cached_property
+    def max_row_length(self) -> int:
+        """The most (block) entries stored in one (block) row."""
+        return int(np.diff(self.indptr).max()) if self.block_rows else 0
+
+    @property
+    def row_layout(self) -> bool:
+        """Whether per-row reductions (mat-vec, row checks) read the values as a
+        `(rows, max_row_length)` layout (no atomics on a GPU) rather than by a
+        segment sum: when that layout holds at most twice the stored entries."""
+        return 0 < self.block_rows * self.max_row_length <= 2 * self.nnz
+
+    @ft.cached_property
     def empty_rows(self) -> np.ndarray:
         """The (block) rows that store no entry (a structurally singular matrix)."""
         out = np.flatnonzero(np.diff(self.indptr) == 0)

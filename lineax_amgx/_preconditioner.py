@@ -305,14 +305,15 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         )
         values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
         # A symmetric cycle needs a symmetric matrix: the same check as AMGX's
-        # (a ValueError now for concrete values, before the setup under jit).
-        values = _checks.require_symmetric(
-            values, p, csr.values, tag_set,
+        # (a ValueError now for concrete values; under jit the setup raises).
+        asymmetric, refusal = _checks.asymmetry_verdict(
+            p, csr.values, tag_set,
             claim="AMGXPreconditioner is tagged" if tags is not None
             else "The matrix of AMGXPreconditioner is tagged",
         )
+        key = key._replace(refusal=refusal)
         self.values = values
-        self.token = router.setup(p, values, key)
+        self.token = router.setup(p, values, key, refuse=asymmetric)
         self.pattern = p
         self.key = key
         self.tags = tag_set

@@ -26,8 +26,9 @@ from ._backends.contract import (
     mode_for,
     vector_dtype as _vector_dtype,
 )
-from ._operator import CSROperator
-from ._runtime_arrays import pattern_array
+from ._operator import CSROperator, row_slots
+from ._pattern import SparsityPattern
+from ._runtime_arrays import pattern_array, take
 from .matrix_free import as_csr_operator
 
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
@@ -227,13 +228,13 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr = as_csr_operator(operator)
         p = csr.pattern
         _protocol.check_structure(p)
-        # Before the symmetry check, which may give traced values a new operator
-        # (without the profile that "auto" reads).
-        resolved = self._resolve(operator, csr)
-        # A symmetry tag on non-symmetric values: an error before the setup.
-        csr = _checks.symmetry_checked(
+        # A symmetry tag on non-symmetric values: concrete ones raise now;
+        # traced ones give a verdict that makes the setup raise before it sets
+        # anything up (folded into its `ok` code: no synchronisation of its own).
+        asymmetric, refusal = _checks.symmetry_verdict(
             csr, operator, claim="The operator given to AMGX is tagged"
         )
+        resolved = self._resolve(operator, csr)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
                 f"Classical AMG (config {resolved.text!r}) does not support block "
@@ -258,6 +259,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             transposed=False,
             verbose=self.verbose,
             backend=self.backend,
+            refusal=refusal,
         )
         values = csr.values.astype(_matrix_dtype(mode))
         # A row of zeros: the backend skips the setup (and returns an invalid
@@ -270,7 +272,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         if ns is not None:
             nns, quiet = ns.near_nullspace(csr, resolved, nns, _vector_dtype(mode))
         token = router.setup(p, values, key, nns, ok=finite & ~zero_row,
-                             quiet_near_nullspace=quiet)
+                             refuse=asymmetric, quiet_near_nullspace=quiet)
         if ns is not None:  # orthonormal bases, once per setup
             ns = ns.build(csr, self._vector_dtype(mode), after=token)
         return _AMGXState(
@@ -472,13 +474,21 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
     a = jnp.abs(jax.lax.stop_gradient(values))
     if pattern.block_size > 1:
         a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
+    finite = jnp.all(jnp.isfinite(a))
+    # One fused pass, no scatter (see `row_slots`); a distributed pattern's
+    # rows reduce by segment.
+    if isinstance(pattern, SparsityPattern) and pattern.row_layout:
+        slots, valid = row_slots(pattern)
+        if pattern.block_size > 1:
+            valid = valid[..., None]
+        row_max = jnp.max(jnp.where(valid, take(a, slots), 0), axis=1)
+        return jnp.any(row_max == 0) & finite, finite
     row_max = jax.ops.segment_max(
         a,
         pattern_array(pattern, "row_ids"),  # a runtime array, not a constant
         num_segments=pattern.block_rows,
         indices_are_sorted=True,
     )
-    finite = jnp.all(jnp.isfinite(a))
     return jnp.any(row_max == 0) & finite, finite
 
 

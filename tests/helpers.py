@@ -219,3 +219,28 @@ def convected_poisson3d(n: int) -> sp.csr_array:
     out = sp.csr_array(a + 0.8 * (sp.eye(m) - shift))
     out.sort_indices()
     return out
+
+
+def drop_runtime_error(device=None) -> None:
+    """Forget a runtime error that JAX keeps after a caught failure.
+
+    On a GPU, JAX keeps the error of a failed computation with host callbacks
+    (an `eqx.error_if` that fired) in its runtime token for that device and
+    raises it again at every `jax.effects_barrier()` (the next test's) until
+    another such computation on the device replaces the token. Raise it once
+    here, then run one successful computation with a host callback there."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.effects_barrier()
+    except Exception:  # noqa: BLE001, S110 - the error being dropped
+        pass
+    x = jax.device_put(jnp.zeros(()), device or jax.devices()[0])
+
+    def touch(v):
+        jax.debug.callback(lambda _: None, v)
+        return v + 1
+
+    jax.block_until_ready(jax.jit(touch)(x))
+    jax.effects_barrier()

@@ -44,6 +44,9 @@ NOT_RUN = {
     ("guide/distributed.md", "mpi and GPUs (solve.py: mpiexec -n 4 python solve.py)"),
     # Gradient of a distributed solve: continues the multi-rank script above.
     ("guide/distributed.md", "mpi (continues the example above)"),
+    # A complete matrix-free Newton script (run under mpiexec -n 2 and 3 by
+    # tests/test_distributed_jacobian.py).
+    ("guide/distributed.md", "mpi (bratu.py: mpiexec -n 2 python bratu.py)"),
     # shard_map under jax.distributed: one JAX process per MPI rank.
     ("guide/distributed.md", "mpi under jax.distributed (continues the example above)"),
     # info() on a machine with AmgX and a GPU: shows AmgX's version and path.

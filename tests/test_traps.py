@@ -26,9 +26,11 @@ from lineax_amgx import as_csr_operator
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 NOT_SYMMETRIC = "but its values are not symmetric"
-# What a runtime error under jit is (eqx.filter_jit / lx.linear_solve: Equinox's;
-# plain jax.jit: JAX's).
-RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
+# What a runtime error under jit is: the setup's refusal (a symmetry tag on
+# non-symmetric values) is JAX's error around the native handler's message on the
+# GPU, and around the host callback's ValueError on the CPU (some JAX paths
+# re-raise that as a ValueError); a null space's checks are Equinox's.
+RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError, ValueError)
 
 
 def tridiagonal(n: int, rng) -> np.ndarray:

@@ -14,8 +14,13 @@ calls, with the same shapes and meaning:
   is slow, never wrong). `info` is int32[2] = (`Status`, iterations); `residual`
   the final residual norm (`solve_result_shapes`).
 
-`ok` is an int32 scalar, 0 when an input holds NaN or Inf (or the matrix has a
-zero row): the backend then skips the solver and reports `Status.NONFINITE`.
+`ok` is an int32 scalar: `OK_RUN` (1), or `OK_SKIP` (0) when an input holds NaN
+or Inf (or the matrix has a zero row): the backend then skips the solver and
+reports `Status.NONFINITE`. A setup also takes `OK_REFUSE` (2): the values break
+a promise the solver checked on the device (a symmetry tag on non-symmetric
+values); the setup then raises `key.refusal` before it sets anything up. The
+setup reads `ok` on the host anyway, so such a check costs no synchronisation of
+its own.
 `near_nullspace` (an `(n, k)` array or `None`: `options["near_nullspace"]`,
 pyamg's `B`) is used by the CPU backend; AmgX has no such input.
 
@@ -105,6 +110,19 @@ class SolveKey(NamedTuple):
     transposed: bool
     verbose: bool
     backend: str  # "auto" | "amgx" | "pyamg"
+    # What a setup raises when its `ok` is OK_REFUSE (not part of any cache key).
+    refusal: str = ""
+
+
+# A setup's and a solve's `ok` codes (see the module docstring).
+OK_SKIP, OK_RUN, OK_REFUSE = 0, 1, 2
+
+
+def refuse_if(ok, refuse) -> jax.Array:
+    """`ok` (bool or int32 scalar) as an int32 `ok` code, `OK_REFUSE` where the
+    traced bool `refuse` is true (`None`: nothing to refuse)."""
+    ok = jnp.asarray(ok).astype(jnp.int32)
+    return ok if refuse is None else jnp.where(refuse, OK_REFUSE, ok)
 
 
 def invalid_token():

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from .. import _blocks
 from . import amgx as _amgx, pyamg as _pyamg  # noqa: F401 - register the backends
 from .amgx import _library
-from .contract import SolveKey, lookup, solve_result_shapes
+from .contract import SolveKey, lookup, refuse_if, solve_result_shapes
 
 
 def _finite(*arrays) -> jax.Array:
@@ -37,12 +37,13 @@ def _impls(pattern):
 
 
 def setup(
-    pattern, values, key: SolveKey, near_nullspace=None, *, ok=None,
+    pattern, values, key: SolveKey, near_nullspace=None, *, ok=None, refuse=None,
     quiet_near_nullspace=False,
 ):
     """`ok` (bool or int32 scalar) may be given when the caller has already
-    checked the values; otherwise they are checked here."""
-    ok = _finite(values) if ok is None else jnp.asarray(ok).astype(jnp.int32)
+    checked the values; otherwise they are checked here. `refuse` (a traced bool
+    or `None`): the setup raises `key.refusal` where it is true."""
+    ok = refuse_if(_finite(values) if ok is None else ok, refuse)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, ok, key, near_nullspace)
     return _route(key.backend, gpu.setup, cpu.setup, _setup_not_on_cuda, args,

@@ -28,8 +28,9 @@ waiting.
 Modules (private): `_sequencer` (one order of MPI calls on every rank), `_comm`
 (mpi4py, agreed errors, the communicator registry), `_layout`, `_pattern`,
 `_collectives` (halo exchange, reductions, `after`), `_vectors`, `_operator`,
-`_shard_map`, `_amgx` / `_pyamg` (the backends for distributed patterns) and
-`_cache`.
+`_shard_map`, `_amgx` / `_pyamg` (the backends for distributed patterns),
+`_cache` and `_sparsify` (matrix-free Jacobians: detected, colored and assembled
+per rank).
 """
 
 from .._backends import contract as _contract
@@ -76,6 +77,9 @@ from ._shard_map import (
     unpad_values as unpad_values,
     unpad_vector as unpad_vector,
 )
+from ._sparsify import (
+    DistributedJacobianOperator as DistributedJacobianOperator,
+)
 from ._vectors import (
     gather_vector as gather_vector,
     scatter_vector as scatter_vector,
@@ -89,6 +93,7 @@ _contract.register("pyamg", DistributedPattern, _pyamg)
 __all__ = [
     "DistributedCSROperator",
     "DistributedError",
+    "DistributedJacobianOperator",
     "DistributedOrderError",
     "DistributedPattern",
     "DistributedTimeoutError",

@@ -92,7 +92,9 @@ def _halo_transpose_call(pattern: DistributedPattern, ct):
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _halo(pattern: DistributedPattern, x):
-    """The off-rank entries of `x` that the local rows need (`pattern.halo`)."""
+    """The off-rank entries of `x` that the local rows need (`pattern.halo`).
+    Use `_extended` instead: on a rank whose halo is empty this exchange's
+    callback has an empty output, which XLA drops (the rank then never joins)."""
     return _halo_call(pattern, x)
 
 
@@ -108,6 +110,76 @@ def _halo_jvp(pattern, primals, tangents):
         dx,
     )
     return _halo(pattern, x), dy
+
+
+# `_extended(pattern, x)`: `[x, halo]`, the exchange kept alive on every rank.
+# A rank that receives nothing (an empty halo) but must send, or must receive
+# the transpose's contributions and sends nothing, would make a callback with an
+# empty output: XLA drops zero-sized operations (and unused pure callbacks), so
+# that rank would never join the exchange and the others would wait for it. So
+# the callbacks here also pass the first entry of the local vector through
+# (as `after` does), and the result is built from their output.
+
+
+def _exchange_host(pattern, site, sendbuf, head):
+    return np.concatenate([np.asarray(head), _halo_forward_host(pattern, site,
+                                                                sendbuf)])
+
+
+def _exchange_transpose_host(pattern, site, ct, head):
+    return np.concatenate([np.asarray(head), _halo_transpose_host(pattern, site,
+                                                                  ct)])
+
+
+def _extended_call(pattern: DistributedPattern, x):
+    n, h = pattern.shape[0], pattern.halo.shape[0]
+    if not pattern.communicates:  # (then no rank has a halo)
+        return jnp.concatenate([x, jnp.zeros((h,), x.dtype)])
+    k = min(n, 1)
+    out = jax.pure_callback(
+        ft.partial(_exchange_host, pattern, _new_site()),
+        jax.ShapeDtypeStruct((k + h,), x.dtype),
+        take(x, pattern_array(pattern, "send_indices")),
+        x[:k],
+        vmap_method="sequential",
+    )
+    return jnp.concatenate([out[:k], x[k:], out[k:]])
+
+
+def _extended_transpose_call(pattern: DistributedPattern, c):
+    n = pattern.shape[0]
+    if not pattern.communicates:
+        return c[:n]
+    k = min(n, 1)
+    send = pattern_array(pattern, "send_indices")
+    r = jax.pure_callback(
+        ft.partial(_exchange_transpose_host, pattern, _new_site()),
+        jax.ShapeDtypeStruct((k + len(pattern.send_indices),), c.dtype),
+        c[n:],
+        c[:k],
+        vmap_method="sequential",
+    )
+    return jnp.concatenate([r[:k], c[k:n]]).at[send].add(r[k:])
+
+
+@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _extended(pattern: DistributedPattern, x):
+    """`[x, x_halo]`: the local vector followed by the off-rank entries its rows
+    need (`pattern.halo`), exchanged by every rank (also one that receives or
+    sends nothing; a rank without rows is not supported by the exchange)."""
+    return _extended_call(pattern, x)
+
+
+@_extended.defjvp
+def _extended_jvp(pattern, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    dy = linear_call(
+        lambda _, v: _extended_call(pattern, v),
+        lambda _, c: _extended_transpose_call(pattern, c),
+        (),
+        dx,
+    )
+    return _extended(pattern, x), dy
 
 
 def _allreduce_host(comm_key: int, site: int, x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from .._checks import warn_if_downcast
 from .._operator import as_tag_set, csr_diagonal, register_queries
 from .._runtime_arrays import pattern_array, take
 from ..matrix_free import as_csr_operator
-from ._collectives import _halo, after as _after, allreduce_sum, global_norm
+from ._collectives import _extended, after as _after, allreduce_sum, global_norm
 from ._comm import _comm, _raise_if_any, mpi
 from ._layout import Layout, balanced_offsets
 from ._pattern import DistributedPattern, _counts_displs
@@ -284,7 +284,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         dtype = jnp.result_type(vector.dtype, self.values.dtype)
         vector = vector.astype(dtype)
         if p.communicates:  # the same on every rank: the exchange is collective
-            x_ext = jnp.concatenate([vector, _halo(p, vector)])
+            x_ext = _extended(p, vector)
         else:
             x_ext = vector
         # Runtime arrays, not constants (see `lineax_amgx._runtime_arrays`).

@@ -53,7 +53,7 @@ def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
         jax.ShapeDtypeStruct((2,), jnp.int32),
         vmap_method="sequential",
     )
-    return call(values, ok, **_attrs(pattern, key))
+    return call(values, ok, refusal=key.refusal, **_attrs(pattern, key))
 
 
 def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):

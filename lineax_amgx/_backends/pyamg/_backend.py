@@ -39,6 +39,8 @@ from jaxtyping import Array, Int, Int32, Shaped
 from ..._pattern import SparsityPattern
 from ..._warnings import warn_once
 from ..contract import (
+    OK_REFUSE,
+    OK_SKIP,
     SolveKey,
     host_setup,
     host_solve,
@@ -183,7 +185,8 @@ def setup(
 
     - `pattern`: the static sparsity pattern.
     - `values`: the matrix values, shape `pattern.value_shape`.
-    - `ok`: int32 scalar, 0 when `values` holds NaN or Inf (no setup is made).
+    - `ok`: int32 scalar: `OK_SKIP` when `values` holds NaN or Inf (no setup
+        is made), `OK_REFUSE` to raise `key.refusal` (see the contract).
     - `key`: the static [`SolveKey`][].
     - `near_nullspace`: `None` or an `(n, k)` array: the near-null space that
         smoothed aggregation interpolates exactly (pyamg's `B`; by default one
@@ -198,7 +201,9 @@ def setup(
     _check_near_nullspace(pattern, near_nullspace)
 
     def host(values, ok, *maybe_nns):
-        if int(ok) == 0:
+        if int(ok) == OK_REFUSE:
+            raise ValueError(key.refusal)
+        if int(ok) == OK_SKIP:
             return np.array([-1, -1], np.int32)
         nns = np.asarray(maybe_nns[0]) if maybe_nns else None
         return problem.setup(np.asarray(values), nns)
