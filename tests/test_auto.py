@@ -230,3 +230,25 @@ def test_isotropic_preset_translates_to_pyamg_like_the_default():
             warnings.simplefilter("error")
             plans.append(_translate.translate(final))
     assert plans[0] == plans[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("branch", sorted(CASES))
+def test_each_branch_solves_on_amgx(branch):
+    """The preset each branch picks sets up and converges in AmgX (on a GPU:
+    `PCG_AGGREGATION_ISOTROPIC`'s SIZE_8 aggregation included)."""
+    from helpers import gpu_array
+
+    make, tags = CASES[branch]
+    a = make()
+    op = lxa.CSROperator.from_scipy(a, tags=tags)
+    assert _choice(op).preset == PRESET[branch]
+    op = jax.device_put(op, jax.devices("cuda")[0])
+    assert op.profile is not None or branch == "block"  # static metadata kept
+    b = np.random.default_rng(0).standard_normal(a.shape[0])
+    sol = lx.linear_solve(op, gpu_array(b), lxa.AMGX(rtol=1e-10, backend="amgx"))
+    assert sol.result == lx.RESULTS.successful
+    x = np.asarray(sol.value)
+    assert np.linalg.norm(b - a @ x) <= 1e-9 * np.linalg.norm(b)
+    ref = spla.spsolve(sp.csc_array(a), b)
+    assert np.linalg.norm(x - ref) <= 1e-7 * np.linalg.norm(ref)
