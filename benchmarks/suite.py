@@ -137,7 +137,7 @@ CANDIDATES: dict[str, tuple[str, dict, dict]] = {
 PRESETS = [
     "PCG_AGGREGATION", "FGMRES_AGGREGATION", "PBICGSTAB_AGGREGATION",
     "GMRES_AGGREGATION", "AMG_AGGREGATION", "PCG_CLASSICAL",
-    "PCG_AGGREGATION_BLOCK", "FGMRES_AGGREGATION_BLOCK",
+    "PCG_AGGREGATION_BLOCK", "FGMRES_AGGREGATION_BLOCK", "PCG_AGGREGATION_ISOTROPIC",
 ]
 LINEAX = [f"lx-{k}-{o}" for k in ("cg", "gmres", "bicgstab") for o in ("mf", "csr")]
 OTHERS = ["cupy-cg", "cupy-gmres", "jax-spsolve", "pyamg-sa", "scipy-splu"]
@@ -157,7 +157,9 @@ SIZE_LIMITS = {"jax-spsolve": 200_000, "scipy-splu": 50_000}
 
 
 def default_preset(tag: str, block: int) -> str:
-    # Mirrors lineax_amgx._config.default_preset (kept here: the parent has no JAX).
+    """The preset `config="auto"` picks from the tags and block size alone
+    (lineax_amgx._auto.choose without values; kept here: the parent has no JAX).
+    The base of the candidates."""
     if block > 1:
         return "PCG_AGGREGATION_BLOCK" if tag == "spd" else "FGMRES_AGGREGATION_BLOCK"
     return "PCG_AGGREGATION" if tag == "spd" else "FGMRES_AGGREGATION"
@@ -303,7 +305,8 @@ def amgx_config(method: str, p):
 
     name = method[5:]
     if name == "default":
-        return None, {}, default_preset(p.tag, p.block_size)
+        # What config="auto" picks for this matrix (its values are NumPy here).
+        return None, {}, auto_preset(p)
     if name.startswith("c-"):
         _, over, kwargs = CANDIDATES[name[2:]]
         kwargs = dict(kwargs)
@@ -314,6 +317,24 @@ def amgx_config(method: str, p):
             outer["solver"] = "PCGF"  # a non-linear (K-cycle) preconditioner
         return cfg, kwargs, name
     return name, {}, name
+
+
+_AUTO: dict = {}
+
+
+def auto_preset(p) -> str:
+    """The preset `lineax_amgx.AMGX()` (config="auto") uses for problem `p`
+    (once per problem and size)."""
+    key = (p.name, p.n)
+    if key not in _AUTO:
+        import lineax_amgx as lxa
+        from lineax_amgx import _auto
+
+        op = lxa.CSROperator.from_scipy(p.A, tags=_tags(p))
+        spd = p.tag == "spd"
+        _AUTO.clear()
+        _AUTO[key] = _auto.resolve(spd, spd, op).preset
+    return _AUTO[key]
 
 
 def run_amgx(ctx, p, method):
@@ -634,7 +655,7 @@ def worker_main() -> int:
                "jax": jax.__version__, "host": socket.gethostname()}
         if method == "amgx:default" or (
             method.startswith("amgx:")
-            and resolved[5:] == default_preset(p.tag, p.block_size)
+            and resolved[5:] == auto_preset(p)
         ):
             rec["default"] = True
         if resolved.startswith("amgx:"):

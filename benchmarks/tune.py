@@ -140,10 +140,13 @@ HARD = ["contrast3d-layers", "contrast3d-checker", "aniso2d", "aniso3d",
 
 
 def default_preset(tag: str, block: int) -> str:
-    from lineax_amgx._config import default_preset as dp
+    """The preset `config="auto"` picks from the tags and block size alone (the
+    base of every variant: PCG_AGGREGATION for scalar SPD problems)."""
+    from lineax_amgx import _auto
 
-    return dp(symmetric=tag == "spd", positive_definite=tag == "spd",
-              block_size=block)
+    spd = tag == "spd"
+    return _auto.choose(symmetric=spd, definite=spd, block_size=block,
+                        stencil_points=None, profile=None).preset
 
 
 def variant_config(name: str, tag: str = "spd", block: int = 1, *,

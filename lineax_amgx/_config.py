@@ -222,6 +222,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Symmetric positive definite: CG with a symmetric aggregation V-cycle
     # (Jacobi smoothing, equal pre/post sweeps), the default for SPD-tagged operators.
     "PCG_AGGREGATION": _krylov("PCG", _amg()),
+    # What config="auto" picks for constant-coefficient, isotropic 7-point
+    # diffusion (lineax_amgx/_auto.py): SIZE_8 aggregation, measured on an H200
+    # at 1M unknowns, rtol 1e-8 (docs/benchmarks.md): 0.110 s in all (0.040 s
+    # solve, 51 iterations) against 0.118 s (0.042 s, 41) for SIZE_4. Not the
+    # default otherwise: on high contrast it was 2x slower, on rotated
+    # anisotropy its coarsening stalled (see `_amg`).
+    "PCG_AGGREGATION_ISOTROPIC": _krylov("PCG", _amg(selector="SIZE_8")),
     # Non-symmetric: flexible GMRES around an aggregation cycle smoothed by DILU.
     "FGMRES_AGGREGATION": _krylov(
         "FGMRES",
@@ -450,14 +457,6 @@ def aggregation_preconditioned(cfg: Mapping[str, Any]) -> bool:
 
 def has_explicit_tolerance(cfg: Mapping[str, Any]) -> bool:
     return "tolerance" in cfg["solver"]
-
-
-def default_preset(*, symmetric: bool, positive_definite: bool, block_size: int) -> str:
-    """The preset chosen from an operator's tags when no config is given."""
-    spd = symmetric and positive_definite
-    if block_size > 1:
-        return "PCG_AGGREGATION_BLOCK" if spd else "FGMRES_AGGREGATION_BLOCK"
-    return "PCG_AGGREGATION" if spd else "FGMRES_AGGREGATION"
 
 
 _PRINT_KEYS = (

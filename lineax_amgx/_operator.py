@@ -16,6 +16,7 @@ from jaxtyping import Array, Inexact
 from ._blocks import check_block_size
 from ._checks import check_symmetric, warn_if_downcast
 from ._pattern import SparsityPattern, check_index_range
+from ._profile import MatrixProfile, profile
 from ._runtime_arrays import pattern_array, runtime_array, take
 
 
@@ -78,11 +79,19 @@ class CSROperator(lx.AbstractLinearOperator):
         values here (a `ValueError` naming the largest `|A[i, j] - A[j, i]|`
         above `sqrt(eps) max |A|`), traced values when a solver uses them.
         Definiteness is not checked.
+
+    `profile` (read-only) holds the value statistics `config="auto"` reads
+    (a `MatrixProfile`: M-matrix sign pattern, diagonal dominance, contrast and
+    anisotropy in decades), computed once when the values are a concrete NumPy
+    array (`from_scipy`, `from_dense`, `from_arrays` or `with_values` with NumPy
+    values); `None` for JAX arrays (traced or not) and block patterns. See
+    [Configurations](../guide/configs.md#choosing-automatically).
     """
 
     pattern: SparsityPattern = eqx.field(static=True)
     values: Inexact[Array, " nnz *block"]
     tags: frozenset[object] = eqx.field(static=True)
+    profile: MatrixProfile | None = eqx.field(static=True, default=None)
 
     def __init__(self, pattern: SparsityPattern, values, tags: object = ()):
         if not isinstance(pattern, SparsityPattern):
@@ -91,7 +100,11 @@ class CSROperator(lx.AbstractLinearOperator):
             )
         check_block_size(pattern.block_size)
         self.pattern = pattern
+        host = values if isinstance(values, np.ndarray) else None
         self.values = _check_values(values, pattern)
+        # Value statistics for config="auto", from host values only (never a
+        # device-to-host copy).
+        self.profile = None if host is None else profile(pattern, host)
         self.tags = as_tag_set(tags)
         # Concrete values: a ValueError now if a symmetry tag is false (traced
         # values are checked by the solvers).

@@ -28,7 +28,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact, Int, PyTree
 
-from . import _checks, _config
+from . import _auto, _checks, _config
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -47,6 +47,21 @@ from ._solver import AMGX
 from .matrix_free import as_csr_operator
 
 _DEFAULT_CONFIG = "AMG_VCYCLE"
+
+
+def _resolve_config(config) -> _config.ResolvedConfig:
+    """`config` resolved, `None` as the default cycle; `"auto"` refused (it
+    chooses a solver preset for `AMGX`, not a cycle)."""
+    if isinstance(config, str) and config.strip() == _auto.AUTO:
+        raise _config.ConfigError(
+            "config='auto' chooses a solver preset for lineax_amgx.AMGX; a "
+            f"preconditioner applies a fixed cycle and defaults to "
+            f"{_DEFAULT_CONFIG!r} (one symmetric aggregation V-cycle: SIZE_4, "
+            "Jacobi 2+2, dense LU at the coarsest level). Pass None for it, or "
+            "a preset name or config dict."
+        )
+    return _config.resolve(_DEFAULT_CONFIG if config is None else config)
+
 # Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
 # inner solve (a non-linear operator), not a fixed cycle.
 _KRYLOV_SOLVERS = frozenset({
@@ -154,12 +169,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         matrix-free one is sparsified: its sparsity traced, its values
         assembled by coloring).
     - `config`: an AmgX config (preset name, dict or JSON string). Default
-        `"AMG_VCYCLE"`. An AMG (or smoother) config is applied as a fixed number
-        of cycles from a zero initial guess, with no convergence test, so the
-        preconditioner is a fixed linear operator. A Krylov config (`"PCG_..."`,
-        `"FGMRES_..."`) is an inner solve to its own tolerance: the preconditioner
-        then changes from one application to the next, which only flexible outer
-        methods tolerate — prefer AMG configs with Lineax's solvers.
+        (`None`) `"AMG_VCYCLE"`, whatever the operator: `config="auto"` is
+        `AMGX`'s and is refused here. An AMG (or smoother) config is applied as
+        a fixed number of cycles from a zero initial guess, with no convergence
+        test, so the preconditioner is a fixed linear operator. A Krylov config
+        (`"PCG_..."`, `"FGMRES_..."`) is an inner solve to its own tolerance: the
+        preconditioner then changes from one application to the next, which only
+        flexible outer methods tolerate — prefer AMG configs with Lineax's
+        solvers.
     - `cycles`: cycles per application for an AMG config (default 1); the
         maximum number of inner iterations for a Krylov config (default: the
         config's own `max_iters`).
@@ -220,7 +237,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             )
         if p.shape[0] == 0:
             raise ValueError("AMGXPreconditioner got an empty (0 x 0) matrix.")
-        resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
+        resolved = _resolve_config(config)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
                 "Classical AMG does not support block systems "
@@ -576,7 +593,7 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         if tags is not None:
             tags = as_tag_set(tags)
         self.inner = inner
-        self.resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
+        self.resolved = _resolve_config(config)
         self.config = self.resolved.text
         self.lagged_operator = lagged_operator
         self.cycles = None if cycles is None else int(cycles)

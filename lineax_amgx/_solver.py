@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _checks, _config, _null_space, _protocol
+from . import _auto, _blocks, _checks, _config, _null_space, _protocol
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -72,11 +72,16 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
 
     **Arguments:**
 
-    - `config`: a preset name from `lineax_amgx.configs`, an AmgX config dict or a
-        JSON string (AmgX's `config_version` 2 format). `None` picks a preset from
-        the operator's tags: symmetric positive (or negative) definite operators get
-        `"PCG_AGGREGATION"` (CG with an aggregation-AMG V-cycle), anything else
-        `"FGMRES_AGGREGATION"` (block systems: the `*_BLOCK` variants).
+    - `config`: `"auto"` (the default; `None` means the same), a preset name
+        from `lineax_amgx.configs`, an AmgX config dict or a JSON string (AmgX's
+        `config_version` 2 format). `"auto"` picks a preset in `init` from the
+        operator: symmetric positive (or negative) definite operators get
+        `"PCG_AGGREGATION"` (CG with an aggregation-AMG V-cycle), or
+        `"PCG_AGGREGATION_ISOTROPIC"` when the operator's values were known when
+        it was built and show constant-coefficient isotropic 7-point diffusion;
+        anything else gets `"FGMRES_AGGREGATION"` (block systems: the `*_BLOCK`
+        variants). Never classical AMG. The table and the measurements behind it:
+        [Configurations](../guide/configs.md#choosing-automatically).
     - `rtol`, `atol`: stop when `||b - Ax||_2 <= atol + rtol * ||b||_2`, as in
         Lineax, whatever the initial guess (so a warm start `options["y0"]` saves
         iterations). Implemented by solving the scaled system
@@ -140,7 +145,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     linear_solver=lxa.AMGX(null_space=N))`.
     """
 
-    config: str | None = eqx.field(static=True, default=None)
+    config: str = eqx.field(static=True, default=_auto.AUTO)
     rtol: float | None = eqx.field(static=True, default=None)
     atol: float | None = eqx.field(static=True, default=None)
     max_steps: int | None = eqx.field(static=True, default=None)
@@ -154,14 +159,14 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     null_space_inconsistency: Literal["warn", "raise", "ignore"] = eqx.field(
         static=True, default="warn"
     )
-    # `config`, parsed and validated once (None: a preset chosen by the operator).
+    # `config`, parsed and validated once (None: "auto", chosen in `init`).
     resolved: _config.ResolvedConfig | None = eqx.field(
         static=True, default=None, repr=False
     )
 
     def __init__(
         self,
-        config: str | Mapping[str, Any] | None = None,
+        config: str | Mapping[str, Any] | None = _auto.AUTO,
         *,
         rtol: float | None = None,
         atol: float | None = None,
@@ -174,8 +179,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         null_space_inconsistency: Literal["warn", "raise", "ignore"] = "warn",
     ):
         # Parsed and validated now (clear errors at construction), once.
-        self.resolved = None if config is None else _config.resolve(config)
-        self.config = None if config is None else self.resolved.text
+        auto = config is None or (
+            isinstance(config, str) and config.strip() == _auto.AUTO
+        )
+        self.resolved = None if auto else _config.resolve(config)
+        self.config = _auto.AUTO if auto else self.resolved.text
         self.rtol = None if rtol is None else float(rtol)
         self.atol = None if atol is None else float(atol)
         self.max_steps = None if max_steps is None else int(max_steps)
@@ -211,13 +219,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             or lx.is_positive_semidefinite(csr)
             or lx.is_negative_semidefinite(csr)
         )
-        return _config.preset(
-            _config.default_preset(
-                symmetric=symmetric,
-                positive_definite=definite,
-                block_size=csr.pattern.block_size,
-            )
-        )
+        return _config.preset(_auto.resolve(symmetric, definite, csr).preset)
 
     # -- Lineax interface ------------------------------------------------------------
 
