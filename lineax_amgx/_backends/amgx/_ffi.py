@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..._pattern import SparsityPattern
-from ..contract import MODES, SolveKey
+from ..contract import MODES, SolveKey, solve_result_shapes
 from . import _library
 
 
@@ -60,11 +60,7 @@ def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):
     _prepare(pattern)
     call = jax.ffi.ffi_call(
         _library.codes.FFI_TARGETS["solve"],
-        (
-            jax.ShapeDtypeStruct(b.shape, b.dtype),
-            jax.ShapeDtypeStruct((2,), jnp.int32),
-            jax.ShapeDtypeStruct((), b.dtype),
-        ),
+        solve_result_shapes(b),
         vmap_method="sequential",
     )
     has_x0 = x0 is not None
