@@ -23,6 +23,10 @@ def as_tag_set(tags: object) -> frozenset[object]:
     return frozenset([tags])
 
 
+# The value dtypes of AmgX's modes dFFI, dDDI, dCCI and dZZI.
+_VALUE_DTYPES = (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
+
+
 def _check_values(values, pattern: SparsityPattern):
     if not isinstance(values, jax.core.Tracer):
         values = jnp.asarray(values)
@@ -32,19 +36,15 @@ def _check_values(values, pattern: SparsityPattern):
             f"{pattern}."
         )
     dtype = values.dtype
-    if jnp.issubdtype(dtype, jnp.complexfloating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"Complex values ({dtype}) are not supported by lineax-amgx; AmgX's "
-            "complex modes are not exposed. Split the system into real and "
-            "imaginary parts."
+            "values must have a floating dtype (float32, float64, complex64 or "
+            f"complex128), got {dtype}."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if dtype not in _VALUE_DTYPES:
         raise TypeError(
-            f"values must have a floating dtype (float32 or float64), got {dtype}."
-        )
-    if dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(
-            f"values must be float32 or float64, got {dtype}; cast them first."
+            "values must be float32, float64, complex64 or complex128, got "
+            f"{dtype}; cast them first."
         )
     return values
 
@@ -66,10 +66,18 @@ class CSROperator(lx.AbstractLinearOperator):
     **Arguments:**
 
     - `pattern`: the [`lineax_amgx.SparsityPattern`][].
-    - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns).
+    - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns):
+        float32, float64, complex64 or complex128.
     - `tags`: Lineax tags such as `lx.symmetric_tag` or
         `lx.positive_semidefinite_tag`. They are trusted, not checked, and choose
         the default AmgX configuration (CG for symmetric positive definite).
+        As in Lineax, for complex values `lx.symmetric_tag` means `A = Aᵀ`
+        (complex symmetric, not Hermitian) and `lx.positive_semidefinite_tag`
+        means Hermitian positive semidefinite.
+
+    `transpose()` is the plain transpose `Aᵀ` (no conjugation) and `lx.conj(A)`
+    conjugates the values, as Lineax defines them; `Aᴴ` is
+    `lx.conj(A).transpose()`.
     """
 
     pattern: SparsityPattern = eqx.field(static=True)
@@ -154,12 +162,6 @@ class CSROperator(lx.AbstractLinearOperator):
             raise ValueError("from_scipy expects a 2-D matrix.")
         # Before any conversion allocates arrays of the declared size.
         check_index_range(matrix.shape, matrix.nnz)
-        if np.issubdtype(matrix.dtype, np.complexfloating):
-            raise TypeError(
-                f"Complex matrices ({matrix.dtype}) are not supported by "
-                "lineax-amgx; AmgX's complex modes are not exposed. Split the "
-                "system into real and imaginary parts."
-            )
         if matrix.format == "bsr" and block_size is None:
             r, c = matrix.blocksize
             if r != c:
@@ -191,7 +193,7 @@ class CSROperator(lx.AbstractLinearOperator):
         data = m.data
         if dtype is not None:
             data = data.astype(dtype)
-        elif not np.issubdtype(data.dtype, np.floating):
+        elif not np.issubdtype(data.dtype, np.inexact):
             data = data.astype(jnp.result_type(float))
         if b > 1:
             data = data.reshape(-1, b, b)

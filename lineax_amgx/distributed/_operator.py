@@ -45,11 +45,16 @@ def _check_values(values, pattern: DistributedPattern):
         )
     _raise_if_any(comm, err, tracing=tracing)
     err = None
-    if values.dtype not in (jnp.float32, jnp.float64):
+    if jnp.issubdtype(values.dtype, jnp.complexfloating):
         err = (
-            f"values must be float32 or float64, got {values.dtype} (complex "
-            "values are not supported; cast or split them first)."
+            f"Complex values ({values.dtype}) are not supported by distributed "
+            "operators (DistributedCSROperator): their MPI norms, halo exchanges "
+            "and AmgX's distributed upload are real-only. Solve complex systems "
+            "in one process with lineax_amgx.CSROperator, or distribute the "
+            "equivalent real system [[Re A, -Im A], [Im A, Re A]]."
         )
+    elif values.dtype not in (jnp.float32, jnp.float64):
+        err = f"values must be float32 or float64, got {values.dtype}."
     _raise_if_any(comm, err, TypeError, tracing=tracing)
     return values
 
@@ -205,7 +210,8 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 data = m.data
                 if dtype is not None:
                     data = data.astype(dtype)
-                elif not np.issubdtype(data.dtype, np.floating):
+                elif not np.issubdtype(data.dtype, np.inexact):
+                    # (complex is kept, and refused with a clear error below)
                     data = data.astype(jnp.result_type(float))
                 header = (int(m.shape[0]), np.dtype(data.dtype).str)
         _raise_if_any(comm, err)

@@ -221,7 +221,7 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
         ci, ri = _decompression(self.pattern, self.coloring)
         values = comp[ci, ri] if ci.size else jnp.zeros(self.pattern.value_shape,
                                                         comp.dtype)
-        if not jnp.issubdtype(values.dtype, jnp.floating):
+        if not jnp.issubdtype(values.dtype, jnp.inexact):  # (complex is kept)
             values = values.astype(jnp.float64 if jax.config.jax_enable_x64
                                    else jnp.float32)
         return CSROperator(self.pattern, values, _operator_tags(self.operator))
@@ -336,7 +336,7 @@ def _(operator: lx.TaggedLinearOperator, *, symmetric: bool | None = None):
 def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
     pattern = _matrix_pattern(operator.matrix)
     values = operator.matrix[pattern.row_ids, pattern.indices]
-    if not jnp.issubdtype(values.dtype, jnp.floating):
+    if not jnp.issubdtype(values.dtype, jnp.inexact):  # (complex is kept)
         values = values.astype(float)
     return CSROperator(pattern, values, _operator_tags(operator))
 
