@@ -163,6 +163,10 @@ class _AMGPlan:
     cf: tuple[str, tuple[tuple[str, Any], ...]]
     interpolation: str
     smooth_prolongation: str  # "jacobi" | "energy"
+    # None: the coarsest level is solved exactly; an int: AmgX's
+    # `coarse_solver: NOSOLVER`, that many sweeps of the smoother there
+    # (`coarsest_sweeps`).
+    coarse_sweeps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,11 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cycle = "W"
     coarse = scope.get("coarse_solver", "DENSE_LU_SOLVER")
     coarse_name = coarse.get("solver") if isinstance(coarse, Mapping) else coarse
-    if coarse_name != "DENSE_LU_SOLVER":
+    coarse_sweeps = None
+    if coarse_name == "NOSOLVER":
+        # AmgX then smooths the coarsest level `coarsest_sweeps` times (from zero).
+        coarse_sweeps = int(scope.get("coarsest_sweeps", 2))
+    elif coarse_name != "DENSE_LU_SOLVER":
         _warn_once(
             "coarse_solver", coarse_name,
             "the coarsest level is solved exactly (pinv or sparse LU)",
@@ -312,6 +320,7 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cf=cf,
         interpolation=interpolation,
         smooth_prolongation=smooth_prolongation,
+        coarse_sweeps=coarse_sweeps,
     )
 
 
