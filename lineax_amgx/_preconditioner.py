@@ -36,6 +36,7 @@ from ._backends.contract import (
     SolveKey,
     Status,
     check_choice,
+    is_complex,
     matrix_dtype as _matrix_dtype,
     mode_for,
     vector_dtype as _vector_dtype,
@@ -45,7 +46,6 @@ from ._pattern import SparsityPattern
 from ._solver import AMGX
 from .matrix_free import as_csr_operator
 
-_DEFAULT_CONFIG = "AMG_VCYCLE"
 # Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
 # inner solve (a non-linear operator), not a fixed cycle.
 _KRYLOV_SOLVERS = frozenset({
@@ -159,6 +159,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     transposed solves (reverse-mode autodiff) need, though not the exact adjoint
     of `P`.
 
+    **Complex matrices.** A complex matrix gets a complex cycle (AmgX's complex
+    modes; pyamg on the CPU) acting on complex vectors. As in Lineax,
+    `lx.symmetric_tag` then means `Pᵀ = P` (given to the symmetric cycle of a
+    complex symmetric matrix) and `lx.positive_semidefinite_tag` Hermitian
+    positive semidefinite (given to the symmetric cycle of a matrix tagged so),
+    independently of each other. `lx.conj(P)` applies the conjugate cycle
+    (`conj(P conj(r))`: no new setup). Classical AMG is refused.
+
     **Arguments:**
 
     - `operator`: the matrix to build the cycle on: a
@@ -166,7 +174,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         matrix-free one is sparsified: its sparsity traced, its values
         assembled by coloring).
     - `config`: an AmgX config (preset name, dict or JSON string). Default
-        `"AMG_VCYCLE"`. An AMG (or smoother) config is applied as a fixed number
+        `"AMG_VCYCLE"` (complex matrices: `"AMG_VCYCLE_COMPLEX"`, the cycle of
+        the complex presets). An AMG (or smoother) config is applied as a fixed number
         of cycles from a zero initial guess, with no convergence test, so the
         preconditioner is a fixed linear operator. A Krylov config (`"PCG_..."`,
         `"FGMRES_..."`) is an inner solve to its own tolerance: the preconditioner
@@ -205,6 +214,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     fixed: bool = eqx.field(static=True)
     structure_leaves: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
     structure_treedef: Any = eqx.field(static=True)
+    # `lx.conj(P)`: the cycle applied as `conj(P conj(r))`.
+    conjugated: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -232,12 +243,19 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             )
         if p.shape[0] == 0:
             raise ValueError("AMGXPreconditioner got an empty (0 x 0) matrix.")
-        resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
+        complex_values = is_complex(csr.values.dtype)
+        if config is None:
+            config = _config.default_cycle(
+                complex_values=complex_values, block_size=p.block_size
+            )
+        resolved = _config.resolve(config)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
                 "Classical AMG does not support block systems "
                 f"(block_size={p.block_size}); use an aggregation config."
             )
+        if complex_values:
+            _config.check_complex(resolved, csr.values.dtype, "AMGXPreconditioner")
         symmetric_cycle, reason = resolved.symmetric_cycle()
         matrix_symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         matrix_psd = lx.is_positive_semidefinite(operator) or (
@@ -248,7 +266,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         )
         if tags is None:
             tag_set: frozenset[object] = frozenset()
-            if symmetric_cycle and matrix_symmetric:
+            if complex_values and symmetric_cycle:
+                # Complex: `Pᵀ = P` and Hermitian definiteness are independent.
+                tag_set = frozenset(
+                    ([lx.symmetric_tag] if matrix_symmetric else [])
+                    + ([lx.positive_semidefinite_tag] if matrix_psd else [])
+                    + ([lx.negative_semidefinite_tag] if matrix_nsd else [])
+                )
+            elif symmetric_cycle and matrix_symmetric:
                 tag_set = frozenset(
                     [lx.symmetric_tag]
                     + ([lx.positive_semidefinite_tag] if matrix_psd else [])
@@ -278,7 +303,10 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                     "the matrix it is built on is not even structurally "
                     "symmetric, so its multigrid cycle is not a symmetric operator."
                 )
-            if tag_set & {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}:
+            definite = {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}
+            if tag_set & definite and not complex_values:
+                # (Real: definite means symmetric definite. Complex: Hermitian,
+                # which is not `Pᵀ = P`.)
                 tag_set = tag_set | {lx.symmetric_tag}
         if structure is None:
             structure = operator.in_structure()
@@ -296,9 +324,22 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                 f"{p.shape[0]} rows."
             )
         for x in leaves:
-            if not jnp.issubdtype(x.dtype, jnp.floating):
+            if is_complex(x.dtype) and not complex_values:
                 raise TypeError(
-                    f"AMGXPreconditioner acts on real floating vectors, got {x.dtype}."
+                    "AMGXPreconditioner built on a real matrix acts on real "
+                    f"vectors, got {x.dtype}: build it on the complex matrix (or "
+                    "a complex copy of it) for complex vectors."
+                )
+            if complex_values and not is_complex(x.dtype):
+                raise TypeError(
+                    "AMGXPreconditioner built on a complex matrix acts on complex "
+                    f"vectors, got a structure of {x.dtype} (its output would lose "
+                    "the imaginary part)."
+                )
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                raise TypeError(
+                    "AMGXPreconditioner acts on floating (or complex) vectors, got "
+                    f"{x.dtype}."
                 )
         mode = mode_for(precision, csr.values.dtype)
         key, fixed = _preconditioner_key(
@@ -314,6 +355,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         self.fixed = fixed
         self.structure_leaves = leaves
         self.structure_treedef = treedef
+        self.conjugated = False
 
     # -- applying the cycle --------------------------------------------------------
 
@@ -347,8 +389,12 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         return jtu.tree_unflatten(self.structure_treedef, out)
 
     def _apply(self, r: Array) -> Array:
+        if self.conjugated:
+            r = jnp.conj(r)
         x, info, _ = router.solve(self.pattern, self.values, self.token, r, None,
                                      self.key)
+        if self.conjugated:
+            x = jnp.conj(x)
         # A fixed number of cycles reports "not converged" (or "success" when no
         # residual is monitored): both are fine. A non-finite input, or a cycle
         # that blew up, must never come back as a silent finite answer.
@@ -388,6 +434,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             fixed=self.fixed,
             structure_leaves=self.structure_leaves,
             structure_treedef=self.structure_treedef,
+            conjugated=self.conjugated,
         )
         return _assemble(fields)
 
@@ -396,6 +443,16 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
 
     def out_structure(self):
         return self.in_structure()
+
+
+def _conj(op: AMGXPreconditioner) -> AMGXPreconditioner:
+    """`lx.conj(P)`: the identity for a real cycle; for a complex one the same
+    setup applied as `conj(P conj(r))` (the cycle of the conjugate matrix)."""
+    if not is_complex(op.values.dtype):
+        return op
+    fields = {f: getattr(op, f) for f in op.__dataclass_fields__}
+    fields["conjugated"] = not op.conjugated
+    return _assemble(fields)
 
 
 def _assemble(fields: dict[str, Any]) -> AMGXPreconditioner:
@@ -458,8 +515,7 @@ def _register():
         lx.is_upper_triangular,
     ):
         query.register(P)(lambda op: False)
-    # Real values only: conjugation is the identity.
-    lx.conj.register(P)(lambda op: op)
+    lx.conj.register(P)(_conj)
 
 
 _register()
@@ -541,9 +597,10 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
     """
 
     inner: lx.AbstractLinearSolver
-    config: str = eqx.field(static=True)
-    # `config`, parsed and validated once (handed to every preconditioner built).
-    resolved: _config.ResolvedConfig = eqx.field(static=True, repr=False)
+    config: str | None = eqx.field(static=True)
+    # `config`, parsed and validated once (handed to every preconditioner built;
+    # None: the preconditioner's default for the matrix's dtype).
+    resolved: _config.ResolvedConfig | None = eqx.field(static=True, repr=False)
     lagged_operator: Any = None
     cycles: int | None = eqx.field(static=True, default=None)
     tags: Any = eqx.field(static=True, default=None)
@@ -589,8 +646,9 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         if tags is not None:
             tags = as_tag_set(tags)
         self.inner = inner
-        self.resolved = _config.resolve(_DEFAULT_CONFIG if config is None else config)
-        self.config = self.resolved.text
+        # None: the preconditioner's default cycle, chosen by the matrix's dtype.
+        self.resolved = None if config is None else _config.resolve(config)
+        self.config = None if config is None else self.resolved.text
         self.lagged_operator = lagged_operator
         self.cycles = None if cycles is None else int(cycles)
         self.tags = tags
@@ -659,7 +717,7 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
 
     def conj(self, state: _PreconditionedState, options: dict[str, Any]):
         return _through_inner(
-            self.inner.conj, state, options, lambda: state.preconditioner
+            self.inner.conj, state, options, lambda: _conj(state.preconditioner)
         )
 
     def assume_full_rank(self):
