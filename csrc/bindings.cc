@@ -26,6 +26,7 @@
 #include "handlers.h"
 #include "loader.h"
 #include "resources.h"
+#include "runtime_arrays.h"
 
 namespace nb = nanobind;
 
@@ -75,6 +76,7 @@ void export_codes(nb::module_& m) {
        {lxa::kFfiSetup, lxa::kFfiSolve, lxa::kFfiDistSetup, lxa::kFfiDistSolve})
     targets[t.kind] = t.name;
   m.attr("FFI_TARGETS") = targets;
+  m.attr("RUNTIME_ARRAY_TARGET") = lxa::kFfiRuntimeArray;
   nb::list counters;
 #define LXA_COUNTER_NAME(name) counters.append(#name);
   LXA_COUNTERS(LXA_COUNTER_NAME)
@@ -98,6 +100,51 @@ NB_MODULE(_native, m) {
     d[kFfiSolve.name] = make_capsule(LxaSolve);
     d[kFfiDistSetup.name] = make_capsule(LxaDistSetup);
     d[kFfiDistSolve.name] = make_capsule(LxaDistSolve);
+    return d;
+  });
+
+  // ---- Runtime arrays (runtime_arrays.h) ----
+  m.def("runtime_array_handlers", []() {
+    nb::dict d;
+    d["cpu"] = make_capsule(LxaRuntimeArrayCpu);
+    d["CUDA"] = make_capsule(LxaRuntimeArrayCuda);
+    return d;
+  });
+
+  // The core keeps the array's address: the caller keeps the array alive and
+  // unchanged until unregister_runtime_array(key, token) returns. No conversion
+  // (a converted temporary would be freed on return): a C-contiguous host array.
+  m.def(
+      "register_runtime_array",
+      [](int64_t key, nb::ndarray<nb::ro, nb::c_contig, nb::device::cpu> array) {
+        return register_runtime_array(key, array.data(), array.nbytes());
+      },
+      nb::arg("key"), nb::arg("array").noconvert());
+
+  // Both may wait for work queued on a GPU (which may wait for a host callback):
+  // without the GIL.
+  m.def(
+      "unregister_runtime_array",
+      [](int64_t key, int64_t token) {
+        nb::gil_scoped_release release;
+        unregister_runtime_array(key, token);
+      },
+      nb::arg("key"), nb::arg("token"));
+
+  m.def("release_runtime_array_copies", []() {
+    nb::gil_scoped_release release;
+    release_runtime_array_copies();
+  });
+
+  m.def("runtime_array_info", []() {
+    RuntimeArrayStats s = runtime_array_stats();
+    nb::dict d;
+    d["arrays"] = s.arrays;
+    d["registrations"] = s.registrations;
+    d["host_bytes"] = s.host_bytes;
+    d["device_copies"] = s.device_copies;
+    d["device_bytes"] = s.device_bytes;
+    d["uploads"] = s.uploads;
     return d;
   });
 

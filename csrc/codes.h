@@ -88,6 +88,10 @@ inline constexpr FfiTarget kFfiSetup{"setup", "lineax_amgx_setup"};
 inline constexpr FfiTarget kFfiSolve{"solve", "lineax_amgx_solve"};
 inline constexpr FfiTarget kFfiDistSetup{"dist_setup", "lineax_amgx_dist_setup"};
 inline constexpr FfiTarget kFfiDistSolve{"dist_solve", "lineax_amgx_dist_solve"};
+// The runtime-array target (runtime_arrays.h), registered for the CPU and for CUDA
+// (runtime_array_handlers() maps platforms to its handlers). Exported as
+// RUNTIME_ARRAY_TARGET.
+inline constexpr const char* kFfiRuntimeArray = "lineax_amgx_runtime_array";
 
 // The counters of a cache and of each entry, in cache_info()'s order (exported as
 // COUNTER_NAMES). X(name)

@@ -49,8 +49,13 @@ from ._cache import (  # noqa: E402
     reset_counters as reset_counters,
     set_cache_size as set_cache_size,
 )
+from ._checks import DenseOperatorWarning as DenseOperatorWarning  # noqa: E402
 from ._config import ConfigError as ConfigError, configs as configs  # noqa: E402
 from ._info import info as info  # noqa: E402
+from ._null_space import (  # noqa: E402
+    NullSpaceWarning as NullSpaceWarning,
+    constant_null_space as constant_null_space,
+)
 from ._operator import CSROperator as CSROperator  # noqa: E402
 from ._pattern import SparsityPattern as SparsityPattern  # noqa: E402
 from ._preconditioner import (  # noqa: E402
@@ -82,6 +87,7 @@ __all__ = [
     "CSROperator",
     "Coloring",
     "ConfigError",
+    "DenseOperatorWarning",
     "DistributedCSROperator",
     "DistributedError",
     "DistributedOrderError",
@@ -89,6 +95,7 @@ __all__ = [
     "DistributedTimeoutError",
     "Layout",
     "NearNullspaceWarning",
+    "NullSpaceWarning",
     "PyamgTranslationWarning",
     "SparsifiedOperator",
     "SparsityPattern",
@@ -97,6 +104,7 @@ __all__ = [
     "clear_cache",
     "color_columns",
     "configs",
+    "constant_null_space",
     "detect_sparsity",
     "distributed",
     "finalize",

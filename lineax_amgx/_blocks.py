@@ -96,6 +96,11 @@ def rigid_body_modes(coords, *, dtype=None) -> np.ndarray:
     with Dirichlet conditions are simply left out of `coords` (and out of the
     matrix): the modes of the remaining nodes are what the solver needs.
 
+    A body with no displacement condition at all (free-floating) has these
+    modes as its exact null space: pass them as `options={"null_space": B}`
+    instead, and the solve returns the minimum-norm displacement (see
+    [`lineax_amgx.AMGX`][] and the singular systems guide).
+
     **Arguments:**
 
     - `coords`: array of shape `(num_nodes, dim)`, `dim` 1, 2 or 3: the

@@ -9,14 +9,6 @@ from typing import Any
 from ._backends import pyamg as _pyamg
 from ._backends.amgx import _library
 
-
-def _native_or_none():
-    try:
-        return _library.native()
-    except ImportError:  # pragma: no cover
-        return None
-
-
 _COUNTERS = (*_library.codes.COUNTER_NAMES, "device_switches")
 
 
@@ -32,6 +24,12 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     digest, fingerprint, its own counters, and for AmgX the GPU bytes and last
     setup/solve seconds).
 
+    `runtime_arrays` (with `backend=None`): the structure arrays (column
+    indices, row ids, permutations, ...) that compiled programs read at run time
+    instead of holding them as constants: how many are registered, their host
+    bytes, and their device copies (one per array and GPU, made at first use,
+    freed by `clear_cache`).
+
     `device_switches` (AmgX): AmgX 2.5 keeps one cuBLAS and one cuSPARSE handle
     per process, so a process runs AmgX on one GPU at a time. A setup on another
     GPU first frees every setup of the previous one (counted in `evictions`);
@@ -39,9 +37,8 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     per GPU.
     """
     infos = {}
-    n = _native_or_none()
-    if n is not None and backend in (None, "amgx"):
-        infos["amgx"] = dict(n.cache_info(), backend="amgx")
+    if backend in (None, "amgx"):
+        infos["amgx"] = dict(_library.native().cache_info(), backend="amgx")
     if backend in (None, "pyamg"):
         infos["pyamg"] = dict(_pyamg.cache_info(), backend="pyamg")
     if backend is not None:
@@ -51,8 +48,8 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
             )
         return infos[backend]
     out: dict[str, Any] = {
-        "capacity": infos.get("amgx", infos["pyamg"])["capacity"],
-        "isolated": infos.get("amgx", infos["pyamg"])["isolated"],
+        "capacity": infos["amgx"]["capacity"],
+        "isolated": infos["amgx"]["isolated"],
         "size": sum(i["size"] for i in infos.values()),
         "entries": [e | {"backend": name} for name, i in infos.items()
                     for e in i["entries"]],
@@ -60,17 +57,20 @@ def cache_info(backend: str | None = None) -> dict[str, Any]:
     for c in _COUNTERS:
         out[c] = sum(i.get(c, 0) for i in infos.values())
     out["backends"] = infos
+    out["runtime_arrays"] = _library.native().runtime_array_info()
     return out
 
 
 def clear_cache() -> None:
     """Free every cached setup (AmgX objects and their GPU memory; pyamg
-    hierarchies). Counters are kept. The setups of distributed operators (MPI) are
-    not freed here, since destroying them is collective: call
-    `lineax_amgx.distributed.clear_cache(comm)` on every rank for those."""
-    n = _native_or_none()
-    if n is not None:
-        n.clear_cache()
+    hierarchies) and the GPU copies of the operators' structure arrays (compiled
+    programs upload them again when they next run). Counters are kept. The setups
+    of distributed operators (MPI) are not freed here, since destroying them is
+    collective: call `lineax_amgx.distributed.clear_cache(comm)` on every rank for
+    those."""
+    native = _library.native()
+    native.clear_cache()
+    native.release_runtime_array_copies()
     _pyamg.clear_cache()
 
 
@@ -86,26 +86,25 @@ def set_cache_size(n: int, *, entries_per_key: int | None = None) -> None:
         raise ValueError(f"cache size must be >= 0, got {n}.")
     if entries_per_key is not None and entries_per_key < 1:
         raise ValueError(f"entries_per_key must be >= 1, got {entries_per_key}.")
-    native = _native_or_none()
-    if native is not None:
-        native.set_cache_size(n, 1 if entries_per_key is None else entries_per_key)
+    _library.native().set_cache_size(
+        n, 1 if entries_per_key is None else entries_per_key
+    )
     _pyamg.set_cache_size(n, entries_per_key)
 
 
 def reset_counters() -> None:
     """Zero the total counters (entries keep theirs)."""
-    native = _native_or_none()
-    if native is not None:
-        native.reset_counters()
+    _library.native().reset_counters()
     _pyamg.reset_counters()
 
 
 def finalize() -> None:
-    """Free every cached setup and shut AmgX down (`AMGX_finalize`). Idempotent;
-    the next solve initialises AmgX again."""
-    native = _native_or_none()
-    if native is not None:
-        native.finalize()
+    """Free every cached setup and the GPU copies of structure arrays, and shut
+    AmgX down (`AMGX_finalize`). Idempotent; the next solve initialises AmgX
+    again."""
+    native = _library.native()
+    native.release_runtime_array_copies()
+    native.finalize()
     _pyamg.clear_cache()
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import equinox as eqx
@@ -13,7 +14,9 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from ._blocks import check_block_size
+from ._checks import check_symmetric, warn_if_downcast
 from ._pattern import SparsityPattern, check_index_range
+from ._runtime_arrays import pattern_array, runtime_array, take
 
 
 def as_tag_set(tags: object) -> frozenset[object]:
@@ -29,6 +32,7 @@ _VALUE_DTYPES = (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
 
 def _check_values(values, pattern: SparsityPattern):
     if not isinstance(values, jax.core.Tracer):
+        warn_if_downcast(values)  # float64 NumPy values without x64
         values = jnp.asarray(values)
     if values.shape != pattern.value_shape:
         raise ValueError(
@@ -69,11 +73,16 @@ class CSROperator(lx.AbstractLinearOperator):
     - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns):
         float32, float64, complex64 or complex128.
     - `tags`: Lineax tags such as `lx.symmetric_tag` or
-        `lx.positive_semidefinite_tag`. They are trusted, not checked, and choose
-        the default AmgX configuration (CG for symmetric positive definite).
-        As in Lineax, for complex values `lx.symmetric_tag` means `A = Aᵀ`
-        (complex symmetric, not Hermitian) and `lx.positive_semidefinite_tag`
-        means Hermitian positive semidefinite.
+        `lx.positive_semidefinite_tag`. They choose the default AmgX
+        configuration (CG for symmetric positive definite). Symmetry is checked
+        (`lx.symmetric_tag` and the semidefinite tags promise it): concrete
+        values here (a `ValueError` naming the largest `|A[i, j] - A[j, i]|`
+        above `sqrt(eps) max |A|`), traced values when a solver uses them.
+        Definiteness is not checked. As in Lineax, for complex values
+        `lx.symmetric_tag` means `A = Aᵀ` (complex symmetric, not Hermitian:
+        the check compares `A[i, j]` with `A[j, i]`, not with its conjugate)
+        and `lx.positive_semidefinite_tag` means Hermitian positive
+        semidefinite (checked as `A[i, j] = conj(A[j, i])`).
 
     `transpose()` is the plain transpose `Aᵀ` (no conjugation) and `lx.conj(A)`
     conjugates the values, as Lineax defines them; `Aᴴ` is
@@ -93,6 +102,11 @@ class CSROperator(lx.AbstractLinearOperator):
         self.pattern = pattern
         self.values = _check_values(values, pattern)
         self.tags = as_tag_set(tags)
+        # Concrete values: a ValueError now if a symmetry tag is false (traced
+        # values are checked by the solvers).
+        check_symmetric(
+            pattern, self.values, self.tags, claim="The CSROperator is tagged"
+        )
 
     # -- constructors ------------------------------------------------------------
 
@@ -140,7 +154,9 @@ class CSROperator(lx.AbstractLinearOperator):
             m.sum_duplicates()
             m.sort_indices()
             indptr, indices, values = m.indptr, m.indices, m.data
-        pattern = SparsityPattern(indptr, indices, shape, block_size)
+        # Validated once: rows that scipy canonicalised are not checked again.
+        check = "bounds" if sum_duplicates else True
+        pattern = SparsityPattern(indptr, indices, shape, block_size, check=check)
         return cls(pattern, values, tags)
 
     @classmethod
@@ -197,8 +213,10 @@ class CSROperator(lx.AbstractLinearOperator):
             data = data.astype(jnp.result_type(float))
         if b > 1:
             data = data.reshape(-1, b, b)
-        pattern = SparsityPattern(m.indptr, m.indices, m.shape, b)
-        return cls(pattern, jnp.asarray(data), tags)
+        # Canonicalised by scipy above (sorted, unique): checked once, for what
+        # scipy does not guarantee (index range, indptr).
+        pattern = SparsityPattern(m.indptr, m.indices, m.shape, b, check="bounds")
+        return cls(pattern, data, tags)
 
     @classmethod
     def from_bcoo(cls, matrix, *, tags: object = ()) -> CSROperator:
@@ -223,11 +241,18 @@ class CSROperator(lx.AbstractLinearOperator):
         indptr = np.concatenate(
             [[0], np.cumsum(np.bincount(urows, minlength=n_rows))]
         )
-        pattern = SparsityPattern(indptr, ucols, matrix.shape)
+        # Sorted and unique by construction (np.unique), in range (filtered).
+        pattern = SparsityPattern(indptr, ucols, matrix.shape, check=False)
         data = matrix.data
         if not jnp.issubdtype(data.dtype, jnp.inexact):
             data = data.astype(jnp.result_type(float))
-        values = jnp.zeros(len(uniq), data.dtype).at[inverse].add(data[keep])
+        # The BCOO order -> CSR order maps, as runtime arrays (the values may be
+        # traced), named by the BCOO's indices.
+        digest = hashlib.sha1(np.ascontiguousarray(idx), usedforsecurity=False)
+        name = ("from_bcoo", digest.hexdigest(), idx.shape, matrix.shape)
+        kept = runtime_array(pattern, (*name, "kept"), np.flatnonzero(keep), np.int32)
+        inv = runtime_array(pattern, (*name, "inverse"), inverse, np.int32)
+        values = jnp.zeros(len(uniq), data.dtype).at[inv].add(take(data, kept))
         return cls(pattern, values, tags)
 
     @classmethod
@@ -264,14 +289,18 @@ class CSROperator(lx.AbstractLinearOperator):
     def mv(self, vector):
         p = self.pattern
         b = p.block_size
-        cols = jnp.asarray(p.indices)
-        rows = jnp.asarray(p.row_ids)
+        # Runtime arrays, not constants: see `_runtime_arrays`.
+        cols = pattern_array(p, "indices")
+        rows = pattern_array(p, "row_ids")
         if b == 1:
-            prod = self.values * vector[cols]
+            prod = self.values * take(vector, cols)
         else:
             xb = vector.reshape(p.block_cols, b)
             prod = jnp.einsum(
-                "kij,kj->ki", self.values, xb[cols], precision=jax.lax.Precision.HIGHEST
+                "kij,kj->ki",
+                self.values,
+                take(xb, cols),
+                precision=jax.lax.Precision.HIGHEST,
             )
         out = jax.ops.segment_sum(
             prod, rows, num_segments=p.block_rows, indices_are_sorted=True
@@ -281,20 +310,19 @@ class CSROperator(lx.AbstractLinearOperator):
     def as_matrix(self):
         p = self.pattern
         b = p.block_size
+        rows = pattern_array(p, "row_ids")
+        cols = pattern_array(p, "indices")
         if b == 1:
             dense = jnp.zeros(p.shape, self.values.dtype)
-            return dense.at[p.row_ids, p.indices].add(self.values)
+            return dense.at[rows, cols].add(self.values)
         dense = jnp.zeros((p.block_rows, p.block_cols, b, b), self.values.dtype)
-        dense = dense.at[p.row_ids, p.indices].add(self.values)
+        dense = dense.at[rows, cols].add(self.values)
         return dense.transpose(0, 2, 1, 3).reshape(p.shape)
 
     def transpose(self):
         if lx.symmetric_tag in self.tags:
             return self
-        pat_t, perm = self.pattern.transpose()
-        vals = self.values[perm]
-        if self.pattern.block_size > 1:
-            vals = jnp.swapaxes(vals, -1, -2)
+        pat_t, vals = transposed_values(self.pattern, self.values)
         return CSROperator(pat_t, vals, lx.transpose_tags(self.tags))
 
     def in_structure(self):
@@ -322,17 +350,23 @@ def csr_diagonal(op) -> jax.Array:
     `values`; shared with `DistributedCSROperator`, whose local rows hold their
     diagonal)."""
     p = op.pattern
-    pos = p.diagonal_positions
-    b = p.block_size
+    pos = pattern_array(p, "diagonal_positions")  # -1 where not stored
     present = pos >= 0
-    safe = np.where(present, pos, 0)
-    if b == 1:
-        d = jnp.where(jnp.asarray(present), op.values[safe], 0)
-    else:
-        blocks = op.values[safe]  # (m, b, b)
-        d = jnp.diagonal(blocks, axis1=1, axis2=2)
-        d = jnp.where(jnp.asarray(present)[:, None], d, 0).reshape(-1)
-    return d
+    gathered = take(op.values, jnp.maximum(pos, 0))
+    if p.block_size == 1:
+        return jnp.where(present, gathered, 0)
+    d = jnp.diagonal(gathered, axis1=1, axis2=2)  # (m, b)
+    return jnp.where(present[:, None], d, 0).reshape(-1)
+
+
+def transposed_values(pattern: SparsityPattern, values) -> tuple[SparsityPattern, Any]:
+    """The transposed pattern (host, cached) and the values in its order (blocks
+    transposed too), permuted by a runtime array."""
+    pat_t, perm = pattern.transpose()
+    values_t = take(values, pattern_array(pattern, "transpose_permutation", perm))
+    if pattern.block_size > 1:
+        values_t = jnp.swapaxes(values_t, -1, -2)
+    return pat_t, values_t
 
 
 # Lineax queries that CSR-like operators answer from their tags alone (shared with

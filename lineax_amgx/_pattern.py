@@ -31,6 +31,24 @@ def check_index_range(shape: tuple[int, ...], nnz: int = 0) -> None:
         )
 
 
+def _first_unsorted(indptr: np.ndarray, indices: np.ndarray) -> int:
+    """The first position `k` whose column index is not greater than the one
+    before it in the same row (unsorted or duplicate), or -1. `indptr` must be
+    valid and `indices` in range. One pass over `indices` (a comparison of
+    neighbours) and one over the few positions where it fails: row starts, and
+    the bad entries."""
+    nnz = indices.shape[0]
+    if nnz < 2:
+        return -1
+    le = np.flatnonzero(indices[1:] <= indices[:-1]) + 1
+    if le.size == 0:
+        return -1
+    row_start = np.zeros(nnz + 1, dtype=bool)
+    row_start[indptr] = True
+    bad = le[~row_start[le]]
+    return int(bad[0]) if bad.size else -1
+
+
 class SparsityPattern:
     """The structure of a (block) CSR matrix, held on the host.
 
@@ -52,6 +70,9 @@ class SparsityPattern:
     - `block_size`: `b` for `b x b` blocks (1 for scalar CSR).
     - `method`: how the pattern was obtained (`"given"`, `"traced"`, `"probed"`,
         `"dense"`); informational only, not part of equality.
+    - `check`: validate the arrays (`True`); `"bounds"` skips only the order
+        within rows, for callers that canonicalised them already (sorted,
+        unique), such as `CSROperator.from_scipy`; `False` trusts everything.
     """
 
     __slots__ = (
@@ -73,7 +94,7 @@ class SparsityPattern:
         block_size: int = 1,
         *,
         method: PatternMethod = "given",
-        check: bool = True,
+        check: bool | Literal["bounds"] = True,
     ):
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2:
@@ -120,15 +141,11 @@ class SparsityPattern:
                         f"min {indices.min()}, max {indices.max()}."
                     )
                 # Strictly increasing within each row: no duplicates, sorted.
-                d = np.diff(indices.astype(np.int64))
-                row_start = np.zeros(nnz, dtype=bool)
-                starts = indptr[:-1][np.diff(indptr) > 0]
-                row_start[starts] = True
-                bad = (d <= 0) & ~row_start[1:]
-                if np.any(bad):
-                    k = int(np.argmax(bad)) + 1
+                k = -1 if check == "bounds" else _first_unsorted(indptr, indices)
+                if k >= 0:
                     row = int(np.searchsorted(indptr, k, side="right") - 1)
-                    kind = "duplicate" if d[k - 1] == 0 else "unsorted"
+                    dup = indices[k] == indices[k - 1]
+                    kind = "duplicate" if dup else "unsorted"
                     raise ValueError(
                         f"Column indices must be sorted and unique within each row: "
                         f"row {row} has {kind} column indices. Use "
@@ -144,13 +161,17 @@ class SparsityPattern:
         self.shape = shape
         self.block_size = block_size
         self.method = method
-        h = hashlib.blake2b(digest_size=8)
+        # SHA-1 as a content hash (not for security): with the SHA instructions
+        # of current x86 CPUs it hashes 2.6x faster than BLAKE2b (0.18 s against
+        # 0.47 s for the 220 MB of an 8M-unknown Poisson pattern's indices).
+        h = hashlib.sha1(usedforsecurity=False)
         h.update(np.asarray([rows, cols, block_size], dtype=np.int64).tobytes())
-        h.update(self.indptr.tobytes())
+        h.update(self.indptr)  # (the buffers themselves: no copies)
         h.update(b"|")
-        h.update(self.indices.tobytes())
+        h.update(self.indices)
         # A signed 63-bit value: it travels as an int64 FFI attribute.
-        self.fingerprint = int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+        digest = h.digest()[:8]
+        self.fingerprint = int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
     # -- identity ---------------------------------------------------------------
 
@@ -256,8 +277,11 @@ class SparsityPattern:
     @ft.cached_property
     def empty_cols(self) -> np.ndarray:
         """The (block) columns that store no entry."""
-        counts = np.bincount(self.indices, minlength=self.block_cols)
-        out = np.flatnonzero(counts == 0)
+        # A scatter of flags: 4x faster than np.bincount here (it widens the
+        # indices to intp and counts); this runs at the first trace.
+        present = np.zeros(self.block_cols, dtype=bool)
+        present[self.indices] = True
+        out = np.flatnonzero(~present)
         out.setflags(write=False)
         return out
 
@@ -269,6 +293,26 @@ class SparsityPattern:
         return np.array_equal(pt.indptr, self.indptr) and np.array_equal(
             pt.indices, self.indices
         )
+
+    @ft.cached_property
+    def mirror(self) -> np.ndarray:
+        """For every stored (block) entry `(i, j)`, the position of entry `(j, i)`
+        in `indices`, or -1 where that entry is not stored (square patterns only).
+        `values == values[mirror]` (blocks transposed) is the symmetry test; for a
+        structurally symmetric pattern `mirror` is the transpose permutation.
+        Computed once on the host (one binary search per entry) and cached."""
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"A non-square pattern {self.shape} has no mirror.")
+        n = np.int64(self.block_cols)
+        rows = self.row_ids.astype(np.int64)
+        cols = self.indices.astype(np.int64)
+        keys = rows * n + cols  # ascending: CSR order is (row, column) order
+        want = cols * n + rows
+        pos = np.minimum(np.searchsorted(keys, want), max(self.nnz - 1, 0))
+        found = keys[pos] == want if self.nnz else np.zeros(0, dtype=bool)
+        out = np.where(found, pos, -1).astype(np.int32)
+        out.setflags(write=False)
+        return out
 
     @ft.cached_property
     def bandwidth(self) -> tuple[int, int]:

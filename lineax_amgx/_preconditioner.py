@@ -28,7 +28,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Inexact, Int, PyTree
 
-from . import _config
+from . import _checks, _config
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -41,7 +41,8 @@ from ._backends.contract import (
     mode_for,
     vector_dtype as _vector_dtype,
 )
-from ._operator import as_tag_set
+from ._checks import SYMMETRY_TAGS, tag_names
+from ._operator import as_tag_set, transposed_values
 from ._pattern import SparsityPattern
 from ._solver import AMGX
 from .matrix_free import as_csr_operator
@@ -52,19 +53,6 @@ _KRYLOV_SOLVERS = frozenset({
     "CG", "PCG", "PCGF", "GMRES", "FGMRES", "BICGSTAB", "PBICGSTAB", "IDR",
     "IDRMSYNC",
 })
-_SYMMETRY_TAGS = frozenset({
-    lx.symmetric_tag, lx.positive_semidefinite_tag, lx.negative_semidefinite_tag,
-})
-
-
-def _tag_names(tags) -> str:
-    names = {
-        lx.symmetric_tag: "lx.symmetric_tag",
-        lx.positive_semidefinite_tag: "lx.positive_semidefinite_tag",
-        lx.negative_semidefinite_tag: "lx.negative_semidefinite_tag",
-    }
-    return ", ".join(sorted(names.get(t, repr(t)) for t in tags))
-
 
 def _check_options(cycles, backend, precision):
     if cycles is not None:
@@ -281,27 +269,21 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                 )
         else:
             tag_set = as_tag_set(tags)
-            unknown = tag_set - _SYMMETRY_TAGS
+            unknown = tag_set - SYMMETRY_TAGS
             if unknown:
                 raise ValueError(
                     f"AMGXPreconditioner does not take the tags {unknown}; only "
-                    f"{_tag_names(_SYMMETRY_TAGS)} apply to a multigrid cycle."
+                    f"{tag_names(SYMMETRY_TAGS)} apply to a multigrid cycle."
                 )
             if tag_set and not symmetric_cycle:
                 raise ValueError(
-                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
+                    f"AMGXPreconditioner cannot be tagged {tag_names(tag_set)}: "
                     f"{reason}, so the preconditioner is not a symmetric operator "
                     "(lx.CG needs a symmetric positive definite one). Use a "
                     "symmetric cycle — a BLOCK_JACOBI, JACOBI_L1 or CHEBYSHEV_POLY "
                     "smoother with presweeps == postsweeps, such as the preset "
                     "'AMG_VCYCLE' — or a solver that takes any preconditioner "
                     "(lx.GMRES, lx.BiCGStab)."
-                )
-            if tag_set and not p.is_structurally_symmetric:
-                raise ValueError(
-                    f"AMGXPreconditioner cannot be tagged {_tag_names(tag_set)}: "
-                    "the matrix it is built on is not even structurally "
-                    "symmetric, so its multigrid cycle is not a symmetric operator."
                 )
             definite = {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}
             if tag_set & definite and not complex_values:
@@ -346,6 +328,13 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             resolved, cycles=cycles, mode=mode, verbose=verbose, backend=backend
         )
         values = jax.lax.stop_gradient(csr.values).astype(_matrix_dtype(mode))
+        # A symmetric cycle needs a symmetric matrix: the same check as AMGX's
+        # (a ValueError now for concrete values, before the setup under jit).
+        values = _checks.require_symmetric(
+            values, p, csr.values, tag_set,
+            claim="AMGXPreconditioner is tagged" if tags is not None
+            else "The matrix of AMGXPreconditioner is tagged",
+        )
         self.values = values
         self.token = router.setup(p, values, key)
         self.pattern = p
@@ -419,10 +408,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     def transpose(self) -> AMGXPreconditioner:
         if self.symmetric_cycle:
             return self
-        pattern_t, perm = self.pattern.transpose()
-        values_t = self.values[perm]
-        if self.pattern.block_size > 1:
-            values_t = jnp.swapaxes(values_t, -1, -2)
+        pattern_t, values_t = transposed_values(self.pattern, self.values)
         key_t = self.key._replace(transposed=not self.key.transposed)
         fields = dict(
             values=values_t,
@@ -671,6 +657,15 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         return matrix
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        if any(options.get(k) is not None for k in ("null_space", "left_null_space")):
+            raise NotImplementedError(
+                "AMGXPreconditioned does not take options['null_space']: its inner "
+                "Lineax solver projects neither the right-hand side nor the answer, "
+                "which a singular system (and its derivative) needs. Use "
+                "lineax_amgx.AMGX(null_space=...) (or options['null_space'] with "
+                "lineax_amgx.AMGX()): AmgX's Krylov method around the same "
+                "multigrid, with the projections. See the singular systems guide."
+            )
         if "preconditioner" in options:
             raise ValueError(
                 "AMGXPreconditioned builds its own preconditioner: do not pass "

@@ -13,6 +13,10 @@ they hold.
   no empty row or column).
 - `norm(operator, vector, after=None)`: the 2-norm of a vector of the operator's
   space (a global norm for a distributed operator, computed after `after`).
+- `inner(operator, u, v, after=None)`: `uᵀ v` for vectors (or `(n, k)` bases) of
+  the operator's space (global sums for a distributed operator, after `after`).
+- `accepts_near_nullspace(operator)`: whether its backends take
+  `options["near_nullspace"]` (the distributed ones do not).
 - `sequence(operator, x, *deps)`: `x`, made to wait for `deps` when the
   operator's operations must run in one order (MPI calls: the same order on
   every rank); `x` itself otherwise.
@@ -62,6 +66,21 @@ def norm(operator, vector, after=None) -> jax.Array:
     """The 2-norm of `vector`, a vector of `operator`'s space."""
     del operator, after
     return jnp.linalg.norm(vector)
+
+
+@ft.singledispatch
+def inner(operator, u, v, after=None) -> jax.Array:
+    """`uᵀ v`: `u` an `(n, k)` basis (or an `(n,)` vector), `v` an `(n,)` vector
+    or an `(n, m)` basis, both of `operator`'s space."""
+    del operator, after
+    return u.T @ v
+
+
+@ft.singledispatch
+def accepts_near_nullspace(operator) -> bool:
+    """Whether the operator's backends take a near-null space (pyamg's `B`)."""
+    del operator
+    return True
 
 
 @ft.singledispatch

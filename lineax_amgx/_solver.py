@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
-from . import _blocks, _config, _protocol
+from . import _blocks, _checks, _config, _null_space, _protocol
 from ._backends import router
 from ._backends.contract import (
     BACKENDS,
@@ -30,6 +30,7 @@ from ._backends.contract import (
     vector_dtype as _vector_dtype,
 )
 from ._operator import CSROperator
+from ._runtime_arrays import pattern_array
 from .matrix_free import as_csr_operator
 
 # A solve reported as converged whose true residual `||b - A x||_2` exceeds this
@@ -50,6 +51,10 @@ class _AMGXState(eqx.Module):
     symmetric: bool = eqx.field(static=True)
     tolerances: _config.Tolerances = eqx.field(static=True)
     near_nullspace: Float[Array, "n k"] | None = None
+    # A solve with a known null space: the orthonormal bases (docs/guide/singular.md).
+    null_space: _null_space.NullSpace | None = None
+    # `near_nullspace` is the null space, added by the solver (no warning on AmgX).
+    quiet_near_nullspace: bool = eqx.field(static=True, default=False)
 
 
 class AMGX(lx.AbstractLinearSolver[_AMGXState]):
@@ -75,9 +80,8 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         `"PCG_AGGREGATION"` (CG with an aggregation-AMG V-cycle), anything else
         `"FGMRES_AGGREGATION"` (block systems: the `*_BLOCK` variants).
         Complex operators get `"GMRES_AGGREGATION_COMPLEX"` (aggregation AMG
-        with Jacobi smoothing inside GMRES, what AmgX's complex modes provide;
-        never CG for an operator that is only complex symmetric); classical AMG
-        is refused for them.
+        with Jacobi smoothing inside GMRES; never CG for an operator that is
+        only complex symmetric); classical AMG is refused for them.
     - `rtol`, `atol`: stop when `||b - Ax||_2 <= atol + rtol * ||b||_2`, as in
         Lineax, whatever the initial guess (so a warm start `options["y0"]` saves
         iterations). Implemented by solving the scaled system
@@ -111,6 +115,36 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         which can cut iterations several-fold; AmgX has no such input and
         ignores it on the GPU (with a one-time
         [`lineax_amgx.NearNullspaceWarning`][]). Not differentiated.
+    - `"null_space"`, `"left_null_space"`, `"null_space_inconsistency"`: as the
+        arguments of the same names, for this solve (each overrides the solver's).
+
+    **Singular systems** (pure Neumann, periodic, free-floating bodies; see the
+    [singular systems guide](../guide/singular.md)):
+
+    - `null_space`: an `(n, k)` array whose columns span the null space of the
+        operator (`A N = 0` exactly), e.g.
+        [`lineax_amgx.constant_null_space`][] or
+        [`lineax_amgx.rigid_body_modes`][]; need not be orthonormal. The solve
+        then returns the minimum-norm least-squares solution `A⁺ b`: `b` is
+        projected onto the range of `A`, AMG solves that consistent system (its
+        coarsest level is smoothed, not factored: a dense LU fails on a singular
+        matrix), and the answer is projected orthogonally to the null space.
+        Gradients are those of that projected solve with the null space held
+        fixed. `rtol`/`atol` apply to the projected system. On the CPU the null
+        space also guides pyamg's coarsening when no `"near_nullspace"` is
+        given.
+    - `left_null_space`: the null space of `Aᵀ` (which right-hand sides are
+        consistent). Needed when the operator is not tagged symmetric (for a
+        symmetric one it is `null_space`).
+    - `null_space_inconsistency`: what to do when `‖N_lᵀ b‖ > atol + rtol ‖b‖`
+        (`N_l` the orthonormalised left null space): `"warn"` (default: a
+        [`lineax_amgx.NullSpaceWarning`][]), `"raise"` (an error at run time,
+        whatever `throw`) or `"ignore"`. The ratio `‖N_lᵀ b‖ / ‖b‖` is always
+        in `stats["null_space_inconsistency"]`.
+
+    The null space is a solver field as well as an option because Optimistix
+    calls `lx.linear_solve` without options: `optx.Newton(...,
+    linear_solver=lxa.AMGX(null_space=N))`.
     """
 
     config: str | None = eqx.field(static=True, default=None)
@@ -122,6 +156,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     )
     verbose: bool = eqx.field(static=True, default=False)
     backend: Literal["auto", "amgx", "pyamg"] = eqx.field(static=True, default="auto")
+    null_space: Any = None
+    left_null_space: Any = None
+    null_space_inconsistency: Literal["warn", "raise", "ignore"] = eqx.field(
+        static=True, default="warn"
+    )
     # `config`, parsed and validated once (None: a preset chosen by the operator).
     resolved: _config.ResolvedConfig | None = eqx.field(
         static=True, default=None, repr=False
@@ -137,6 +176,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         precision: Literal["double", "single", "mixed"] | None = None,
         verbose: bool = False,
         backend: Literal["auto", "amgx", "pyamg"] = "auto",
+        null_space: Any = None,
+        left_null_space: Any = None,
+        null_space_inconsistency: Literal["warn", "raise", "ignore"] = "warn",
     ):
         # Parsed and validated now (clear errors at construction), once.
         self.resolved = None if config is None else _config.resolve(config)
@@ -147,6 +189,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         self.precision = precision
         self.verbose = bool(verbose)
         self.backend = backend
+        self.null_space = null_space
+        self.left_null_space = left_null_space
+        self.null_space_inconsistency = null_space_inconsistency
 
     def __check_init__(self):
         if self.rtol is not None and not self.rtol >= 0:
@@ -157,6 +202,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("backend", self.backend, BACKENDS)
+        _null_space.check_policy(self.null_space_inconsistency)
+        for name in ("null_space", "left_null_space"):
+            _null_space.check_field(getattr(self, name), name)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -186,6 +234,10 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         csr = as_csr_operator(operator)
         p = csr.pattern
         _protocol.check_structure(p)
+        # A symmetry tag on non-symmetric values: an error before the setup.
+        csr = _checks.symmetry_checked(
+            csr, operator, claim="The operator given to AMGX is tagged"
+        )
         resolved = self._resolve(operator, csr)
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
@@ -196,11 +248,19 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             )
         if is_complex(csr.values.dtype):
             _config.check_complex(resolved, csr.values.dtype)
+        symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
+        ns = _null_space.request(
+            {k: getattr(self, k) for k in ("null_space", "left_null_space",
+                                           "null_space_inconsistency")},
+            options, num_rows=p.shape[0], symmetric=symmetric,
+            dtype=csr.values.dtype,
+        )
         mode = mode_for(self.precision, csr.values.dtype)
         tolerances = resolved.tolerances(self.rtol, self.atol)
         key = SolveKey(
             config=resolved.finalise(
-                tolerances, max_steps=self.max_steps, verbose=self.verbose
+                tolerances, max_steps=self.max_steps, verbose=self.verbose,
+                singular=ns is not None,
             ),
             mode=mode,
             transposed=False,
@@ -214,11 +274,21 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         nns = _blocks.check_near_nullspace(
             options.get("near_nullspace"), p.shape[0], _vector_dtype(mode)
         )
-        token = router.setup(p, values, key, nns, ok=finite & ~zero_row)
-        symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
+        quiet = False
+        if ns is not None:
+            nns, quiet = ns.near_nullspace(csr, resolved, nns, _vector_dtype(mode))
+        token = router.setup(p, values, key, nns, ok=finite & ~zero_row,
+                             quiet_near_nullspace=quiet)
+        if ns is not None:  # orthonormal bases, once per setup
+            ns = ns.build(csr, self._vector_dtype(mode), after=token)
         return _AMGXState(
-            csr, token, zero_row, finite, key, symmetric, tolerances, nns
+            csr, token, zero_row, finite, key, symmetric, tolerances, nns, ns, quiet
         )
+
+    def _vector_dtype(self, mode: str):
+        """The dtype of the solver's own vectors (float64 or complex128 around a
+        mixed solve)."""
+        return double_dtype(mode) if self.precision == "mixed" else _vector_dtype(mode)
 
     def compute(self, state: _AMGXState, vector, options: dict[str, Any]):
         csr, key = state.operator, state.key
@@ -228,13 +298,12 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             raise ValueError(
                 f"The right-hand side has {b.size} entries; the operator has {n} rows."
             )
-        vec_dtype = (
-            double_dtype(key.mode)
-            if self.precision == "mixed"
-            else _vector_dtype(key.mode)
-        )
+        vec_dtype = self._vector_dtype(key.mode)
         out_dtype = b.dtype
         b = b.astype(vec_dtype)
+        ns = state.null_space
+        if ns is not None:  # b projected onto range(A)
+            b, removed = ns.project_rhs(csr, b, after=state.token)
         y0 = options.get("y0")
         x0 = None
         if y0 is not None:
@@ -260,13 +329,17 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             x, status, steps, resid = self._solve_once(
                 state, b, x0, out_dtype, ok, bnorm
             )
+        if ns is not None:  # the minimum-norm solution
+            x = ns.project_solution(csr, x)
         success = status == Status.SUCCESS
-        if state.tolerances.scaled and self.precision != "mixed":
+        if state.tolerances.scaled and (self.precision != "mixed" or ns is not None):
             # Never report success for an answer whose true residual is far from
             # the requested one (AmgX's residual is its Krylov method's recursive
-            # one). `_refine` checks the true residual itself.
+            # one). `_refine` checks the true residual itself (of an unprojected
+            # answer: a projected one is checked here).
             bound = state.tolerances.bound(bnorm, out_dtype)
-            true_resid = _norm(csr, b - _matvec(csr, key.mode, x))
+            mode = "dDDI" if self.precision == "mixed" else key.mode
+            true_resid = _norm(csr, b - _matvec(csr, mode, x))
             success = success & (true_resid <= _RESIDUAL_SLACK * bound)
             # Report the true residual (the backend's is its Krylov method's).
             resid = jnp.where(jnp.isfinite(true_resid), true_resid, resid)
@@ -275,6 +348,11 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         flags = jnp.stack([~finite, zero_row]).astype(jnp.int32)
         flags = _protocol.agree_flags(csr, flags, x, success)
         finite, zero_row = flags[0] == 0, flags[1] > 0
+        stats = {}
+        if ns is not None:  # warns or raises (per its policy) when inconsistent
+            stats["null_space_inconsistency"], x = ns.check(
+                removed, bnorm, state.tolerances, out_dtype, x
+            )
         # The solution is ready only when this solve's last ordered call is done:
         # whoever waits for `x` (the next solve, `gather_vector`) cannot start MPI
         # calls while this solve still has one pending (with few threads the two
@@ -297,7 +375,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             ),
         )
         result = R.where(zero_row, R.singular, result)
-        stats = {"num_steps": steps, "residual_norm": resid}
+        stats = {"num_steps": steps, "residual_norm": resid, **stats}
         return unravel(x), result, stats
 
     def _solve_once(self, state: _AMGXState, b, x0, out_dtype, ok, bnorm):
@@ -309,6 +387,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         x, info, resid = router.solve(
             csr.pattern, values, state.token, b / sv,
             None if x0 is None else x0 / sv, key, state.near_nullspace, ok=ok,
+            **_quiet(state),
         )
         return x * sv, info[0], info[1], resid * s.astype(resid.dtype)
 
@@ -344,6 +423,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             d, info, _ = router.solve(
                 csr.pattern, values, state.token, (r / scale).astype(narrow),
                 None, key, state.near_nullspace, ok=ok & jnp.all(jnp.isfinite(r)),
+                **_quiet(state),
             )
             inner = info[0]
             # An inner "not converged" still improves x; only hard failures stop.
@@ -366,16 +446,23 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     def transpose(self, state: _AMGXState, options: dict[str, Any]):
         # `y0` guesses the primal unknown, not the adjoint one (lx.CG drops it too).
         options = {k: v for k, v in options.items() if k != "y0"}
-        if state.symmetric:
+        # With a null space: the bases swapped (P_l (A^T)^+ P_r), never warning.
+        ns_t = None if state.null_space is None else state.null_space.transpose()
+        if state.symmetric:  # the same setup
+            if ns_t is not None:
+                state = eqx.tree_at(lambda s: s.null_space, state, ns_t)
             return state, options
         op_t = state.operator.transpose()
         key_t = state.key._replace(transposed=not state.key.transposed)
         # No setup here: the first solve with the transpose sets it up (its own
         # cache entry), so a forward-only computation never pays for it.
         zero_row, finite = _value_checks(op_t.pattern, op_t.values)
+        nns_t = state.near_nullspace
+        if state.quiet_near_nullspace:  # the solver's own: the transpose's
+            nns_t = ns_t.right.astype(nns_t.dtype)
         state_t = _AMGXState(
             op_t, invalid_token(), zero_row, finite, key_t, False,
-            state.tolerances, state.near_nullspace,
+            state.tolerances, nns_t, ns_t, state.quiet_near_nullspace,
         )
         return state_t, options
 
@@ -411,12 +498,17 @@ def _value_checks(pattern, values) -> tuple[jax.Array, jax.Array]:
         a = jnp.max(a, axis=2)  # (nnz, b): the largest entry of each scalar row
     row_max = jax.ops.segment_max(
         a,
-        jnp.asarray(pattern.row_ids),
+        pattern_array(pattern, "row_ids"),  # a runtime array, not a constant
         num_segments=pattern.block_rows,
         indices_are_sorted=True,
     )
     finite = jnp.all(jnp.isfinite(a))
     return jnp.any(row_max == 0) & finite, finite
+
+
+def _quiet(state: _AMGXState) -> dict[str, bool]:
+    """The router's keyword for a near-null space the solver added itself."""
+    return {"quiet_near_nullspace": True} if state.quiet_near_nullspace else {}
 
 
 def _norm(csr, v) -> jax.Array:

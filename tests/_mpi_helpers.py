@@ -4,6 +4,11 @@ import functools as ft
 import traceback
 
 import pytest
+from mpi4py import MPI
+
+COMM = MPI.COMM_WORLD
+RANK = COMM.Get_rank()
+SIZE = COMM.Get_size()
 
 
 def collective(comm):
@@ -32,3 +37,36 @@ def collective(comm):
         return wrapper
 
     return decorate
+
+
+def raises_everywhere(exc, fn, match: str | None = None) -> str:
+    """Call `fn` (collective) and check that it raised `exc` on this rank."""
+    with pytest.raises(exc, match=match) as info:
+        fn()
+    return str(info.value)
+
+
+def global_matrix(kind: str = "poisson", n: int = 6):
+    """The same global matrix on every rank (built locally: no communication)."""
+    import numpy as np
+    from helpers import poisson3d, random_nonsymmetric
+
+    if kind == "poisson":
+        return poisson3d(n)
+    return random_nonsymmetric(n**3, np.random.default_rng(7))
+
+
+@pytest.fixture(autouse=True)
+def fresh_cpu_cache(request):
+    """Every test but the GPU ones (whose `backend` fixture sees to the cache)
+    starts from an empty single-process cache, every rank at the same point."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield
+        return
+    import lineax_amgx as lxa
+
+    lxa.clear_cache()
+    lxa.reset_counters()
+    COMM.Barrier()
+    yield
+    COMM.Barrier()

@@ -1,7 +1,14 @@
 """Problem factories and reference helpers shared by the tests."""
 
+import math
+import re
+
+import lineax as lx
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
 
 def gpu_array(x):
@@ -29,6 +36,16 @@ def anisotropic2d(n: int, eps: float = 1e-3, theta: float = np.pi / 8) -> sp.csr
 
     stencil = pyamg.gallery.diffusion_stencil_2d(epsilon=eps, theta=theta, type="FD")
     return sp.csr_array(pyamg.gallery.stencil_grid(stencil, (n, n), format="csr"))
+
+
+def elasticity2d(n: int, *, block: bool = False):
+    """pyamg's 2-D linear elasticity (2 unknowns per node): scalar CSR, or the
+    2 x 2 BSR matrix with `block=True`."""
+    import pyamg
+
+    a, _ = pyamg.gallery.linear_elasticity((n, n), format="bsr")
+    a = sp.bsr_array(a)
+    return a if block else sp.csr_array(a.tocsr())
 
 
 def convection_diffusion2d(n: int, peclet: float = 100.0) -> sp.csr_array:
@@ -61,6 +78,31 @@ def rel_residual(a, x, b) -> float:
     x = np.asarray(x, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(b - a @ x) / np.linalg.norm(b))
+
+
+def true_residual(a, x, b) -> float:
+    """`||b - A x||_2` in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(b - sp.csr_array(a, dtype=np.float64) @ x))
+
+
+def reference(a, b) -> np.ndarray:
+    """Float64 direct solve."""
+    a64 = sp.csc_array(a, dtype=np.float64)
+    return spla.spsolve(a64, np.asarray(b, dtype=np.float64))
+
+
+def dense_solve_fn(pattern):
+    """`(values, b) -> x` by a dense float64 solve: the reference for gradients."""
+    import jax.numpy as jnp
+
+    def fn(values, b):
+        m = jnp.zeros(pattern.shape, values.dtype)
+        m = m.at[pattern.row_ids, pattern.indices].add(values)
+        return jnp.linalg.solve(m, b)
+
+    return fn
 
 
 def jacobian_nonzeros(fn, x, points=2, seed=0) -> np.ndarray:
@@ -99,3 +141,81 @@ def import_asdex():
             f"{e}"
         )
     return asdex
+
+
+# ---- Array constants in lowered (StableHLO) and compiled (HLO) text: the
+# detector of tests/test_first_call.py and tests/test_gpu_first_call.py. ----
+
+LIMIT = 1000  # elements: the largest array constant a program may hold
+
+
+def _closing(text: str, i: int) -> int:
+    """The index just past the `>` that closes the `<` before `i` (quotes and
+    nested brackets skipped)."""
+    depth = 1
+    while depth:
+        c = text[i]
+        if c == '"':
+            i = text.index('"', i + 1)
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+        i += 1
+    return i
+
+
+def lowered_constants(text: str) -> list[tuple[int, str]]:
+    """`(elements, excerpt)` of every array literal in StableHLO text: `dense<...>`
+    (a list, a hex blob or a splat) and `dense_resource<...>`, counted by the
+    tensor type that follows (a splat of a large tensor counts as large), or by
+    what the literal stores where no type follows."""
+    out = []
+    for m in re.finditer(r"\bdense(_resource)?<", text):
+        end = _closing(text, m.end())
+        body = text[m.end():end - 1]
+        t = re.match(
+            r"\s*:\s*tensor<((?:\d+x)*)([^>]*(?:<[^>]*>)?)>", text[end:end + 400]
+        )
+        if t:
+            dims = [int(d) for d in t.group(1).split("x") if d]
+            count = math.prod(dims)
+        elif m.group(1):
+            count = LIMIT + 1  # a resource of unknown size: flag it
+        elif body.startswith('"0x'):
+            count = (len(body) - 4) // 2  # bytes: at least the elements of i8
+        else:
+            count = max(1, len(re.findall(r"[^\s,\[\]()]+", body)))
+        out.append((count, text[m.start():m.start() + 120]))
+    return out
+
+
+_HLO_CONSTANT = re.compile(r"=\s*(.+?)\s+constant\(")
+
+
+def compiled_constants(text: str) -> list[tuple[int, str]]:
+    """`(elements, excerpt)` of every `constant(...)` instruction in HLO text, by
+    its shape (XLA elides large literals as `{...}`; tuple shapes are summed)."""
+    out = []
+    for line in text.splitlines():
+        m = _HLO_CONSTANT.search(line)
+        if m:
+            shapes = re.findall(r"\b[a-z]+\d*\[([\d,]*)\]", m.group(1))
+            count = sum(math.prod(int(d) for d in s.split(",") if d) for s in shapes)
+            out.append((count, line.strip()[:120]))
+    return out
+
+
+def large(constants) -> list[tuple[int, str]]:
+    return [c for c in constants if c[0] > LIMIT]
+
+
+def convected_poisson3d(n: int) -> sp.csr_array:
+    """3D Poisson plus upwind convection along the fastest axis (non-symmetric,
+    diagonally dominant), indices sorted."""
+    a = poisson3d(n)
+    m = a.shape[0]
+    shift = sp.diags([np.ones(m - 1)], [-1], shape=(m, m))
+    out = sp.csr_array(a + 0.8 * (sp.eye(m) - shift))
+    out.sort_indices()
+    return out

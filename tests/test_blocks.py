@@ -1,11 +1,18 @@
-"""Block systems (issue #10): block-CSR operators, block AMG on the CPU (pyamg),
-the near-null space (`rigid_body_modes`), gradients w.r.t. block values.
+"""Block systems (issue #10): block-CSR operators, block AMG on the CPU (pyamg)
+and on the GPU (AmgX: `pytest -m gpu -s tests/test_blocks.py` on the device
+prints the block vs scalar iteration counts), the near-null space
+(`rigid_body_modes`), gradients w.r.t. block values.
 
-`elasticity3d` (a trilinear-hexahedron elasticity assembler) also serves
-`tests/test_gpu_blocks.py` and `benchmarks/blocks.py`.
+The problems: pyamg's 2-D elasticity (2 x 2 blocks), trilinear 3-D elasticity
+(3 x 3 blocks, assembled here by `elasticity3d`, which also serves
+`benchmarks/blocks.py`) and coupled reaction-diffusion with 2..8 species; on the
+GPU at 1e5 - 1e6 unknowns (block sizes 6..8 must be refused there with a clear
+error: AmgX 2.5 crashes or has no kernel for them). Up to 2e5 unknowns the answer
+is compared with scipy's `spsolve`; beyond, with the true residual.
 """
 
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,16 +21,22 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+from _backend import cases, only
+from helpers import rel_err
 
 import lineax_amgx as lxa
 from lineax_amgx import _operator
 from lineax_amgx._backends import pyamg as _cpu, router as _dispatch
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::lineax_amgx.PyamgTranslationWarning",
-    "ignore:.*Indefinite preconditioner:UserWarning",
-    "ignore:Having less target vectors:UserWarning",
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore::lineax_amgx.PyamgTranslationWarning",
+        "ignore::lineax_amgx.NearNullspaceWarning",
+        "ignore:.*Indefinite preconditioner:UserWarning",
+        "ignore:Having less target vectors:UserWarning",
+    ),
+    pytest.mark.usefixtures("on_cpu"),
+]
 
 SPD = (lx.symmetric_tag, lx.positive_semidefinite_tag)
 
@@ -182,21 +195,6 @@ def block_config(omega: float = 0.6) -> dict:
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def _on_cpu():
-    with jax.default_device(jax.devices("cpu")[0]):
-        yield
-
-
-@pytest.fixture
-def fresh_cache():
-    _cpu.set_cache_size(8)
-    _cpu.clear_cache()
-    _cpu.reset_counters()
-    yield
-    _cpu.set_cache_size(8)
-
-
 def _solve(op, b, *, config=None, options=None, rtol=1e-8):
     sol = lx.linear_solve(
         op,
@@ -207,6 +205,47 @@ def _solve(op, b, *, config=None, options=None, rtol=1e-8):
     )
     assert sol.result == lx.RESULTS.successful
     return np.asarray(sol.value), int(sol.stats["num_steps"])
+
+
+def solve_on(backend, a, b, *, config=None, rtol=1e-10, options=None):
+    """Solve on `backend` (jitted, SPD-tagged); returns `(x, iterations, seconds)`
+    of the second call (the first compiles and sets up)."""
+    op = backend.op(a, SPD)
+    b = backend.put(b)
+    f = jax.jit(
+        lambda o, v: lx.linear_solve(
+            o, v, solver=lxa.AMGX(config, rtol=rtol), options=options, throw=False
+        )
+    )
+    sol = f(op, b)
+    jax.block_until_ready(sol.value)
+    t0 = time.perf_counter()
+    sol = f(op, b)
+    jax.block_until_ready(sol.value)
+    seconds = time.perf_counter() - t0
+    assert sol.result == lx.RESULTS.successful, sol.result
+    assert sol.value.devices() == {backend.device}
+    return np.asarray(sol.value), int(sol.stats["num_steps"]), seconds
+
+
+def compare(backend, name, a, b, *, config=None, rtol=1e-10):
+    """Block and scalar forms of `a`: both solve; returns both answers and prints
+    the iteration counts."""
+    x_blk, it_blk, t_blk = solve_on(backend, a, b, config=config, rtol=rtol)
+    x_sc, it_sc, t_sc = solve_on(backend, sp.csr_array(a.tocsr()), b, config=config,
+                                 rtol=rtol)
+    print(
+        f"\n{name}: n={a.shape[0]}, block {a.blocksize[0]}: {it_blk} iterations "
+        f"({t_blk:.3f} s); scalar: {it_sc} iterations ({t_sc:.3f} s)"
+    )
+    return x_blk, it_blk, x_sc, it_sc
+
+
+# The tolerance of the solves, and the bound on their relative residuals (on the
+# GPU, as measured on the million-unknown problems).
+RTOL = dict(cpu=1e-8, gpu=1e-10)
+RESIDUAL = dict(cpu=1e-8, gpu=1.01e-10)
+SPSOLVE_LIMIT = 2e5  # unknowns: above, the answer is checked by its residual only
 
 
 # ---- constructors --------------------------------------------------------------------
@@ -333,55 +372,87 @@ def test_grad_of_mv_wrt_block_values(rng):
 # ---- solves --------------------------------------------------------------------------
 
 
-def test_elasticity2d_block_beats_scalar(rng, fresh_cache):
-    a, _ = elasticity2d(24)
-    b = rng.standard_normal(a.shape[0])
-    x_blk, it_blk = _solve(lxa.CSROperator.from_scipy(a, tags=SPD), b)
-    x_sc, it_sc = _solve(
-        lxa.CSROperator.from_scipy(sp.csr_array(a.tocsr()), tags=SPD), b
-    )
-    print(f"2-D elasticity n={a.shape[0]}: block {it_blk}, scalar {it_sc} iterations")
-    assert rel_residual(a, x_blk, b) <= 1e-8
-    assert rel_residual(a, x_sc, b) <= 1e-8
+def check_block_beats_scalar(backend, name, a, b, config=None):
+    """Block and scalar forms of `a` both solve (to the backend's residual bound;
+    up to 2e5 unknowns also against spsolve), the block form in fewer iterations."""
+    x_blk, it_blk, x_sc, it_sc = compare(backend, name, a, b, config=config,
+                                         rtol=RTOL[backend.name])
+    assert rel_residual(a, x_blk, b) <= RESIDUAL[backend.name]
+    assert rel_residual(a, x_sc, b) <= RESIDUAL[backend.name]
     assert it_blk < it_sc
-    ref = spla.spsolve(a.tocsc(), b)
-    assert np.linalg.norm(x_blk - ref) <= 1e-6 * np.linalg.norm(ref)
-    # block size is part of the cache key: two entries, two fingerprints
-    entries = _cpu.cache_info()["entries"]
+    if a.shape[0] <= SPSOLVE_LIMIT:
+        ref = spla.spsolve(a.tocsr().tocsc(), b)
+        assert rel_err(x_blk, ref) < 1e-6
+        assert rel_err(x_sc, ref) < 1e-6
+
+
+@cases("n", cpu=[24], gpu=[316, 708])  # GPU: 199,712 and 1,002,528 unknowns
+def test_elasticity2d_block_beats_scalar(n, rng, backend):
+    a, _ = elasticity2d(n)
+    b = rng.standard_normal(a.shape[0])
+    check_block_beats_scalar(backend, "2-D elasticity", a, b)
+
+
+def test_block_size_is_part_of_the_cache_key(rng, backend):
+    """Block and scalar forms of one matrix: two entries, two fingerprints."""
+    a, _ = elasticity2d(backend.pick(cpu=24, gpu=100))
+    b = rng.standard_normal(a.shape[0])
+    cfg = lxa.configs["PCG_AGGREGATION_BLOCK"]
+    solve_on(backend, a, b, config=cfg)
+    solve_on(backend, sp.csr_array(a.tocsr()), b, config=cfg)
+    info = lxa.cache_info(backend.cache)
+    assert info["size"] == 2
+    assert info["setups"] == 2
+    entries = info["entries"]
     assert sorted(e["block_size"] for e in entries) == [1, 2]
     assert len({e["fingerprint"] for e in entries}) == 2
 
 
-def test_elasticity3d_block_beats_scalar(rng, fresh_cache):
-    a, _ = elasticity3d(8)
+@cases("n", cpu=[8], gpu=[20, 48])  # GPU: 26,460 and 345,744 unknowns
+def test_elasticity3d_block_beats_scalar(n, rng, backend):
+    a, _ = elasticity3d(n)
     assert a.blocksize == (3, 3)
     b = rng.standard_normal(a.shape[0])
-    cfg = block_config()
-    x_blk, it_blk = _solve(lxa.CSROperator.from_scipy(a, tags=SPD), b, config=cfg)
-    scalar = lxa.CSROperator.from_scipy(sp.csr_array(a.tocsr()), tags=SPD)
-    x_sc, it_sc = _solve(scalar, b, config=cfg)
-    print(f"3-D elasticity n={a.shape[0]}: block {it_blk}, scalar {it_sc} iterations")
-    assert rel_residual(a, x_blk, b) <= 1e-8
-    assert rel_residual(a, x_sc, b) <= 1e-8
-    assert it_blk < it_sc
+    check_block_beats_scalar(backend, "3-D elasticity", a, b, config=block_config())
 
 
-def test_default_block_preset_solves_3d_elasticity(rng):
+def test_default_block_preset_solves_3d_elasticity(rng, backend):
     # Trilinear 3-D elasticity has rho(D_b^-1 A) ~ 2.9: Jacobi smoothing with a
     # weight of 0.8 (omega * rho > 2) diverges and CG stops on an indefinite
-    # preconditioner. The block presets must use a smaller weight (see report).
-    a, _ = elasticity3d(6)
+    # preconditioner. The block presets (PCG_AGGREGATION_BLOCK by default) must
+    # use a smaller weight.
+    a, _ = elasticity3d(backend.pick(cpu=6, gpu=32))  # GPU: 104,544 unknowns
     b = rng.standard_normal(a.shape[0])
-    x, _ = _solve(lxa.CSROperator.from_scipy(a, tags=SPD), b)
-    assert rel_residual(a, x, b) <= 1e-8
+    x, it, seconds = solve_on(backend, a, b, rtol=RTOL[backend.name])
+    print(f"\n3-D elasticity, default preset: {it} iterations ({seconds:.3f} s)")
+    assert rel_residual(a, x, b) <= RESIDUAL[backend.name]
 
 
-@pytest.mark.parametrize("b", [4, 6, 8])
-def test_coupled_species_block_sizes(b, rng):
-    a = reaction_diffusion(12, b, rng)
+@only("gpu")
+def test_block_answer_matches_cpu_backend(rng, backend):
+    a, _ = elasticity3d(12)
+    b = rng.standard_normal(a.shape[0])
+    x_gpu, _, _ = solve_on(backend, a, b, config=block_config(), rtol=1e-11)
+    with jax.default_device(jax.devices("cpu")[0]):
+        op = lxa.CSROperator.from_scipy(a, tags=SPD)
+        x_cpu = lx.linear_solve(
+            op, jnp.asarray(b), solver=lxa.AMGX(block_config(), rtol=1e-11)
+        ).value
+    assert next(iter(x_cpu.devices())).platform == "cpu"
+    assert rel_err(x_gpu, x_cpu) < 1e-6
+
+
+# GPU: 90,000 b unknowns (the block sizes AmgX cannot take: the last test).
+@cases("b", cpu=[4, 6, 8], gpu=[2, 3, 4, 5])
+def test_coupled_species_block_sizes(b, rng, backend):
+    """b x b blocks: coupled reaction-diffusion."""
+    a = reaction_diffusion(backend.pick(cpu=12, gpu=300), b, rng)
     rhs = rng.standard_normal(a.shape[0])
-    x, _ = _solve(lxa.CSROperator.from_scipy(a, tags=SPD), rhs)
-    assert rel_residual(a, x, rhs) <= 1e-8
+    x, it, seconds = solve_on(backend, a, rhs, rtol=RTOL[backend.name])
+    print(f"\nreaction-diffusion, {b} species: {it} iterations ({seconds:.3f} s)")
+    assert rel_residual(a, x, rhs) <= RESIDUAL[backend.name]
+    if a.shape[0] <= SPSOLVE_LIMIT:
+        assert rel_err(x, spla.spsolve(a.tocsr().tocsc(), rhs)) < 1e-6
 
 
 def test_nonsymmetric_block_system_fgmres(rng):
@@ -390,6 +461,30 @@ def test_nonsymmetric_block_system_fgmres(rng):
     x, steps = _solve(lxa.CSROperator.from_scipy(a), b)  # FGMRES_AGGREGATION_BLOCK
     assert rel_residual(a, x, b) <= 1e-8
     assert steps > 0
+
+
+@only("gpu")
+def test_nonsymmetric_block_system(rng, backend):
+    # a block convection term: non-symmetric, FGMRES_AGGREGATION_BLOCK
+    a = reaction_diffusion(200, 3, rng)
+    n = a.shape[0] // 3
+    conv = sp.kron(
+        sp.diags_array([-1.0, 1.0], offsets=[-1, 0], shape=(n, n)),
+        np.diag([0.3, 0.1, 0.2]),
+    )
+    a = sp.bsr_array(sp.csr_array(a + conv), blocksize=(3, 3))
+    a.sort_indices()
+    b = rng.standard_normal(a.shape[0])
+    op = backend.op(a)
+    sol = lx.linear_solve(op, backend.put(b), solver=lxa.AMGX(rtol=1e-10))
+    assert rel_err(sol.value, spla.spsolve(a.tocsr().tocsc(), b)) < 1e-6
+    # and its transpose (the backward pass of a non-symmetric solve)
+    g = jax.grad(
+        lambda v: jnp.sum(
+            lx.linear_solve(op.with_values(v), backend.put(b), solver=lxa.AMGX()).value
+        )
+    )(op.values)
+    assert g.shape == op.values.shape and bool(jnp.all(jnp.isfinite(g)))
 
 
 def test_float32_block_solve(rng):
@@ -431,7 +526,7 @@ def _dense_solve(pattern, values, b):
 
 
 @pytest.mark.parametrize("kind", ["elasticity", "nonsymmetric"])
-def test_grad_through_solve_wrt_block_values(kind, rng, fresh_cache):
+def test_grad_through_solve_wrt_block_values(kind, rng):
     if kind == "elasticity":
         a, _ = elasticity2d(6)
         a = a / 1e5
@@ -456,6 +551,30 @@ def test_grad_through_solve_wrt_block_values(kind, rng, fresh_cache):
     assert gv.shape == op.values.shape
     for g, r in ((gv, rv), (gb, rb)):
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-8 * float(jnp.abs(r).max()))
+
+
+@only("gpu")
+def test_grad_wrt_block_values_on_gpu(rng, backend):
+    a, _ = elasticity2d(10)
+    a = a / 1e5
+    op = backend.op(a, SPD)
+    b = backend.put(rng.standard_normal(a.shape[0]))
+    w = backend.put(rng.standard_normal(a.shape[0]))
+    dense = jnp.asarray(a.toarray())
+
+    def loss(values):
+        x = lx.linear_solve(op.with_values(values), b, solver=lxa.AMGX(rtol=1e-12))
+        return jnp.dot(w, x.value)
+
+    g = np.asarray(jax.jit(jax.grad(loss))(op.values))
+    # d(w . A^-1 b)/dA = -(A^-T w) (A^-1 b)^T, at the stored blocks
+    lam = np.linalg.solve(np.asarray(dense).T, np.asarray(w))
+    x = np.linalg.solve(np.asarray(dense), np.asarray(b))
+    p = op.pattern
+    ref = -np.einsum(
+        "ki,kj->kij", lam.reshape(-1, 2)[p.row_ids], x.reshape(-1, 2)[p.indices]
+    )
+    np.testing.assert_allclose(g, ref, rtol=1e-6, atol=1e-8 * np.abs(ref).max())
 
 
 # ---- rigid-body modes and the near-null space ----------------------------------------
@@ -498,7 +617,7 @@ def test_rigid_body_modes_2d_span_pyamg_gallery():
 
 @needs_near_nullspace
 @pytest.mark.parametrize("problem", ["2d", "3d"])
-def test_near_nullspace_cuts_iterations(problem, rng, fresh_cache):
+def test_near_nullspace_cuts_iterations(problem, rng):
     if problem == "2d":
         a, B = elasticity2d(24)
         cfg = None
@@ -522,7 +641,7 @@ def test_near_nullspace_cuts_iterations(problem, rng, fresh_cache):
 
 
 @needs_near_nullspace
-def test_near_nullspace_is_part_of_the_cache_comparison(rng, fresh_cache):
+def test_near_nullspace_is_part_of_the_cache_comparison(rng):
     a, coords = elasticity3d(4)
     B = lxa.rigid_body_modes(coords)
     op = lxa.CSROperator.from_scipy(a, tags=SPD)
@@ -553,7 +672,7 @@ def test_near_nullspace_is_part_of_the_cache_comparison(rng, fresh_cache):
 
 
 @needs_near_nullspace
-def test_near_nullspace_vmap_and_grad(rng, fresh_cache):
+def test_near_nullspace_vmap_and_grad(rng):
     a, B = elasticity2d(8)
     a = a / 1e5
     op = lxa.CSROperator.from_scipy(a, tags=SPD)
@@ -599,7 +718,7 @@ def test_near_nullspace_validation(rng):
 
 
 @needs_near_nullspace
-def test_near_nullspace_ignored_by_amgx_with_a_warning(fresh_cache):
+def test_near_nullspace_ignored_by_amgx_with_a_warning():
     from lineax_amgx import _blocks, _warnings
 
     a, B = elasticity2d(6)
@@ -623,6 +742,20 @@ def test_near_nullspace_ignored_by_amgx_with_a_warning(fresh_cache):
         )
     )
     assert "pure_callback" in jaxpr and "lineax_amgx_setup" not in jaxpr
+
+
+@only("gpu")
+def test_near_nullspace_is_ignored_on_the_gpu(rng, backend):
+    from lineax_amgx import _blocks, _warnings
+
+    a, B = elasticity2d(100)
+    b = rng.standard_normal(a.shape[0])
+    _warnings.forget(_blocks.NEAR_NULLSPACE_IGNORED)
+    x0, it0, _ = solve_on(backend, a, b)
+    with pytest.warns(lxa.NearNullspaceWarning):
+        x1, it1, _ = solve_on(backend, a, b, options={"near_nullspace": B})
+    assert it1 == it0
+    assert rel_err(x1, x0) < 1e-12
 
 
 # ---- matrix-free operators with a block size -----------------------------------------
@@ -659,3 +792,26 @@ def test_sparsify_with_block_size(rng):
 
 def _as_csr(op):
     return lxa.as_csr_operator(op)
+
+
+@cases("b", gpu=[6, 7, 8])
+def test_block_sizes_amgx_cannot_take_are_refused(b, rng, backend):
+    # AmgX 2.5: 6 and 8 crash with an illegal memory access (the CUDA context is
+    # lost), 7 has no aggregation kernel. The core refuses them with a clear error
+    # before AmgX sees them, and the process stays usable. (Last in this file: a
+    # core without that check crashes the process here.)
+    a = reaction_diffusion(20, b, rng)
+    op = backend.op(a, SPD)
+    with pytest.raises(Exception, match="block sizes 1 to 5"):
+        x = lx.linear_solve(op, backend.put(np.ones(a.shape[0])), solver=lxa.AMGX())
+        jax.block_until_ready(x.value)
+    # the CPU backend takes them
+    with jax.default_device(jax.devices("cpu")[0]):
+        op_cpu = lxa.CSROperator.from_scipy(a, tags=SPD)
+        rhs = rng.standard_normal(a.shape[0])
+        x = lx.linear_solve(op_cpu, jnp.asarray(rhs), solver=lxa.AMGX()).value
+    assert rel_residual(a, x, rhs) <= 1e-8
+    # and the GPU still works
+    small = reaction_diffusion(20, 3, rng)
+    x_small, _, _ = solve_on(backend, small, np.ones(small.shape[0]))
+    assert rel_residual(small, x_small, np.ones(small.shape[0])) <= 1.01e-10

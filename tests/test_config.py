@@ -118,3 +118,21 @@ def test_tolerance_mapping_has_both_halves():
                                                      verbose=False))
     assert final["solver"]["convergence"] == "RELATIVE_INI"
     assert final["solver"]["tolerance"] == 1e-4
+
+
+@pytest.mark.parametrize("key", sorted(_config._RESOURCE_KEYS))
+@pytest.mark.parametrize("where", ["top", "solver", "preconditioner"])
+def test_resource_settings_are_refused_in_every_scope(key, where):
+    """AmgX reads its resource settings (communicator, memory pools, streams) from
+    the resources object the package shares, never from a solver config: in any
+    scope they are refused, so no backend (the pyamg translation included) ever
+    sees one."""
+    value = "MPI" if key == "communicator" else 1
+    cfg = {"config_version": 2, "solver": {
+        "solver": "PCG", "preconditioner": {"solver": "AMG"}}}
+    scope = {"top": cfg, "solver": cfg["solver"],
+             "preconditioner": cfg["solver"]["preconditioner"]}[where]
+    scope[key] = value
+    with pytest.raises(lxa.ConfigError, match=f"{key!r} is a setting of AmgX's "
+                       "resources"):
+        lxa.AMGX(cfg)

@@ -1,6 +1,7 @@
 """Distributed operators in one process (communicator of size 1): runs in the
 normal test suite without mpiexec; skipped when mpi4py cannot load an MPI
-library. The multi-rank tests are in `test_distributed.py`."""
+library. The multi-rank tests are in `test_distributed.py` and
+`test_distributed_solve.py`."""
 
 import sys
 

@@ -83,7 +83,7 @@ def test_probe_outcomes_order_hit_below_resetup_below_setup():
 
 def test_block_size_limit_is_defined_once():
     """The GPU's block-size limit lives in csrc/codes.h (the native core's refusal
-    states it: tests/test_gpu_blocks.py); the model layer's error for blocks
+    states it: tests/test_blocks.py); the model layer's error for blocks
     beyond the CPU's limit does not repeat the number."""
     import re
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp  # noqa: E402
 import lineax as lx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from _backend import cases  # noqa: E402
 
+import lineax_amgx as lxa  # noqa: E402
 from lineax_amgx._operator import CSROperator  # noqa: E402
 from lineax_amgx.matrix_free._sparsify import (  # noqa: E402
     SparsifiedOperator,
@@ -118,11 +120,12 @@ def test_memo_distinguishes_structural_zeros_of_constants():
 
 def test_tags_and_special_operators():
     u = _u()
-    M = jnp.diag(jnp.arange(1.0, 6.0)) + jnp.eye(5, k=1)
+    # Symmetric: a semidefinite tag promises symmetry, which is checked.
+    M = jnp.diag(jnp.arange(1.0, 6.0)) + jnp.eye(5, k=1) + jnp.eye(5, k=-1)
     op = lx.TaggedLinearOperator(lx.MatrixLinearOperator(M),
                                  lx.positive_semidefinite_tag)
     A = as_csr_operator(op)
-    assert lx.positive_semidefinite_tag in A.tags and A.pattern.nnz == 9
+    assert lx.positive_semidefinite_tag in A.tags and A.pattern.nnz == 13
     np.testing.assert_allclose(_dense_csr(A), np.asarray(M))
     Ad = eqx.filter_jit(as_csr_operator)(lx.MatrixLinearOperator(M))
     assert Ad.pattern.method == "dense"
@@ -188,3 +191,45 @@ def test_star_coloring_symmetric_decompression():
     sym = 0.5 * (J + J.T)
     if np.allclose(J, J.T):
         np.testing.assert_allclose(_dense_csr(star.to_csr()), sym, atol=1e-12)
+
+
+# ---- solving with a matrix-free operator (AMGX.init sparsifies it) ------------------
+
+
+def laplacian_residual(n):
+    h2 = 1.0 / (n + 1) ** 2
+
+    def residual(u, args):
+        u = u.reshape(n, n)
+        p = jnp.pad(u, 1)
+        lap = (4 * u - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]) / h2
+        return (lap + args * u**3).reshape(-1)
+
+    return residual
+
+
+@cases("n", cpu=[50], gpu=[200])  # (on the GPU: `pytest -m gpu tests/test_sparsify.py`)
+def test_jacobian_operator_no_pattern_given(n, rng, backend):
+    """A JacobianLinearOperator with no pattern: AMGX.init detects it (one setup)
+    and the solve meets its tolerance; the assembled matrix equals jacfwd."""
+    residual = laplacian_residual(n)
+    u = backend.put(rng.standard_normal(n * n))
+    b = backend.put(rng.standard_normal(n * n))
+    op = lx.JacobianLinearOperator(residual, u, 1.0)
+    lxa.clear_cache()
+    lxa.reset_counters()
+    x = jax.jit(
+        lambda u, b: lx.linear_solve(
+            lx.JacobianLinearOperator(residual, u, 1.0), b, solver=lxa.AMGX(rtol=1e-10)
+        ).value
+    )(u, b)
+    r = b - op.mv(x)
+    assert float(jnp.linalg.norm(r) / jnp.linalg.norm(b)) < 1e-9
+    assert lxa.cache_info(backend.cache)["setups"] == 1
+    # The assembled matrix equals jacfwd on a small problem.
+    small = laplacian_residual(12)
+    us = jnp.asarray(rng.standard_normal(144))
+    csr = lxa.as_csr_operator(lx.JacobianLinearOperator(small, us, 1.0))
+    dense = jax.jacfwd(lambda v: small(v, 1.0))(us)
+    np.testing.assert_allclose(np.asarray(csr.as_matrix()), np.asarray(dense),
+                               rtol=1e-12, atol=1e-9)

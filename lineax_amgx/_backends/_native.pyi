@@ -39,6 +39,9 @@ PROBE_SETUP: int
 # The XLA FFI targets, by kind ("setup", "solve", "dist_setup", "dist_solve").
 FFI_TARGETS: dict[str, str]
 
+# The XLA FFI target of runtime arrays (registered for "cpu" and "CUDA").
+RUNTIME_ARRAY_TARGET: str
+
 # The counters of cache_info() and of its entries, in order.
 COUNTER_NAMES: tuple[str, ...]
 
@@ -50,6 +53,27 @@ RESETUP_MODES: tuple[str, ...]
 def registrations() -> dict[str, Any]:
     """The FFI handlers as capsules, by target name (for
     `jax.ffi.register_ffi_target`)."""
+
+# ---- Runtime arrays (csrc/runtime_arrays.h) ----
+
+def runtime_array_handlers() -> dict[str, Any]:
+    """The runtime-array FFI handlers as capsules, by platform ("cpu", "CUDA")."""
+
+def register_runtime_array(key: int, array: npt.NDArray[Any]) -> int:
+    """Register a C-contiguous host array under `key` (its address, not a copy:
+    keep it alive and unchanged until `unregister_runtime_array(key, token)`
+    returns). Returns the registration's token."""
+
+def unregister_runtime_array(key: int, token: int) -> None:
+    """Remove a registration (after every read of it is done); the last one of a
+    key frees the key's device copies."""
+
+def release_runtime_array_copies() -> None:
+    """Free every device copy (the host registrations stay)."""
+
+def runtime_array_info() -> dict[str, int]:
+    """`arrays`, `registrations`, `host_bytes`, `device_copies`, `device_bytes`,
+    `uploads`."""
 
 def register_pattern(
     fingerprint: int,

@@ -8,7 +8,8 @@ a backend serves a pattern (single-process, or one rank's rows of a distributed
 matrix) is looked up in the contract's registry by the pattern's type.
 
 AmgX has no near-null-space input: the GPU branch drops `near_nullspace`, with a
-one-time `NearNullspaceWarning`.
+one-time `NearNullspaceWarning` (not when the solver added it itself,
+`quiet_near_nullspace=True`: a null space, passed on to pyamg's coarsening).
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ def _impls(pattern):
 
 
 def setup(
-    pattern, values, key: SolveKey, near_nullspace=None, *, ok=None
+    pattern, values, key: SolveKey, near_nullspace=None, *, ok=None,
+    quiet_near_nullspace=False,
 ):
     """`ok` (bool or int32 scalar) may be given when the caller has already
     checked the values; otherwise they are checked here."""
     ok = _finite(values) if ok is None else jnp.asarray(ok).astype(jnp.int32)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, ok, key, near_nullspace)
-    return _route(key.backend, gpu.setup, cpu.setup, _setup_not_on_cuda, args)
+    return _route(key.backend, gpu.setup, cpu.setup, _setup_not_on_cuda, args,
+                  quiet_near_nullspace)
 
 
 def solve(
@@ -56,14 +59,16 @@ def solve(
     near_nullspace=None,
     *,
     ok=None,
+    quiet_near_nullspace=False,
 ):
     ok = _finite(values, b, x0) if ok is None else jnp.asarray(ok).astype(jnp.int32)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, token, b, x0, ok, key, near_nullspace)
-    return _route(key.backend, gpu.solve, cpu.solve, _solve_not_on_cuda, args)
+    return _route(key.backend, gpu.solve, cpu.solve, _solve_not_on_cuda, args,
+                  quiet_near_nullspace)
 
 
-def _route(backend: str, gpu_fn, cpu_fn, not_on_cuda, args):
+def _route(backend: str, gpu_fn, cpu_fn, not_on_cuda, args, quiet=False):
     """One backend call: `cpu_fn` for `"pyamg"`; for `"amgx"` the CUDA branch
     (and, lowered for another platform, `not_on_cuda`: a clear error when it
     runs); for `"auto"` the branch of the platform the data lives on."""
@@ -71,20 +76,20 @@ def _route(backend: str, gpu_fn, cpu_fn, not_on_cuda, args):
         return cpu_fn(*args)
     if backend == "amgx":
         return _platform_dependent(
-            _gpu(gpu_fn, explicit=True), _drop_nns(not_on_cuda), *args
+            _gpu(gpu_fn, explicit=True, quiet=quiet), _drop_nns(not_on_cuda), *args
         )
-    return _platform_dependent(_gpu(gpu_fn), cpu_fn, *args)
+    return _platform_dependent(_gpu(gpu_fn, quiet=quiet), cpu_fn, *args)
 
 
-def _gpu(fn, explicit: bool = False):
+def _gpu(fn, explicit: bool = False, quiet: bool = False):
     """The GPU entry point `fn` without the CPU-only `near_nullspace` argument
-    (dropped with a one-time warning)."""
+    (dropped with a one-time warning, unless `quiet`)."""
 
     def call(pattern, *args):
         *args, key, near_nullspace = args
         # With backend="auto" this branch is traced on every machine (see
         # `_platform_dependent`): warn only where it can run.
-        if near_nullspace is not None and (explicit or _has_cuda()):
+        if near_nullspace is not None and not quiet and (explicit or _has_cuda()):
             _blocks.warn_near_nullspace_ignored()
         return fn(pattern, *args, key)
 

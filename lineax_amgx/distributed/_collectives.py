@@ -13,6 +13,7 @@ import numpy as np
 from jax.custom_derivatives import linear_call
 from jaxtyping import Array
 
+from .._runtime_arrays import pattern_array, take
 from ._comm import communicator, mpi
 from ._layout import Layout
 from ._pattern import DistributedPattern, _counts_displs
@@ -65,7 +66,7 @@ def _halo_transpose_host(
 def _halo_call(pattern: DistributedPattern, x):
     if not pattern.communicates:
         return jnp.zeros(pattern.halo.shape, x.dtype)
-    sendbuf = x[..., jnp.asarray(pattern.send_indices)]
+    sendbuf = take(x, Ellipsis, pattern_array(pattern, "send_indices"))
     return jax.pure_callback(
         ft.partial(_halo_forward_host, pattern, _new_site()),
         jax.ShapeDtypeStruct(pattern.halo.shape, x.dtype),
@@ -86,7 +87,7 @@ def _halo_transpose_call(pattern: DistributedPattern, ct):
         ct,
         vmap_method="sequential",
     )
-    return out.at[jnp.asarray(pattern.send_indices)].add(recv)
+    return out.at[pattern_array(pattern, "send_indices")].add(recv)
 
 
 @ft.partial(jax.custom_jvp, nondiff_argnums=(0,))

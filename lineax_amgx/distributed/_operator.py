@@ -13,7 +13,9 @@ import numpy as np
 from jaxtyping import Array, Inexact
 
 from .. import _protocol
+from .._checks import warn_if_downcast
 from .._operator import as_tag_set, csr_diagonal, register_queries
+from .._runtime_arrays import pattern_array, take
 from ..matrix_free import as_csr_operator
 from ._collectives import _halo, after as _after, allreduce_sum, global_norm
 from ._comm import _comm, _raise_if_any, mpi
@@ -35,6 +37,7 @@ _INT32_MAX = np.iinfo(np.int32).max
 def _check_values(values, pattern: DistributedPattern):
     tracing = isinstance(values, jax.core.Tracer)
     if not tracing:
+        warn_if_downcast(values)  # float64 NumPy values without x64
         values = jnp.asarray(values)
     comm = pattern.layout.comm
     err = None
@@ -208,10 +211,14 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 m.sum_duplicates()
                 m.sort_indices()
                 data = m.data
-                if dtype is not None:
+                if np.issubdtype(data.dtype, np.complexfloating):
+                    # Kept complex, whatever `dtype` says (a cast would drop the
+                    # imaginary part): refused with a TypeError on every rank
+                    # when the operator is built (`_check_values`).
+                    pass
+                elif dtype is not None:
                     data = data.astype(dtype)
                 elif not np.issubdtype(data.dtype, np.inexact):
-                    # (complex is kept, and refused with a clear error below)
                     data = data.astype(jnp.result_type(float))
                 header = (int(m.shape[0]), np.dtype(data.dtype).str)
         _raise_if_any(comm, err)
@@ -263,7 +270,7 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
                 root=root,
             )
         pattern = DistributedPattern(ptr, idx, layout)
-        return cls(pattern, jnp.asarray(vals), tags)
+        return cls(pattern, vals, tags)
 
     # -- Lineax operator interface ---------------------------------------------------
 
@@ -285,9 +292,11 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
             x_ext = jnp.concatenate([vector, _halo(p, vector)])
         else:
             x_ext = vector
-        prod = self.values.astype(dtype) * x_ext[jnp.asarray(p.local_columns)]
+        # Runtime arrays, not constants (see `lineax_amgx._runtime_arrays`).
+        cols = pattern_array(p, "local_columns")
+        prod = self.values.astype(dtype) * take(x_ext, cols)
         return jax.ops.segment_sum(
-            prod, jnp.asarray(p.row_ids), num_segments=p.shape[0],
+            prod, pattern_array(p, "row_ids"), num_segments=p.shape[0],
             indices_are_sorted=True,
         )
 
@@ -383,6 +392,17 @@ def _(operator: DistributedCSROperator, vector, after=None) -> Array:
     # is chained to the previous one, so that all ranks make their MPI calls in
     # the same order.
     return global_norm(_after(vector, after), operator.layout)
+
+
+@_protocol.inner.register
+def _(operator: DistributedCSROperator, u, v, after=None) -> Array:
+    # `u^T v` summed over the ranks' rows (one allreduce, after `after`).
+    return allreduce_sum(_after(u.T @ v, after), operator.layout)
+
+
+@_protocol.accepts_near_nullspace.register
+def _(operator: DistributedCSROperator) -> bool:
+    return False  # (the distributed backends refuse options["near_nullspace"])
 
 
 @_protocol.sequence.register

@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
+from .._checks import warn_dense
 from .._operator import CSROperator
 from .._pattern import SparsityPattern
+from .._runtime_arrays import pattern_array, take
 from ._coloring import Coloring, color_columns, star_recovery
 from ._sparsity import detect_closed_jaxpr, detection_count as detection_count
 
@@ -60,12 +62,26 @@ def _strip_tags(operator):
     return operator
 
 
+@ft.lru_cache(maxsize=8)
+def _dense_pattern(m: int, n: int) -> SparsityPattern:
+    """Every entry of an `m x n` matrix, in row-major order (so that a dense
+    matrix's values are its `ravel`): built and fingerprinted once per shape."""
+    indptr = np.arange(m + 1, dtype=np.int64) * n
+    indices = np.tile(np.arange(n, dtype=np.int32), m)
+    return SparsityPattern(indptr, indices, (m, n), method="dense", check=False)
+
+
 def _matrix_pattern(matrix) -> SparsityPattern:
     m, n = matrix.shape
     if isinstance(matrix, jax.core.Tracer):
-        indptr = np.arange(m + 1, dtype=np.int64) * n
-        indices = np.tile(np.arange(n), m)
-        return SparsityPattern(indptr, indices, (m, n), method="dense", check=False)
+        # Unknown sparsity at trace time: every entry (a warning, or an error
+        # where n^2 entries cannot be indexed in 32 bits, before allocating).
+        warn_dense(
+            (m, n), "A traced lx.MatrixLinearOperator",
+            "the sparsity of a traced matrix is not known at trace time",
+        )
+        return _dense_pattern(m, n)
+    # A concrete matrix: its nonzeros (exact zeros are not stored, as from_dense).
     nz = np.asarray(matrix) != 0
     rows, cols = np.nonzero(nz)
     indptr = np.concatenate([[0], np.cumsum(nz.sum(axis=1))])
@@ -138,6 +154,13 @@ def _decompression(pattern: SparsityPattern, coloring: Coloring):
     return np.ascontiguousarray(ci), np.ascontiguousarray(ri)
 
 
+def _coloring_name(what: str, coloring: Coloring) -> str:
+    """The name of a runtime array derived from a pattern and `coloring` (the
+    coloring's content hash makes it unique per coloring)."""
+    kind = "star" if coloring.symmetric else "d2"
+    return f"{what}:{kind}:{hash(coloring):x}"
+
+
 def _operator_tags(operator) -> frozenset:
     tags = set()
     for query, tag in (
@@ -204,7 +227,8 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
         n = _size(in_struct)
         col = np.arange(n)
         code = self.coloring.colors.astype(np.int64)[col // b] * b + col % b
-        code = jnp.asarray(code, jnp.int32)
+        # A runtime array, not a constant (see `lineax_amgx._runtime_arrays`).
+        code = pattern_array(self.pattern, _coloring_name("seed", self.coloring), code)
         num = self.coloring.num_colors * b
 
         def one(k):
@@ -218,10 +242,19 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
     def to_csr(self) -> CSROperator:
         """Assemble the [`lineax_amgx.CSROperator`][] (traced JAX code)."""
         comp = self.compressed_jvps()
-        ci, ri = _decompression(self.pattern, self.coloring)
-        values = comp[ci, ri] if ci.size else jnp.zeros(self.pattern.value_shape,
-                                                        comp.dtype)
-        if not jnp.issubdtype(values.dtype, jnp.inexact):  # (complex is kept)
+        p, c = self.pattern, self.coloring
+        ci, ri = _decompression(p, c)
+        if ci.size:
+            values = take(
+                comp,
+                pattern_array(p, _coloring_name("decompress_colors", c), ci),
+                pattern_array(p, _coloring_name("decompress_rows", c), ri),
+            )
+        else:
+            values = jnp.zeros(p.value_shape, comp.dtype)
+        # Integer and boolean values become floats; complex values stay complex
+        # (a cast would drop the imaginary part).
+        if not jnp.issubdtype(values.dtype, jnp.inexact):
             values = values.astype(jnp.float64 if jax.config.jax_enable_x64
                                    else jnp.float32)
         return CSROperator(self.pattern, values, _operator_tags(self.operator))
@@ -268,6 +301,11 @@ def sparsify(
         operator = operator.operator
     if pattern is None:
         pattern = _detect_operator(operator)
+        m, n = pattern.shape
+        if pattern.method != "dense" and pattern.nnz == m * n:
+            kind = type(_strip_tags(operator)).__name__
+            warn_dense((m, n), f"An operator ({kind})",
+                       "its detected sparsity is every entry")
     if not isinstance(pattern, SparsityPattern):
         raise TypeError(f"pattern must be a SparsityPattern, got {type(pattern)}.")
     m, n = _size(operator.out_structure()), _size(operator.in_structure())
@@ -335,7 +373,14 @@ def _(operator: lx.TaggedLinearOperator, *, symmetric: bool | None = None):
 @as_csr_operator.register
 def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
     pattern = _matrix_pattern(operator.matrix)
-    values = operator.matrix[pattern.row_ids, pattern.indices]
+    if pattern.method == "dense":
+        values = jnp.ravel(operator.matrix)  # CSR order of a dense pattern
+    else:
+        values = take(
+            operator.matrix,
+            pattern_array(pattern, "row_ids"),
+            pattern_array(pattern, "indices"),
+        )
     if not jnp.issubdtype(values.dtype, jnp.inexact):  # (complex is kept)
         values = values.astype(float)
     return CSROperator(pattern, values, _operator_tags(operator))

@@ -50,11 +50,34 @@ def _l2_bound(target: float, kind: str, n: int) -> float:
     return target
 
 
-def _coarse_solver(A):
+_PINV_ROWS = 2000  # the largest coarsest level solved by a dense pseudo-inverse
+
+
+def _coarse_solver(A, coarsest_sweeps=0, smoother=None, block=False, scale=0.0):
+    """The coarsest level's solve: exact (`pinv` up to `_PINV_ROWS` rows, else
+    `splu`). With `coarsest_sweeps` (AmgX's `coarse_solver: NOSOLVER`, which the
+    singular path uses: the level may be singular) the pseudo-inverse drops
+    singular values below 1e-10 times the largest, and below 1e-10 `scale` (the
+    largest entry of the finest matrix): the null space of a singular level is
+    round-off, which the default cutoff (`n eps` times the level's own largest)
+    may keep and invert — on a level that is all null space (one aggregate of
+    3-D periodic 8^3: 512 -> 53 -> 1 rows, a 1 x 1 matrix of ~1e-14) that made
+    the cycle indefinite. A level above `_PINV_ROWS` rows gets `coarsest_sweeps`
+    sweeps of the smoother from a zero guess, as AmgX does. (Smoothing every
+    coarsest level, as AmgX, fails here: pyamg's aggregates are larger than
+    AmgX's, and such an all-null level has no usable diagonal.)"""
     import pyamg
 
+    if coarsest_sweeps:
+        if A.shape[0] <= _PINV_ROWS:
+            return pyamg.multilevel.coarse_grid_solver(
+                ("pinv", {"rtol": 1e-10, "atol": 1e-10 * scale})
+            )
+        return pyamg.multilevel.coarse_grid_solver(
+            smoother.pyamg(coarsest_sweeps, block)
+        )
     return pyamg.multilevel.coarse_grid_solver(
-        "pinv" if A.shape[0] <= 2000 else "splu"
+        "pinv" if A.shape[0] <= _PINV_ROWS else "splu"
     )
 
 
@@ -106,18 +129,10 @@ def _build_amg(plan: _AMGPlan, A, block: int, near_nullspace=None):
             improve_candidates=None,
             **common,
         )
-    coarse_A = ml.levels[-1].A
-    if plan.coarse_sweeps is None:
-        ml.coarse_solver = _coarse_solver(coarse_A)
-    else:
-        # `coarse_solver: NOSOLVER`: the smoother on the coarsest level, from zero.
-        coarse_block = coarse_A.blocksize[0] if coarse_A.format == "bsr" else 1
-        smooth, _, _ = _build_relax(
-            _RelaxPlan(plan.presmoother, plan.coarse_sweeps), coarse_A, coarse_block
-        )
-        ml.coarse_solver = pyamg.multilevel.coarse_grid_solver(
-            lambda A, b: smooth(b)
-        )
+    ml.coarse_solver = _coarse_solver(
+        ml.levels[-1].A, plan.coarsest_sweeps, plan.presmoother, is_block,
+        scale=float(abs(A).max()) if plan.coarsest_sweeps else 0.0,
+    )
     cycles = plan.cycles
     cycle = plan.cycle
     n = A.shape[0]

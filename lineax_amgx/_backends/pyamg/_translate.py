@@ -31,9 +31,11 @@ _DEFAULT_TOLERANCE = 1e-12
 _DEFAULT_RELAXATION = 0.9
 _DEFAULT_SWEEPS = 1
 
-# Keys that only affect output, bookkeeping, GPU resources or coloring (which
+# Keys that only affect output, bookkeeping, GPU kernels or coloring (which
 # pyamg's sequential smoothers do not need): they cannot change the answer and
-# are ignored without a warning. Listed in docs/guide/cpu-backend.md.
+# are ignored without a warning. Listed in docs/guide/cpu-backend.md. (AmgX's
+# resource settings, `communicator`, memory pools, streams, never get here:
+# `_config` refuses them in any config, `_config._RESOURCE_KEYS`.)
 _NO_EFFECT_KEYS = frozenset({
     "scope", "config_version", "exception_handling", "determinism_flag",
     "monitor_residual", "store_res_history", "print_solve_stats",
@@ -44,12 +46,8 @@ _NO_EFFECT_KEYS = frozenset({
     "matrix_coloring_scheme", "coloring_level", "max_uncolored_percentage",
     "coloring_try_remove_last_colors", "coloring_custom_arg", "initial_color",
     "reorder_cols_by_color", "insert_diag_while_reordering", "boundary_coloring",
-    "halo_coloring", "num_colors", "use_opt_kernels", "use_bsrxmv", "num_streams",
-    "high_priority_stream", "device_alloc_scaling_factor",
-    "device_alloc_scaling_threshold", "device_consolidation_pool_size",
-    "device_mem_pool_max_alloc_size", "device_mem_pool_size",
-    "device_mem_pool_size_limit", "communicator", "amg_host_levels_rows",
-    "structure_reuse_levels", "reuse_scale", "serialize_threads",
+    "halo_coloring", "num_colors", "use_opt_kernels", "use_bsrxmv",
+    "amg_host_levels_rows", "structure_reuse_levels", "reuse_scale",
     "spmm_gmem_size", "spmm_max_attempts", "spmm_no_sort", "spmm_verbose",
     "use_cusparse_spgemm", "cusparse_spgemm_alg", "cusparse_spgemm_fraction",
     "min_rows_latency_hiding", "matrix_halo_exchange", "fine_level_consolidation",
@@ -163,10 +161,9 @@ class _AMGPlan:
     cf: tuple[str, tuple[tuple[str, Any], ...]]
     interpolation: str
     smooth_prolongation: str  # "jacobi" | "energy"
-    # None: the coarsest level is solved exactly; an int: AmgX's
-    # `coarse_solver: NOSOLVER`, that many sweeps of the smoother there
-    # (`coarsest_sweeps`).
-    coarse_sweeps: int | None = None
+    # 0: the coarsest level is solved exactly; else AmgX's `coarse_solver:
+    # NOSOLVER` with `coarsest_sweeps` (see `_build._coarse_solver`).
+    coarsest_sweeps: int = 0
 
 
 @dataclass(frozen=True)
@@ -289,10 +286,12 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cycle = "W"
     coarse = scope.get("coarse_solver", "DENSE_LU_SOLVER")
     coarse_name = coarse.get("solver") if isinstance(coarse, Mapping) else coarse
-    coarse_sweeps = None
+    coarsest_sweeps = 0
     if coarse_name == "NOSOLVER":
-        # AmgX then smooths the coarsest level `coarsest_sweeps` times (from zero).
-        coarse_sweeps = int(scope.get("coarsest_sweeps", 2))
+        # AmgX: no coarse solver, the coarsest level gets `coarsest_sweeps`
+        # (AmgX's default 2) sweeps of the level's smoother from a zero guess.
+        # pyamg: a pseudo-inverse of a small level, those sweeps on a large one.
+        coarsest_sweeps = max(int(scope.get("coarsest_sweeps", 2)), 0)
     elif coarse_name != "DENSE_LU_SOLVER":
         _warn_once(
             "coarse_solver", coarse_name,
@@ -320,7 +319,7 @@ def _amg_plan(scope: Mapping[str, Any], *, outer: bool) -> _AMGPlan:
         cf=cf,
         interpolation=interpolation,
         smooth_prolongation=smooth_prolongation,
-        coarse_sweeps=coarse_sweeps,
+        coarsest_sweeps=coarsest_sweeps,
     )
 
 
