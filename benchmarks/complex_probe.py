@@ -15,17 +15,28 @@ residual ||b - A x|| / ||b|| (recomputed on the host in complex128):
 - the default complex preset (lineax_amgx's `_COMPLEX_DEFAULTS`) on both
   problems, also on the 2 x 2 block form of the Helmholtz matrix.
 
+lineax-amgx refuses complex solves on AmgX (measured with AmgX 2.5.0, CUDA 13:
+in dZZI only GMRES is registered and it does not converge; in dCCI every
+combination crashed the process; lineax_amgx/_backends/amgx/_complex.py). The
+probe sets the experimental opt-in LINEAX_AMGX_EXPERIMENTAL_COMPLEX=1 in the
+processes that run the combinations, so that they reach AmgX; --without-opt-in
+leaves it unset and shows what a user gets (the refusal, a TypeError, for every
+combination).
+
 Each combination runs in its own subprocess (unless --in-process), so that a
 combination that broke the CUDA context (or the process) is reported as such and
 cannot affect the next one. A refusal must reach Python as an exception; a
-crashed subprocess is a bug to report.
+crashed subprocess is AmgX failing in a way no exception can report (the reason
+the complex modes are refused by default).
 
     python3 benchmarks/complex_probe.py                   # on the GPU (AmgX)
+    python3 benchmarks/complex_probe.py --without-opt-in  # the refusal, per case
     python3 benchmarks/complex_probe.py --backend pyamg   # a dry run on the CPU
     python3 benchmarks/complex_probe.py --json probe.json # also save the results
 
-Choose the complex presets from what converges: `_COMPLEX_DEFAULTS` and
-`GMRES_AGGREGATION_COMPLEX` in lineax_amgx/_config.py.
+If a new AmgX build converges here, revisit the refusal (`_complex.py`) and the
+complex presets: `_COMPLEX_DEFAULTS` and `GMRES_AGGREGATION_COMPLEX` in
+lineax_amgx/_config.py.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ PROBLEMS = {
 }
 PRECONDITIONERS = ("JACOBI", "AMG_SIZE8_NOSOLVER", "AMG_SIZE4_DENSE_LU")
 MODES = {"dZZI": "complex128", "dCCI": "complex64"}
+OPT_IN = "LINEAX_AMGX_EXPERIMENTAL_COMPLEX"  # (lineax_amgx/_backends/amgx/_complex.py)
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +174,7 @@ def run_one(case: dict, size: int, backend: str, max_steps: int) -> dict:
         sol = lx.linear_solve(op, jax.device_put(jnp.asarray(b), device),
                               solver=solver, throw=False)
         x = np.asarray(sol.value)
-    except Exception as e:  # a refusal: AmgX's own message
+    except Exception as e:  # a refusal: AmgX's own message, or lineax-amgx's
         out.update(verdict="refused", message=_message(e))
         return out
     out["seconds"] = round(time.perf_counter() - t0, 3)
@@ -184,7 +196,17 @@ def _message(e: BaseException) -> str:
     # The native core's message: "AmgX <call> failed (error N: ...)" then what
     # AmgX printed; JAX prefixes its own lines.
     start = next((i for i, line in enumerate(keep) if "AmgX" in line), 0)
-    return f"{type(e).__name__}: " + " | ".join(keep[start:start + 6])
+    text = " | ".join(keep[start:start + 6])
+    return f"{type(e).__name__}: " + (text[:300] + " ..." if len(text) > 300 else text)
+
+
+def _env(opt_in: bool) -> dict:
+    """The environment of a combination's process: the opt-in set or unset."""
+    env = dict(os.environ)
+    env.pop(OPT_IN, None)
+    if opt_in:
+        env[OPT_IN] = "1"
+    return env
 
 
 def run_isolated(case: dict, args) -> dict:
@@ -193,7 +215,7 @@ def run_isolated(case: dict, args) -> dict:
            "--max-steps", str(args.max_steps)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True,
-                              timeout=args.timeout)
+                              timeout=args.timeout, env=_env(not args.without_opt_in))
     except subprocess.TimeoutExpired:
         return dict(case, verdict=f"timed out ({args.timeout} s)")
     for line in reversed(proc.stdout.splitlines()):
@@ -230,6 +252,9 @@ def main():
     parser.add_argument("--preconditioners", nargs="+", default=list(PRECONDITIONERS))
     parser.add_argument("--in-process", action="store_true",
                         help="run every combination in this process")
+    parser.add_argument("--without-opt-in", action="store_true",
+                        help=f"leave {OPT_IN} unset: lineax-amgx refuses every "
+                        "complex combination on AmgX (what a user gets)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,8 +263,13 @@ def main():
                                  args.max_steps)), flush=True)
         return
     todo = cases(args.problems, args.solvers, args.preconditioners)
+    if args.in_process:  # (read when a solve is traced)
+        os.environ.pop(OPT_IN, None)
+        if not args.without_opt_in:
+            os.environ[OPT_IN] = "1"
+    opt_in = "unset" if args.without_opt_in else "=1"
     print(f"{len(todo)} combinations, backend {args.backend}, "
-          f"{args.size}^2 unknowns", flush=True)
+          f"{args.size}^2 unknowns, {OPT_IN} {opt_in}", flush=True)
     print(f"{'problem':<22} {'mode':<5} {'solver':<9} {'preconditioner':<26} "
           f"{'verdict':<24} {'iters':>6} {'residual':>9}")
     results = []
@@ -253,7 +283,7 @@ def main():
             json.dump(results, f, indent=1)
     crashed = [r for r in results if r["verdict"].startswith("CRASHED")]
     if crashed:
-        print(f"\n{len(crashed)} combination(s) crashed the process: a bug.")
+        print(f"\n{len(crashed)} combination(s) crashed the process (AmgX).")
         sys.exit(1)
 
 

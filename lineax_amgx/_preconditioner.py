@@ -183,7 +183,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         example a 2-D grid of unknowns): vectors are flattened in
         `jax.tree_util` leaf order, C order within each leaf.
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
-        the CPU), `"amgx"` or `"pyamg"`.
+        the CPU), `"amgx"` or `"pyamg"`. A complex matrix on a GPU needs
+        `"pyamg"`: AmgX's complex modes are refused (see [`lineax_amgx.AMGX`][]).
     - `precision`: as for [`lineax_amgx.AMGX`][]: `None` follows the dtype;
         `"mixed"`: the cycle runs in float32 (hierarchy and vectors; AmgX's own
         float64-vector/float32-matrix mode `dDFI` is refused by CUDA 10.1+ builds)

@@ -104,6 +104,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     - `verbose`: print AmgX's own output (solve statistics, timings).
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
         the CPU: the choice follows where the data lives), `"amgx"` or `"pyamg"`.
+        Complex operators need `"pyamg"` on a GPU (it copies the arrays to the
+        host): AmgX's complex modes do not solve (AmgX 2.5), so a complex solve
+        that would reach AmgX raises a `TypeError` before AmgX is called.
 
     **Options** (`lx.linear_solve(..., options={...})`):
 

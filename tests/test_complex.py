@@ -1,8 +1,13 @@
-"""Complex systems: complex64/complex128 operators solved with pyamg on the CPU,
-with JAX's complex autodiff. (AmgX's complex modes, dCCI and dZZI, were measured
-on the GPU not to solve: not registered, not converging, or a crash of the
-process; the solve tests run on the CPU.) References come from scipy's
-`spsolve`, a dense solve or finite differences."""
+"""Complex systems: complex64/complex128 operators solved with pyamg on the CPU
+(also for arrays on a GPU, `backend="pyamg"`), with JAX's complex autodiff; on
+the GPU, AmgX's complex modes (dCCI, dZZI) are refused with a clear error before
+AmgX is called (measured not to converge, or to crash the process:
+lineax_amgx/_backends/amgx/_complex.py).
+
+The solve tests run on the CPU. The refusal is tested here on the CPU (a
+pretended CUDA backend, and programs lowered for CUDA with `jax.export`) and
+on the device with `-m gpu` (`python3 -m pytest -m gpu tests/test_complex.py`).
+References come from scipy's `spsolve`, a dense solve or finite differences."""
 
 import equinox as eqx
 import jax
@@ -21,10 +26,12 @@ from _complex_helpers import (
     rel_err,
     rel_residual,
 )
+from helpers import gpu_array, poisson2d
 
 import lineax_amgx as lxa
 from lineax_amgx import _config
 from lineax_amgx._backends import contract
+from lineax_amgx._backends.amgx import _complex, _library
 
 SYM = lx.symmetric_tag
 HPD = lx.positive_semidefinite_tag  # complex: Hermitian positive semidefinite
@@ -32,6 +39,7 @@ HPD = lx.positive_semidefinite_tag  # complex: Hermitian positive semidefinite
 # CPU tests: an empty setup cache, the CPU as JAX's default device (conftest).
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
+REFUSED = "AmgX cannot solve complex systems"
 CG_LIKE = frozenset({"CG", "PCG", "PCGF"})  # AmgX's conjugate gradient solvers
 
 
@@ -663,3 +671,235 @@ def test_null_space_with_a_complex_operator_is_refused(rng):
     # (and without one, the same system solves)
     x = lx.linear_solve(op, b, solver=lxa.AMGX(rtol=1e-10, atol=0.0)).value
     assert rel_err(x, reference(a, np.asarray(b))) < 1e-8
+
+
+# -----------------------------------------------------------------------------
+# The GPU: AmgX's complex modes are refused before AmgX is called (measured in
+# AmgX 2.5 / CUDA 13 builds: not registered, not converging, or a crash).
+# -----------------------------------------------------------------------------
+
+
+def test_refusal_names_the_limitation_and_the_fix(monkeypatch):
+    monkeypatch.delenv(_complex.ENV, raising=False)
+    for mode, dtype in (("dZZI", "complex128"), ("dCCI", "complex64")):
+        message = _complex.refusal(mode)
+        assert message.startswith(f"{REFUSED} ({dtype}, AmgX mode {mode})")
+        for part in ("AmgX 2.5.0", "CUDA 13", "FGMRES, PCG", "did not converge",
+                     "segmentation fault", "backend='pyamg'",
+                     "[[Re A, -Im A], [Im A, Re A]]", f"{_complex.ENV}=1"):
+            assert part in message, part
+    for mode in ("dDDI", "dFFI", "dDFI"):
+        assert _complex.refusal(mode) is None
+    monkeypatch.setenv(_complex.ENV, "yes")  # only "1" opts in
+    assert _complex.refusal("dZZI") is not None
+    monkeypatch.setenv(_complex.ENV, "1")
+    assert _complex.refusal("dZZI") is None and _complex.refusal("dCCI") is None
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """A machine whose JAX has a CUDA backend, as far as the up-front checks
+    know, and whose AmgX must not be reached: registering its FFI targets or a
+    pattern, or loading it, fails the test."""
+    from lineax_amgx._backends.amgx import _runtime_arrays
+
+    _runtime_arrays._register_targets()  # (the CPU handler, before pretending)
+    monkeypatch.delenv(_complex.ENV, raising=False)
+    monkeypatch.setattr(_library, "has_cuda_backend", lambda: True)
+
+    def reached(*args, **kwargs):
+        raise AssertionError("AmgX was reached")
+
+    for name in ("register_ffi_targets", "register_pattern", "native"):
+        monkeypatch.setattr(_library, name, reached)
+
+
+@pytest.mark.parametrize("dtype, precision", [
+    (np.complex128, None), (np.complex64, None), (np.complex128, "mixed"),
+    (np.complex128, "single"), (np.complex64, "double"),
+])
+def test_backend_amgx_refuses_complex_when_traced(pretend_cuda, rng, dtype,
+                                                  precision):
+    a = helmholtz2d(6, 3.0, 0.5)
+    op = lxa.CSROperator.from_scipy(a, tags=SYM, dtype=dtype)
+    b = jnp.asarray(complex_vector(rng, 36).astype(dtype))
+    solver = lxa.AMGX(backend="amgx", precision=precision)
+    with pytest.raises(TypeError, match=REFUSED):
+        lx.linear_solve(op, b, solver=solver)
+    with pytest.raises(TypeError, match=REFUSED):
+        jax.jit(lambda o, v: lx.linear_solve(o, v, solver=solver).value)(op, b)
+    with pytest.raises(TypeError, match=REFUSED):
+        lxa.AMGXPreconditioner(op, backend="amgx", precision=precision)
+    with pytest.raises(TypeError, match=REFUSED):
+        lx.linear_solve(op, b, lxa.AMGXPreconditioned(lx.GMRES(rtol=1e-6, atol=0.0),
+                                                      backend="amgx"))
+    # The CPU backend solves the same system (of the values as stored).
+    wide = precision in ("double", "mixed") or (
+        precision is None and dtype == np.complex128)
+    rtol = 1e-10 if wide else 1e-5
+    x = lx.linear_solve(op, b, solver=lxa.AMGX(backend="pyamg", rtol=rtol,
+                                               precision=precision)).value
+    assert rel_err(x, reference(a.astype(dtype), np.asarray(b))) < 1e3 * rtol
+
+
+def test_pretended_cuda_reaches_amgx_for_real_operators_and_the_opt_in(
+        pretend_cuda, monkeypatch, rng):
+    """The negative controls of the test above: with the same pretence a real
+    operator, and a complex one with LINEAX_AMGX_EXPERIMENTAL_COMPLEX=1, do
+    reach AmgX."""
+    a = helmholtz2d(6, 3.0, 0.5)
+    real = lxa.CSROperator.from_scipy(sp.csr_array(a.real), tags=SYM)
+    with pytest.raises(AssertionError, match="AmgX was reached"):
+        lx.linear_solve(real, jnp.asarray(rng.standard_normal(36)),
+                        solver=lxa.AMGX(backend="amgx"))
+    monkeypatch.setenv(_complex.ENV, "1")
+    op = lxa.CSROperator.from_scipy(a, tags=SYM)
+    with pytest.raises(AssertionError, match="AmgX was reached"):
+        lx.linear_solve(op, jnp.asarray(complex_vector(rng, 36)),
+                        solver=lxa.AMGX(backend="amgx"))
+
+
+def _export_for_cuda(fn, *args):
+    """Lower `fn` for CUDA on this machine (no GPU needed): what happens when a
+    program is compiled for arrays on a GPU."""
+    return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"precision": "mixed"},
+                                    {"config": "FGMRES_AGGREGATION"}])
+@pytest.mark.filterwarnings("ignore::lineax_amgx.PyamgTranslationWarning")
+def test_auto_backend_refuses_complex_when_compiled_for_a_gpu(monkeypatch, rng,
+                                                              kwargs):
+    """backend="auto": the AmgX branch of a complex solve is traced everywhere
+    but refuses only when lowered for CUDA (arrays on a GPU); the same program
+    lowered for the CPU runs pyamg."""
+    monkeypatch.delenv(_complex.ENV, raising=False)
+    a = helmholtz2d(6, 3.0, 0.5)
+    op = lxa.CSROperator.from_scipy(a)
+    b = jnp.asarray(complex_vector(rng, 36))
+    config = kwargs.pop("config", None)
+    solver = lxa.AMGX(config, rtol=1e-10, atol=0.0, **kwargs)
+
+    def solve(op, b):
+        return lx.linear_solve(op, b, solver=solver).value
+
+    assert rel_err(jax.jit(solve)(op, b), reference(a, np.asarray(b))) < 1e-8
+    with pytest.raises(TypeError, match=REFUSED):
+        _export_for_cuda(solve, op, b)
+
+    def preconditioned(op, b):
+        P = lxa.AMGXPreconditioner(op)
+        return lx.linear_solve(op, b, lx.GMRES(rtol=1e-8, atol=0.0),
+                               options={"preconditioner": P}).value
+
+    with pytest.raises(TypeError, match=REFUSED):
+        _export_for_cuda(preconditioned, op, b)
+
+
+def test_opt_in_lets_complex_modes_through_to_the_cuda_lowering(monkeypatch, rng):
+    """The negative control of the export test: with the opt-in the lowering
+    for CUDA meets no refusal (whatever else it meets on a machine without a
+    GPU), and a real operator never does."""
+    a = helmholtz2d(6, 3.0, 0.5)
+    b = jnp.asarray(complex_vector(rng, 36))
+
+    def solve(op, b):
+        return lx.linear_solve(op, b, solver=lxa.AMGX()).value
+
+    def refused(op, b):
+        try:
+            _export_for_cuda(solve, op, b)
+        except TypeError as e:
+            return REFUSED in str(e)
+        except Exception:  # noqa: BLE001 - anything but the refusal
+            pass
+        return False
+
+    monkeypatch.delenv(_complex.ENV, raising=False)
+    assert refused(lxa.CSROperator.from_scipy(a), b)
+    real = lxa.CSROperator.from_scipy(sp.csr_array(a.real))
+    assert not refused(real, b.real)
+    # (The variable is read when a solve is traced: a new operator shape, so
+    # that no program traced above is reused.)
+    monkeypatch.setenv(_complex.ENV, "1")
+    a = helmholtz2d(7, 3.0, 0.5)
+    assert not refused(lxa.CSROperator.from_scipy(a),
+                       jnp.asarray(complex_vector(rng, 49)))
+
+
+def _gpu_op(a, tags=(), dtype=None):
+    op = lxa.CSROperator.from_scipy(a, tags=tags, dtype=dtype)
+    return jax.device_put(op, jax.devices("cuda")[0])
+
+
+@pytest.mark.gpu
+def test_gpu_complex_solves_are_refused_not_crashed(monkeypatch, rng):
+    """On the device: every way of reaching AmgX with a complex operator is a
+    TypeError naming the limitation, AmgX sets nothing up, and the process (and
+    AmgX) go on: a real solve after them succeeds."""
+    monkeypatch.delenv(_complex.ENV, raising=False)
+    a = helmholtz2d(24, 8.0, 0.5)
+    b = complex_vector(rng, a.shape[0])
+    for dtype in (np.complex128, np.complex64):
+        op = _gpu_op(a, SYM, dtype)
+        gb = gpu_array(b.astype(dtype))
+        for kwargs in ({}, {"precision": "mixed"}, {"backend": "amgx"},
+                       {"config": "FGMRES_AGGREGATION"}):
+            solver = lxa.AMGX(**kwargs)
+            with pytest.raises(TypeError, match=REFUSED):
+                jax.block_until_ready(lx.linear_solve(op, gb, solver=solver).value)
+            with pytest.raises(TypeError, match=REFUSED):
+                jax.block_until_ready(jax.jit(
+                    lambda o, v, s=solver: lx.linear_solve(o, v, solver=s).value
+                )(op, gb))
+        with pytest.raises(TypeError, match=REFUSED):
+            lxa.AMGXPreconditioner(op)
+        with pytest.raises(TypeError, match=REFUSED):
+            jax.block_until_ready(lx.linear_solve(
+                op, gb, lxa.AMGXPreconditioned(lx.GMRES(rtol=1e-6, atol=0.0))
+            ).value)
+    assert lxa.cache_info("amgx")["setups"] == 0
+    real = sp.csr_array(poisson2d(24))
+    rb = rng.standard_normal(real.shape[0])
+    x = lx.linear_solve(_gpu_op(real, (SYM, HPD)), gpu_array(rb),
+                        solver=lxa.AMGX(rtol=1e-10, atol=0.0)).value
+    assert rel_err(x, reference(real, rb)) < 1e-8
+    assert lxa.cache_info("amgx")["setups"] == 1
+
+
+@pytest.mark.gpu
+def test_gpu_arrays_solve_complex_with_backend_pyamg(rng):
+    """`backend="pyamg"` solves complex systems held on a GPU (a host callback
+    copies them): plain, jitted, a gradient against a dense solve, complex64,
+    and the CPU backend's preconditioner inside lx.GMRES."""
+    gpu = jax.devices("cuda")[0]
+    a = helmholtz2d(32, 10.0, 0.5)
+    b = complex_vector(rng, a.shape[0])
+    op, gb = _gpu_op(a, SYM), gpu_array(b)
+    solver = lxa.AMGX(backend="pyamg", rtol=1e-11, atol=0.0)
+    sol = lx.linear_solve(op, gb, solver=solver)
+    assert sol.value.dtype == jnp.complex128 and sol.value.devices() == {gpu}
+    assert rel_err(sol.value, reference(a, b)) < 1e-8
+    x = jax.jit(lambda v, bb: lx.linear_solve(op.with_values(v), bb,
+                                              solver=solver).value)(op.values, gb)
+    assert rel_err(x, reference(a, b)) < 1e-8
+
+    g = jax.grad(lambda bb: jnp.sum(
+        jnp.abs(lx.linear_solve(op, bb, solver=solver).value) ** 2))(gb)
+    cpu = jax.devices("cpu")[0]
+    dense = jax.device_put(jnp.asarray(a.toarray()), cpu)
+    g_ref = jax.grad(lambda bb: jnp.sum(jnp.abs(jnp.linalg.solve(dense, bb)) ** 2))(
+        jax.device_put(jnp.asarray(b), cpu))
+    assert rel_err(g, g_ref) < 1e-7
+    a24 = helmholtz2d(24, 8.0, 0.5)  # (as in test_solves_complex64)
+    b24 = complex_vector(rng, a24.shape[0])
+    x32 = lx.linear_solve(_gpu_op(a24, SYM, np.complex64),
+                          gpu_array(b24.astype(np.complex64)),
+                          solver=lxa.AMGX(backend="pyamg")).value
+    assert x32.dtype == jnp.complex64 and rel_err(x32, reference(a24, b24)) < 1e-4
+    P = lxa.AMGXPreconditioner(op, backend="pyamg")
+    sol = lx.linear_solve(op, gb, lx.GMRES(rtol=1e-10, atol=1e-10),
+                          options={"preconditioner": P}, throw=False)
+    _assert_solved(sol)
+    assert rel_err(sol.value, reference(a, b)) < 1e-7
+    assert lxa.cache_info("amgx")["setups"] == 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..._pattern import SparsityPattern
 from ..contract import MODES, SolveKey, solve_result_shapes
-from . import _library
+from . import _complex, _library
 
 
 def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:
@@ -47,16 +47,21 @@ def _prepare(pattern: SparsityPattern) -> None:
 
 
 def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
+    token = jax.ShapeDtypeStruct((2,), jnp.int32)
+    refused = _complex.refused(key.mode, token)  # complex modes (see _complex)
+    if refused is not None:
+        return refused
     _prepare(pattern)
     call = jax.ffi.ffi_call(
-        _library.codes.FFI_TARGETS["setup"],
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        vmap_method="sequential",
+        _library.codes.FFI_TARGETS["setup"], token, vmap_method="sequential"
     )
     return call(values, ok, **_attrs(pattern, key))
 
 
 def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):
+    refused = _complex.refused(key.mode, solve_result_shapes(b))
+    if refused is not None:
+        return refused
     _prepare(pattern)
     call = jax.ffi.ffi_call(
         _library.codes.FFI_TARGETS["solve"],
