@@ -690,6 +690,13 @@ def test_refusal_names_the_limitation_and_the_fix(monkeypatch):
             assert part in message, part
     for mode in ("dDDI", "dFFI", "dDFI"):
         assert _complex.refusal(mode) is None
+    # Where the AmgX branch would run eagerly (lax.platform_dependent outside
+    # jit calls the default backend's branch: an eager AMGXPreconditioner on a
+    # GPU), the stand-in of the refused call raises too.
+    token = jax.ShapeDtypeStruct((2,), jnp.int32)
+    assert _complex.refused("dDDI", token) is None
+    with pytest.raises(TypeError, match=REFUSED):
+        _complex.refused("dZZI", token)
     monkeypatch.setenv(_complex.ENV, "yes")  # only "1" opts in
     assert _complex.refusal("dZZI") is not None
     monkeypatch.setenv(_complex.ENV, "1")

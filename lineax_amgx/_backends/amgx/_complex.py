@@ -72,8 +72,11 @@ def check(mode: str) -> None:
 
 
 # An operand-free primitive standing for the AmgX call of a refused mode: its
-# abstract value is the call's results, its lowering (reached only when the AmgX
-# branch is compiled, i.e. for arrays on a CUDA device) raises the refusal.
+# abstract value is the call's results; its lowering (reached only when the AmgX
+# branch is compiled, i.e. for arrays on a CUDA device) and its eager evaluation
+# (`lax.platform_dependent` outside `jit` calls the branch of the default
+# backend's platform directly: an eager `AMGXPreconditioner` on a GPU) raise the
+# refusal.
 refused_p = Primitive("lineax_amgx_refused_mode")
 refused_p.multiple_results = True
 
@@ -82,6 +85,12 @@ refused_p.multiple_results = True
 def _(*, shapes, message):
     del message
     return [jax.core.ShapedArray(shape, dtype) for shape, dtype in shapes]
+
+
+@refused_p.def_impl
+def _(*, shapes, message):
+    del shapes
+    raise TypeError(message)
 
 
 def _lowering(ctx, *, shapes, message):
