@@ -282,7 +282,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         copy.deepcopy(_COMPLEX_AMG),
         # A long restart: Helmholtz-like systems stagnate with short ones
         # (measured with pyamg, 40k unknowns, k = 20, absorption ε = 0.01:
-        # 1945 iterations at restart 30, 83 at restart 100; docs/guide/complex.md).
+        # 1431 iterations at restart 30, 80 at restart 100; docs/guide/complex.md).
         gmres_n_restart=100,
     ),
     # One symmetric V-cycle: for AMGXPreconditioner.
