@@ -36,9 +36,11 @@ inline constexpr NamedCode kStatuses[] = {
 };
 
 // The AmgX modes lineax-amgx uses (AmgX's AMGX_Mode values; "d": on the device,
-// then the vector, matrix and index precisions) and their element sizes in bytes.
-// dDFI (float64 vectors, float32 matrix) is refused by CUDA >= 10.1 builds of
-// AmgX for most configs; the core still accepts it.
+// then the vector, matrix and index precisions: D double, F float, Z double
+// complex, C float complex) and their element sizes in bytes. dDFI (float64
+// vectors, float32 matrix) is refused by CUDA >= 10.1 builds of AmgX for most
+// configs; the core still accepts it. A complex element is two reals, real part
+// first (XLA's complex128/complex64 layout, and AmgX's cuDoubleComplex/cuComplex).
 struct ModeInfo {
   const char* name;
   int32_t id;
@@ -51,6 +53,8 @@ inline constexpr ModeInfo kModes[] = {
     {"dDDI", 8193, 8, 8},
     {"dDFI", 8449, 4, 8},
     {"dFFI", 8465, 4, 4},
+    {"dZZI", 9009, 16, 16},
+    {"dCCI", 9281, 8, 8},
 };
 
 // The mode with AmgX id `id`, or nullptr.

@@ -38,8 +38,54 @@ Key make_key(CUdevice device, int64_t fingerprint, int32_t block_size, int32_t m
              transposed != 0, 0};
 }
 
+// The XLA element type of a matrix value (`matrix`) or a vector element in AmgX
+// `mode`: the precision letter of its name (vector second, matrix third).
+ffi::DataType mode_type(int32_t mode, bool matrix) {
+  const ModeInfo* m = find_mode(mode);
+  if (m == nullptr) throw Failure("unsupported AmgX mode " + std::to_string(mode));
+  switch (m->name[matrix ? 2 : 1]) {
+    case 'D': return ffi::DataType::F64;
+    case 'F': return ffi::DataType::F32;
+    case 'Z': return ffi::DataType::C128;
+    case 'C': return ffi::DataType::C64;
+    default: break;
+  }
+  throw Failure(std::string("internal: no element type for AmgX mode ") + m->name);
+}
+
+std::string type_name(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::C64: return "complex64";
+    case ffi::DataType::C128: return "complex128";
+    default: return "XLA type " + std::to_string(static_cast<int>(t));
+  }
+}
+
+// Refuses a buffer whose element type is not the one AmgX `mode` reads or writes
+// (a complex mode takes complex buffers: two reals per element, real part first).
+void check_type(const ffi::AnyBuffer& buf, int32_t mode, bool matrix, const char* what) {
+  ffi::DataType want = mode_type(mode, matrix);
+  if (buf.element_type() != want)
+    throw Failure(std::string(what) + " buffer is " + type_name(buf.element_type()) +
+                  ", AmgX mode " + find_mode(mode)->name + " takes " + type_name(want));
+}
+
+// The residual norm is real in every mode (float32 or float64).
+void check_residual(const ffi::AnyBuffer& residual) {
+  ffi::DataType t = residual.element_type();
+  if (t != ffi::DataType::F64 && t != ffi::DataType::F32)
+    throw Failure("residual buffer is " + type_name(t) + ", expected a real type");
+}
+
+// A quiet NaN in float32 and float64 alike (and so in both parts of a complex
+// element): the fill of a solution that AmgX did not compute.
+constexpr unsigned int kNaNWord = 0xffffffffu;
+
 void check_values(const ffi::AnyBuffer& values, const Pattern& p, int32_t mode) {
   check_gpu_block_size(p.block_size);
+  check_type(values, mode, true, "values");
   size_t per = element_size(mode, true);
   size_t bs = static_cast<size_t>(p.block_size);
   size_t want = p.indices.size() * bs * bs * per;
@@ -161,6 +207,10 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       check_values(values, *pattern, mode);
       size_t vec_bytes = static_cast<size_t>(pattern->block_rows) * pattern->block_size *
                          element_size(mode, false);
+      check_type(b, mode, false, "b");
+      check_type(*x, mode, false, "x");
+      if (has_x0) check_type(x0, mode, false, "x0");
+      check_residual(*residual);
       if (b.size_bytes() != vec_bytes || x->size_bytes() != vec_bytes ||
           (has_x0 && x0.size_bytes() != vec_bytes))
         throw Failure("vector buffers do not match the operator's size");
@@ -174,7 +224,7 @@ ffi::Error SolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ffi::S
       CUdeviceptr x_ptr = reinterpret_cast<CUdeviceptr>(x->untyped_data());
       if (host[0] == 0) {
         // NaN/Inf input: AmgX is not called; the output is NaN, flagged by status.
-        LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+        LXA_CU(cuMemsetD32Async(x_ptr, kNaNWord, vec_bytes / 4, stream));
         LXA_CU(cuStreamSynchronize(stream));
       } else {
         Cache& cache = Cache::get();
@@ -238,6 +288,12 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
                          int64_t signature, int64_t site) {
   return run_handler(stream_ptr, verbose, /*refuse_if_poisoned=*/false,
                      [&](CUstream stream, const ContextScope& scope) {
+      // The same types on every rank (one program): all ranks refuse together,
+      // before any collective call.
+      check_type(b, mode, false, "b");
+      check_type(*x, mode, false, "x");
+      if (has_x0) check_type(x0, mode, false, "x0");
+      check_residual(*residual);
       bool isolated = false;
       DistEntry* e = dist_acquire(
           scope, stream, comm_key, fingerprint, signature, site, config, mode, transposed,
@@ -249,7 +305,7 @@ ffi::Error DistSolveImpl(void* stream_ptr, ffi::AnyBuffer values, ffi::Buffer<ff
       int32_t info_host[2] = {kStatusNonFinite, 0};  // 0 iterations
       double res = std::numeric_limits<double>::quiet_NaN();
       if (e == nullptr) {
-        LXA_CU(cuMemsetD32Async(x_ptr, 0x7fc00000u, vec_bytes / 4, stream));
+        LXA_CU(cuMemsetD32Async(x_ptr, kNaNWord, vec_bytes / 4, stream));
         LXA_CU(cuStreamSynchronize(stream));
       } else {
         std::string err;

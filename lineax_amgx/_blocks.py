@@ -162,11 +162,15 @@ def check_near_nullspace(
     B = near_nullspace
     if not isinstance(B, jax.Array):
         B = np.asarray(B)
+    complex_ok = jnp.issubdtype(dtype, jnp.complexfloating)
     if not (
-        jnp.issubdtype(B.dtype, jnp.floating) or jnp.issubdtype(B.dtype, jnp.integer)
+        jnp.issubdtype(B.dtype, jnp.floating)
+        or jnp.issubdtype(B.dtype, jnp.integer)
+        or (complex_ok and jnp.issubdtype(B.dtype, jnp.complexfloating))
     ):
+        kind = "a floating" if complex_ok else "a real floating"
         raise TypeError(
-            'options["near_nullspace"] must be a real floating array of shape '
+            f'options["near_nullspace"] must be {kind} array of shape '
             f"(n, k), got dtype {B.dtype}."
         )
     if B.ndim == 1:

@@ -12,7 +12,10 @@
   reuses the forward setup as if `A^T = A`, so gradients are wrong. One helper,
   `asymmetry_verdict`, for the `CSROperator` constructors (concrete values:
   `ValueError`), `AMGX.init` and `AMGXPreconditioner` (traced values: a verdict
-  the backend's setup turns into an error before it sets anything up).
+  the backend's setup turns into an error before it sets anything up). For
+  complex values the tags mean what they mean in Lineax: `lx.symmetric_tag` is `A = A^T` (complex symmetric, compared without
+  conjugation) and the semidefinite tags are Hermitian, `A = A^H` (compared
+  with the conjugate mirror, so a diagonal entry must be real).
 """
 
 from __future__ import annotations
@@ -149,20 +152,27 @@ def warn_dense(shape: tuple[int, int], what: str, why: str) -> None:
 
 
 def warn_if_downcast(values) -> None:
-    """Warn where float64 host (NumPy) values are about to become float32 because
-    JAX's 64-bit mode is off. JAX arrays are left alone (without x64 none is
-    float64), and so are Python floats (JAX's default dtype is the user's choice).
-    Python's warning registry shows it once per call site."""
+    """Warn where float64 (complex128) host (NumPy) values are about to become
+    float32 (complex64) because JAX's 64-bit mode is off. JAX arrays are left
+    alone (without x64 none is float64), and so are Python floats (JAX's default
+    dtype is the user's choice). Python's warning registry shows it once per call
+    site."""
     if jax.config.jax_enable_x64:
         return
-    if not isinstance(values, np.ndarray) or values.dtype != np.float64:
+    if not isinstance(values, np.ndarray):
+        return
+    if values.dtype == np.float64:
+        wide, narrow = "float64", "float32"
+    elif values.dtype == np.complex128:
+        wide, narrow = "complex128", "complex64"
+    else:
         return
     warnings.warn(
-        "float64 matrix values are rounded to float32 (and solved in float32) "
+        f"{wide} matrix values are rounded to {narrow} (and solved in {narrow}) "
         "because JAX's 64-bit mode is off. Enable it at the start of the program, "
-        'jax.config.update("jax_enable_x64", True), to solve in float64; or pass '
-        "float32 values explicitly (values.astype(np.float32), "
-        "CSROperator.from_scipy(matrix, dtype=np.float32)) to keep float32 and "
+        f'jax.config.update("jax_enable_x64", True), to solve in {wide}; or pass '
+        f"{narrow} values explicitly (values.astype(np.{narrow}), "
+        f"CSROperator.from_scipy(matrix, dtype=np.{narrow})) to keep {narrow} and "
         "silence this warning.",
         UserWarning,
         stacklevel=2 + _user_level(sys._getframe(1)),
@@ -216,7 +226,8 @@ def symmetry_tolerance(dtype) -> float:
 
 
 @ft.singledispatch
-def _checked_mirror(pattern, tags, claim: str) -> np.ndarray | None:
+def _checked_mirror(pattern, tags, claim: str, hermitian: bool = False
+                    ) -> np.ndarray | None:
     """The mirror permutation of a pattern whose symmetry is to be checked on this
     process; `None` where there is nothing to check, or it cannot be checked here
     (a `DistributedPattern`: each rank holds only its rows; the tag is trusted)."""
@@ -224,21 +235,27 @@ def _checked_mirror(pattern, tags, claim: str) -> np.ndarray | None:
 
 
 @_checked_mirror.register
-def _(pattern: SparsityPattern, tags, claim: str) -> np.ndarray | None:
+def _(pattern: SparsityPattern, tags, claim: str, hermitian: bool = False
+      ) -> np.ndarray | None:
     if pattern.shape[0] != pattern.shape[1]:
         raise ValueError(
             f"{claim} {tag_names(tags)}, but its shape {pattern.shape} is not square."
         )
-    if pattern.nnz == 0 or (pattern.block_size == 1 and pattern.bandwidth == (0, 0)):
-        return None  # empty or diagonal: symmetric whatever the values
+    if pattern.nnz == 0:
+        return None
+    if not hermitian and pattern.block_size == 1 and pattern.bandwidth == (0, 0):
+        return None  # diagonal: symmetric whatever the values (Hermitian if real)
     return pattern.mirror
 
 
-def _asymmetry(values, mirror):
-    """`(largest |a_ij - a_ji|, its entry position, max |a|)`; an entry whose
-    mirror is not stored is compared with zero. One gather and one pass."""
+def _asymmetry(values, mirror, hermitian=False):
+    """`(largest |a_ij - a_ji|, its entry position, max |a|)` (`hermitian`:
+    `|a_ij - conj(a_ji)|`); an entry whose mirror is not stored is compared with
+    zero. One gather and one pass."""
     has = mirror >= 0
     partner = values[jnp.where(has, mirror, 0)]
+    if hermitian:
+        partner = jnp.conj(partner)
     if values.ndim == 3:
         partner = jnp.swapaxes(partner, -1, -2)
         has = has[:, None, None]
@@ -248,7 +265,25 @@ def _asymmetry(values, mirror):
     return jnp.max(diff), jnp.argmax(diff), jnp.max(jnp.abs(values))
 
 
-_asymmetry_jit = jax.jit(_asymmetry)
+_asymmetry_jit = jax.jit(_asymmetry, static_argnames="hermitian")
+
+
+def _kinds(tags, dtype) -> list[tuple[frozenset, bool]]:
+    """The checks `tags` (symmetry tags only) ask of values of `dtype`:
+    `(tags, hermitian)` pairs. Real values: one plain check for all of them.
+    Complex values, as in Lineax: `lx.symmetric_tag` promises `A = A^T`, the
+    semidefinite tags `A = A^H`."""
+    if not tags:
+        return []
+    if not jnp.issubdtype(dtype, jnp.complexfloating):
+        return [(tags, False)]
+    out = []
+    plain = tags & {lx.symmetric_tag}
+    if plain:
+        out.append((plain, False))
+    if tags - plain:
+        out.append((tags - plain, True))
+    return out
 
 
 _CONSEQUENCE = (
@@ -260,7 +295,21 @@ _CONSEQUENCE = (
 )
 
 
-def _message(claim: str, tags, tol: float) -> str:
+_HERMITIAN_CONSEQUENCE = (
+    "For complex values Lineax's semidefinite tags promise a Hermitian matrix "
+    "(A = A^H, a real diagonal): CG and Hermitian preconditioners assume it. "
+    "Remove the tag, or fix the assembly; a complex symmetric matrix "
+    "(A = A^T, not Hermitian) takes lx.symmetric_tag alone."
+)
+
+
+def _message(claim: str, tags, tol: float, hermitian: bool = False) -> str:
+    if hermitian:
+        return (
+            f"{claim} {tag_names(tags)}, but its complex values are not "
+            f"Hermitian: some |A[i, j] - conj(A[j, i])| exceeds {tol:.1e} * "
+            "max |A|. " + _HERMITIAN_CONSEQUENCE
+        )
     return (
         f"{claim} {tag_names(tags)}, but its values are not symmetric: some "
         f"|A[i, j] - A[j, i]| exceeds {tol:.1e} * max |A|. " + _CONSEQUENCE
@@ -281,20 +330,28 @@ def asymmetry_verdict(pattern, values, tags, *, claim: str):
     and the error comes before AmgX's (or pyamg's) setup. `(None, "")` where
     there is nothing to check. `claim` starts the message (`"The operator is
     tagged"`). The structural part (the mirror permutation) is computed once per
-    pattern."""
+    pattern. Complex values with both a symmetric and a semidefinite tag are
+    checked both ways; the message then names both promises."""
     tags = frozenset(tags) & SYMMETRY_TAGS
     if not tags:
         return None, ""
     if not isinstance(values, jax.core.Tracer):
         check_symmetric(pattern, values, tags, claim=claim)
         return None, ""
-    mirror = _checked_mirror(pattern, tags, claim)
-    if mirror is None:
-        return None, ""
-    tol = symmetry_tolerance(values.dtype)
-    # The mirror reaches the compiled program at run time, not as a constant.
-    diff, _, top = _asymmetry(values, pattern_array(pattern, "mirror", mirror))
-    return diff > tol * top, _message(claim, tags, tol)
+    refuse, messages = None, []
+    for kind, hermitian in _kinds(tags, values.dtype):
+        mirror = _checked_mirror(pattern, kind, claim, hermitian)
+        if mirror is None:
+            continue
+        tol = symmetry_tolerance(values.dtype)
+        # The mirror reaches the compiled program at run time, not as a constant.
+        diff, _, top = _asymmetry(
+            values, pattern_array(pattern, "mirror", mirror), hermitian
+        )
+        bad = diff > tol * top
+        refuse = bad if refuse is None else refuse | bad
+        messages.append(_message(claim, kind, tol, hermitian))
+    return refuse, " Or: ".join(messages)
 
 
 def check_symmetric(pattern, values, tags, *, claim: str) -> None:
@@ -304,11 +361,18 @@ def check_symmetric(pattern, values, tags, *, claim: str) -> None:
     tags = frozenset(tags) & SYMMETRY_TAGS
     if not tags or isinstance(values, jax.core.Tracer):
         return
-    mirror = _checked_mirror(pattern, tags, claim)
+    for kind, hermitian in _kinds(tags, values.dtype):
+        _check_concrete(pattern, values, kind, claim, hermitian)
+
+
+def _check_concrete(pattern, values, tags, claim: str, hermitian: bool) -> None:
+    mirror = _checked_mirror(pattern, tags, claim, hermitian)
     if mirror is None:
         return
     tol = symmetry_tolerance(values.dtype)
-    diff, k, top = (np.asarray(r) for r in _asymmetry_jit(values, mirror))
+    diff, k, top = (
+        np.asarray(r) for r in _asymmetry_jit(values, mirror, hermitian=hermitian)
+    )
     if not diff > tol * top:  # NaN/Inf: the solver's non-finite check reports it
         return
     k = int(k)
@@ -317,9 +381,20 @@ def check_symmetric(pattern, values, tags, *, claim: str) -> None:
     v = np.asarray(values[k]).reshape(b, b)
     m = int(mirror[k])
     w = np.zeros((b, b), v.dtype) if m < 0 else np.asarray(values[m]).reshape(b, b).T
-    p, q = np.unravel_index(int(np.argmax(np.abs(v - w))), (b, b))
+    p, q = np.unravel_index(
+        int(np.argmax(np.abs(v - (np.conj(w) if hermitian else w)))), (b, b)
+    )
     r, c = i * b + p, j * b + q
     stored = "" if m >= 0 else " (not stored)"
+    if hermitian:
+        raise ValueError(
+            f"{claim} {tag_names(tags)}, but its complex values are not Hermitian: "
+            f"the largest |A[i, j] - conj(A[j, i])| is at A[{r}, {c}] = "
+            f"{v[p, q]:.6g} against A[{c}, {r}] = {w[p, q]:.6g}{stored}, a "
+            f"difference of {float(diff):.3g} ({float(diff) / float(top):.2g} of "
+            f"max |A| = {float(top):.3g}; the tolerance is {tol:.1e}). "
+            + _HERMITIAN_CONSEQUENCE
+        )
     raise ValueError(
         f"{claim} {tag_names(tags)}, but its values are not symmetric: the largest "
         f"asymmetry is A[{r}, {c}] = {v[p, q]:.6g} against A[{c}, {r}] = "

@@ -218,6 +218,15 @@ _BLOCK_JACOBI = {
     "print_solve_stats": 0,
 }
 
+# The AMG cycle of the complex presets (see "GMRES_AGGREGATION_COMPLEX" below).
+_COMPLEX_AMG = {
+    k: v
+    for k, v in _amg(
+        selector="SIZE_8", coarse_solver="NOSOLVER", coarsest_sweeps=4
+    ).items()
+    if k != "dense_lu_num_rows"  # (no dense LU in AmgX's complex modes)
+}
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # Symmetric positive definite: CG with a symmetric aggregation V-cycle
     # (Jacobi smoothing, equal pre/post sweeps), the default for SPD-tagged operators.
@@ -267,10 +276,32 @@ _PRESETS: dict[str, dict[str, Any]] = {
         _amg(selector="SIZE_2", presweeps=1, postsweeps=1, smoother=_BLOCK_JACOBI),
         gmres_n_restart=30,
     ),
+    # Complex systems (AmgX's dZZI / dCCI modes). AmgX 2.5 registers only a few
+    # classes for its complex modes (core.cu, `registerClasses<T, true>`): the
+    # solvers AMG, GMRES, BLOCK_JACOBI and NOSOLVER (no FGMRES, PCG, BiCGStab or
+    # dense LU), aggregation AMG with the SIZE_8 selector, V-cycles. So: GMRES
+    # around an aggregation V-cycle with damped Jacobi smoothing, and smoothing
+    # instead of a dense LU on the coarsest level (`coarse_solver: NOSOLVER`:
+    # `coarsest_sweeps` Jacobi sweeps there). benchmarks/complex_probe.py measures
+    # what AmgX accepts and what converges; `_COMPLEX_DEFAULTS` picks from it.
+    "GMRES_AGGREGATION_COMPLEX": _krylov(
+        "GMRES",
+        copy.deepcopy(_COMPLEX_AMG),
+        # A long restart: Helmholtz-like systems stagnate with short ones
+        # (measured with pyamg, 40k unknowns, k = 20, absorption ε = 0.01:
+        # 1431 iterations at restart 30, 80 at restart 100; docs/guide/complex.md).
+        gmres_n_restart=100,
+    ),
     # One symmetric V-cycle: for AMGXPreconditioner.
     "AMG_VCYCLE": {
         "config_version": 2,
         "solver": {**_amg(), "scope": "main", "max_iters": 1, "monitor_residual": 0},
+    },
+    # The same for complex matrices, with the complex presets' cycle.
+    "AMG_VCYCLE_COMPLEX": {
+        "config_version": 2,
+        "solver": {**copy.deepcopy(_COMPLEX_AMG), "scope": "main", "max_iters": 1,
+                   "monitor_residual": 0},
     },
 }
 
@@ -459,6 +490,67 @@ def has_explicit_tolerance(cfg: Mapping[str, Any]) -> bool:
     return "tolerance" in cfg["solver"]
 
 
+# The default presets of complex operators, by kind: `"hermitian"` for an operator
+# tagged positive (or negative) semidefinite, which for complex values means
+# Hermitian (semi)definite in Lineax; `"general"` for anything else, including a
+# complex symmetric operator (`A = Aᵀ` is not Hermitian: CG does not apply to it,
+# so only the "hermitian" rows may name a CG preset; tests/test_complex.py checks
+# it). Until benchmarks/complex_probe.py shows which AmgX solvers converge in the
+# complex modes, every row is the one preset built from what AmgX registers for
+# them (GMRES + aggregation + Jacobi). Changing a default is an edit of this table.
+_COMPLEX_DEFAULTS: dict[tuple[str, bool], str] = {
+    # (kind, block operator) -> preset
+    ("hermitian", False): "GMRES_AGGREGATION_COMPLEX",
+    ("hermitian", True): "GMRES_AGGREGATION_COMPLEX",
+    ("general", False): "GMRES_AGGREGATION_COMPLEX",
+    ("general", True): "GMRES_AGGREGATION_COMPLEX",
+    # AMGXPreconditioner's default cycle (a fixed, symmetric V-cycle).
+    ("cycle", False): "AMG_VCYCLE_COMPLEX",
+    ("cycle", True): "AMG_VCYCLE_COMPLEX",
+}
+
+
+def default_cycle(*, complex_values: bool, block_size: int = 1) -> str:
+    """AMGXPreconditioner's default config (one V-cycle)."""
+    if complex_values:
+        return _COMPLEX_DEFAULTS[("cycle", block_size > 1)]
+    return "AMG_VCYCLE"
+
+
+def default_preset(
+    *,
+    symmetric: bool,
+    positive_definite: bool,
+    block_size: int,
+    complex_values: bool = False,
+) -> str:
+    """The preset chosen from an operator's tags when no config is given.
+
+    `positive_definite`: tagged positive or negative semidefinite (for complex
+    values: Hermitian, whatever `symmetric` says)."""
+    if complex_values:
+        kind = "hermitian" if positive_definite else "general"
+        return _COMPLEX_DEFAULTS[(kind, block_size > 1)]
+    spd = symmetric and positive_definite
+    if block_size > 1:
+        return "PCG_AGGREGATION_BLOCK" if spd else "FGMRES_AGGREGATION_BLOCK"
+    return "PCG_AGGREGATION" if spd else "FGMRES_AGGREGATION"
+
+
+def check_complex(resolved: ResolvedConfig, dtype, where: str = "AMGX") -> None:
+    """Refuse configs that cannot solve complex systems (`dtype` complex):
+    classical AMG (pyamg's Ruge-Stueben interpolation takes real matrices only;
+    a config must mean the same on both backends)."""
+    if resolved.uses_classical:
+        raise ValueError(
+            f"{where}: classical AMG (config {resolved.text!r}) is not supported "
+            f"for complex systems ({jnp.dtype(dtype).name}): pyamg's classical AMG "
+            "takes real matrices only, and a config must run on the CPU and the "
+            "GPU alike. Use an aggregation config such as "
+            "'GMRES_AGGREGATION_COMPLEX' (the default for complex operators)."
+        )
+
+
 _PRINT_KEYS = (
     "print_solve_stats", "print_grid_stats", "print_config", "print_vis_data",
     "obtain_timings",
@@ -543,11 +635,12 @@ class Tolerances:
     atol: float | None = None
 
     def values(self, dtype) -> tuple[float, float]:
-        """`(rtol, atol)` with their defaults: `rtol` 1e-8 (float64) or 1e-5
-        (float32), `atol` 0."""
+        """`(rtol, atol)` with their defaults: `rtol` 1e-8 (float64, complex128)
+        or 1e-5 (float32, complex64), `atol` 0."""
         rtol = self.rtol
         if rtol is None:
-            rtol = 1e-8 if dtype == jnp.float64 else 1e-5
+            # By precision: complex128 as float64, complex64 as float32.
+            rtol = 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-5
         return rtol, (0.0 if self.atol is None else self.atol)
 
     def bound(self, bnorm, dtype):

@@ -145,13 +145,14 @@ class Request(eqx.Module):
 
 
 def request(solver_fields: dict[str, Any], options: dict[str, Any], *,
-            num_rows: int, symmetric: bool) -> Request | None:
+            num_rows: int, symmetric: bool, dtype=None) -> Request | None:
     """The null-space settings of a solve (or `None`: a plain solve).
 
     `solver_fields` holds the solver's `null_space`, `left_null_space` and
     `null_space_inconsistency`; an option of the same name overrides each.
-    Raises `ValueError`/`TypeError` for bad input, and for a non-symmetric
-    operator given no left null space."""
+    Raises `ValueError`/`TypeError` for bad input, for a non-symmetric
+    operator given no left null space, and for an operator of complex `dtype`
+    (the projections and the inconsistency measure are real-only)."""
     get = {k: options.get(k, solver_fields.get(k)) for k in _FIELDS}
     policy = "warn" if get["null_space_inconsistency"] is None else (
         get["null_space_inconsistency"]
@@ -165,6 +166,17 @@ def request(solver_fields: dict[str, Any], options: dict[str, Any], *,
                 "too (options['null_space'] or AMGX(null_space=...))."
             )
         return None
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"A null space was given for a complex operator ({jnp.dtype(dtype)}), "
+            "but null spaces are supported for real operators only (the "
+            "projections, their Gram matrices and the inconsistency measure use "
+            "real inner products). Solve without null_space, with a right-hand "
+            "side in the range of the operator, and project the answer yourself "
+            "(x - N (N^H x) for an orthonormal complex basis N); or solve the "
+            "equivalent real system [[Re A, -Im A], [Im A, Re A]] with the null "
+            "space [[Re N, -Im N], [Im N, Re N]]."
+        )
     right = _basis(right, "null_space", num_rows)
     if left is not None:
         left = _basis(left, "left_null_space", num_rows)

@@ -27,6 +27,10 @@ def as_tag_set(tags: object) -> frozenset[object]:
     return frozenset([tags])
 
 
+# The value dtypes of AmgX's modes dFFI, dDDI, dCCI and dZZI.
+_VALUE_DTYPES = (jnp.float32, jnp.float64, jnp.complex64, jnp.complex128)
+
+
 def _check_values(values, pattern: SparsityPattern):
     if not isinstance(values, jax.core.Tracer):
         warn_if_downcast(values)  # float64 NumPy values without x64
@@ -37,19 +41,15 @@ def _check_values(values, pattern: SparsityPattern):
             f"{pattern}."
         )
     dtype = values.dtype
-    if jnp.issubdtype(dtype, jnp.complexfloating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"Complex values ({dtype}) are not supported by lineax-amgx; AmgX's "
-            "complex modes are not exposed. Split the system into real and "
-            "imaginary parts."
+            "values must have a floating dtype (float32, float64, complex64 or "
+            f"complex128), got {dtype}."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if dtype not in _VALUE_DTYPES:
         raise TypeError(
-            f"values must have a floating dtype (float32 or float64), got {dtype}."
-        )
-    if dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(
-            f"values must be float32 or float64, got {dtype}; cast them first."
+            "values must be float32, float64, complex64 or complex128, got "
+            f"{dtype}; cast them first."
         )
     return values
 
@@ -71,21 +71,30 @@ class CSROperator(lx.AbstractLinearOperator):
     **Arguments:**
 
     - `pattern`: the [`lineax_amgx.SparsityPattern`][].
-    - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns).
+    - `values`: array of shape `(nnz,)` (or `(nnz, b, b)` for block patterns):
+        float32, float64, complex64 or complex128.
     - `tags`: Lineax tags such as `lx.symmetric_tag` or
         `lx.positive_semidefinite_tag`. They choose the default AmgX
         configuration (CG for symmetric positive definite). Symmetry is checked
         (`lx.symmetric_tag` and the semidefinite tags promise it): concrete
         values here (a `ValueError` naming the largest `|A[i, j] - A[j, i]|`
         above `sqrt(eps) max |A|`), traced values when a solver uses them.
-        Definiteness is not checked.
+        Definiteness is not checked. As in Lineax, for complex values
+        `lx.symmetric_tag` means `A = Aᵀ` (complex symmetric, not Hermitian:
+        the check compares `A[i, j]` with `A[j, i]`, not with its conjugate)
+        and `lx.positive_semidefinite_tag` means Hermitian positive
+        semidefinite (checked as `A[i, j] = conj(A[j, i])`).
+
+    `transpose()` is the plain transpose `Aᵀ` (no conjugation) and `lx.conj(A)`
+    conjugates the values, as Lineax defines them; `Aᴴ` is
+    `lx.conj(A).transpose()`.
 
     `profile` (read-only) holds the value statistics `config="auto"` reads
     (a `MatrixProfile`: M-matrix sign pattern, diagonal dominance, contrast and
     anisotropy in decades), computed once when the values are a concrete NumPy
     array (`from_scipy`, `from_dense`, `from_arrays` or `with_values` with NumPy
-    values); `None` for JAX arrays (traced or not) and block patterns. See
-    [Configurations](../guide/configs.md#choosing-automatically).
+    values); `None` for JAX arrays (traced or not), block patterns and complex
+    values. See [Configurations](../guide/configs.md#choosing-automatically).
     """
 
     pattern: SparsityPattern = eqx.field(static=True)
@@ -182,12 +191,6 @@ class CSROperator(lx.AbstractLinearOperator):
             raise ValueError("from_scipy expects a 2-D matrix.")
         # Before any conversion allocates arrays of the declared size.
         check_index_range(matrix.shape, matrix.nnz)
-        if np.issubdtype(matrix.dtype, np.complexfloating):
-            raise TypeError(
-                f"Complex matrices ({matrix.dtype}) are not supported by "
-                "lineax-amgx; AmgX's complex modes are not exposed. Split the "
-                "system into real and imaginary parts."
-            )
         if matrix.format == "bsr" and block_size is None:
             r, c = matrix.blocksize
             if r != c:
@@ -219,7 +222,7 @@ class CSROperator(lx.AbstractLinearOperator):
         data = m.data
         if dtype is not None:
             data = data.astype(dtype)
-        elif not np.issubdtype(data.dtype, np.floating):
+        elif not np.issubdtype(data.dtype, np.inexact):
             data = data.astype(jnp.result_type(float))
         if b > 1:
             data = data.reshape(-1, b, b)

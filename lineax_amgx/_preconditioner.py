@@ -36,6 +36,7 @@ from ._backends.contract import (
     SolveKey,
     Status,
     check_choice,
+    is_complex,
     matrix_dtype as _matrix_dtype,
     mode_for,
     vector_dtype as _vector_dtype,
@@ -49,9 +50,12 @@ from .matrix_free import as_csr_operator
 _DEFAULT_CONFIG = "AMG_VCYCLE"
 
 
-def _resolve_config(config) -> _config.ResolvedConfig:
-    """`config` resolved, `None` as the default cycle; `"auto"` refused (it
-    chooses a solver preset for `AMGX`, not a cycle)."""
+def _resolve_config(
+    config, *, complex_values: bool = False, block_size: int = 1
+) -> _config.ResolvedConfig:
+    """`config` resolved, `None` as the default cycle (`AMG_VCYCLE`; for complex
+    values `AMG_VCYCLE_COMPLEX`); `"auto"` refused (it chooses a solver preset
+    for `AMGX`, not a cycle)."""
     if isinstance(config, str) and config.strip() == _auto.AUTO:
         raise _config.ConfigError(
             "config='auto' chooses a solver preset for lineax_amgx.AMGX; a "
@@ -60,7 +64,11 @@ def _resolve_config(config) -> _config.ResolvedConfig:
             "Jacobi 2+2, dense LU at the coarsest level). Pass None for it, or "
             "a preset name or config dict."
         )
-    return _config.resolve(_DEFAULT_CONFIG if config is None else config)
+    if config is None:
+        config = _config.default_cycle(
+            complex_values=complex_values, block_size=block_size
+        )
+    return _config.resolve(config)
 
 # Outer AmgX solvers that are Krylov methods: used as a preconditioner they are an
 # inner solve (a non-linear operator), not a fixed cycle.
@@ -162,6 +170,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     transposed solves (reverse-mode autodiff) need, though not the exact adjoint
     of `P`.
 
+    **Complex matrices.** A complex matrix gets a complex cycle (AmgX's complex
+    modes; pyamg on the CPU) acting on complex vectors. As in Lineax,
+    `lx.symmetric_tag` then means `Pᵀ = P` (given to the symmetric cycle of a
+    complex symmetric matrix) and `lx.positive_semidefinite_tag` Hermitian
+    positive semidefinite (given to the symmetric cycle of a matrix tagged so),
+    independently of each other. `lx.conj(P)` applies the conjugate cycle
+    (`conj(P conj(r))`: no new setup). Classical AMG is refused.
+
     **Arguments:**
 
     - `operator`: the matrix to build the cycle on: a
@@ -169,7 +185,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         matrix-free one is sparsified: its sparsity traced, its values
         assembled by coloring).
     - `config`: an AmgX config (preset name, dict or JSON string). Default
-        (`None`) `"AMG_VCYCLE"`, whatever the operator: `config="auto"` is
+        (`None`) `"AMG_VCYCLE"` (complex matrices: `"AMG_VCYCLE_COMPLEX"`, the
+        cycle of the complex presets): `config="auto"` is
         `AMGX`'s and is refused here. An AMG (or smoother) config is applied as
         a fixed number of cycles from a zero initial guess, with no convergence
         test, so the preconditioner is a fixed linear operator. A Krylov config
@@ -191,7 +208,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         example a 2-D grid of unknowns): vectors are flattened in
         `jax.tree_util` leaf order, C order within each leaf.
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
-        the CPU), `"amgx"` or `"pyamg"`.
+        the CPU), `"amgx"` or `"pyamg"`. A complex matrix on a GPU needs
+        `"pyamg"`: AmgX's complex modes are refused (see [`lineax_amgx.AMGX`][]).
     - `precision`: as for [`lineax_amgx.AMGX`][]: `None` follows the dtype;
         `"mixed"`: the cycle runs in float32 (hierarchy and vectors; AmgX's own
         float64-vector/float32-matrix mode `dDFI` is refused by CUDA 10.1+ builds)
@@ -210,6 +228,8 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
     fixed: bool = eqx.field(static=True)
     structure_leaves: tuple[jax.ShapeDtypeStruct, ...] = eqx.field(static=True)
     structure_treedef: Any = eqx.field(static=True)
+    # `lx.conj(P)`: the cycle applied as `conj(P conj(r))`.
+    conjugated: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -237,12 +257,17 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             )
         if p.shape[0] == 0:
             raise ValueError("AMGXPreconditioner got an empty (0 x 0) matrix.")
-        resolved = _resolve_config(config)
+        complex_values = is_complex(csr.values.dtype)
+        resolved = _resolve_config(
+            config, complex_values=complex_values, block_size=p.block_size
+        )
         if p.block_size > 1 and resolved.uses_classical:
             raise ValueError(
                 "Classical AMG does not support block systems "
                 f"(block_size={p.block_size}); use an aggregation config."
             )
+        if complex_values:
+            _config.check_complex(resolved, csr.values.dtype, "AMGXPreconditioner")
         symmetric_cycle, reason = resolved.symmetric_cycle()
         matrix_symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         matrix_psd = lx.is_positive_semidefinite(operator) or (
@@ -253,7 +278,14 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         )
         if tags is None:
             tag_set: frozenset[object] = frozenset()
-            if symmetric_cycle and matrix_symmetric:
+            if complex_values and symmetric_cycle:
+                # Complex: `Pᵀ = P` and Hermitian definiteness are independent.
+                tag_set = frozenset(
+                    ([lx.symmetric_tag] if matrix_symmetric else [])
+                    + ([lx.positive_semidefinite_tag] if matrix_psd else [])
+                    + ([lx.negative_semidefinite_tag] if matrix_nsd else [])
+                )
+            elif symmetric_cycle and matrix_symmetric:
                 tag_set = frozenset(
                     [lx.symmetric_tag]
                     + ([lx.positive_semidefinite_tag] if matrix_psd else [])
@@ -277,7 +309,10 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                     "'AMG_VCYCLE' — or a solver that takes any preconditioner "
                     "(lx.GMRES, lx.BiCGStab)."
                 )
-            if tag_set & {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}:
+            definite = {lx.positive_semidefinite_tag, lx.negative_semidefinite_tag}
+            if tag_set & definite and not complex_values:
+                # (Real: definite means symmetric definite. Complex: Hermitian,
+                # which is not `Pᵀ = P`.)
                 tag_set = tag_set | {lx.symmetric_tag}
         if structure is None:
             structure = operator.in_structure()
@@ -295,9 +330,22 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
                 f"{p.shape[0]} rows."
             )
         for x in leaves:
-            if not jnp.issubdtype(x.dtype, jnp.floating):
+            if is_complex(x.dtype) and not complex_values:
                 raise TypeError(
-                    f"AMGXPreconditioner acts on real floating vectors, got {x.dtype}."
+                    "AMGXPreconditioner built on a real matrix acts on real "
+                    f"vectors, got {x.dtype}: build it on the complex matrix (or "
+                    "a complex copy of it) for complex vectors."
+                )
+            if complex_values and not is_complex(x.dtype):
+                raise TypeError(
+                    "AMGXPreconditioner built on a complex matrix acts on complex "
+                    f"vectors, got a structure of {x.dtype} (its output would lose "
+                    "the imaginary part)."
+                )
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                raise TypeError(
+                    "AMGXPreconditioner acts on floating (or complex) vectors, got "
+                    f"{x.dtype}."
                 )
         mode = mode_for(precision, csr.values.dtype)
         key, fixed = _preconditioner_key(
@@ -321,6 +369,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         self.fixed = fixed
         self.structure_leaves = leaves
         self.structure_treedef = treedef
+        self.conjugated = False
 
     # -- applying the cycle --------------------------------------------------------
 
@@ -354,8 +403,12 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
         return jtu.tree_unflatten(self.structure_treedef, out)
 
     def _apply(self, r: Array) -> Array:
+        if self.conjugated:
+            r = jnp.conj(r)
         x, info, _ = router.solve(self.pattern, self.values, self.token, r, None,
                                      self.key)
+        if self.conjugated:
+            x = jnp.conj(x)
         # A fixed number of cycles reports "not converged" (or "success" when no
         # residual is monitored): both are fine. A non-finite input, or a cycle
         # that blew up, must never come back as a silent finite answer.
@@ -392,6 +445,7 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
             fixed=self.fixed,
             structure_leaves=self.structure_leaves,
             structure_treedef=self.structure_treedef,
+            conjugated=self.conjugated,
         )
         return _assemble(fields)
 
@@ -400,6 +454,16 @@ class AMGXPreconditioner(lx.AbstractLinearOperator):
 
     def out_structure(self):
         return self.in_structure()
+
+
+def _conj(op: AMGXPreconditioner) -> AMGXPreconditioner:
+    """`lx.conj(P)`: the identity for a real cycle; for a complex one the same
+    setup applied as `conj(P conj(r))` (the cycle of the conjugate matrix)."""
+    if not is_complex(op.values.dtype):
+        return op
+    fields = {f: getattr(op, f) for f in op.__dataclass_fields__}
+    fields["conjugated"] = not op.conjugated
+    return _assemble(fields)
 
 
 def _assemble(fields: dict[str, Any]) -> AMGXPreconditioner:
@@ -462,8 +526,7 @@ def _register():
         lx.is_upper_triangular,
     ):
         query.register(P)(lambda op: False)
-    # Real values only: conjugation is the identity.
-    lx.conj.register(P)(lambda op: op)
+    lx.conj.register(P)(_conj)
 
 
 _register()
@@ -545,9 +608,10 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
     """
 
     inner: lx.AbstractLinearSolver
-    config: str = eqx.field(static=True)
-    # `config`, parsed and validated once (handed to every preconditioner built).
-    resolved: _config.ResolvedConfig = eqx.field(static=True, repr=False)
+    config: str | None = eqx.field(static=True)
+    # `config`, parsed and validated once (handed to every preconditioner built;
+    # None: the preconditioner's default for the matrix's dtype).
+    resolved: _config.ResolvedConfig | None = eqx.field(static=True, repr=False)
     lagged_operator: Any = None
     cycles: int | None = eqx.field(static=True, default=None)
     tags: Any = eqx.field(static=True, default=None)
@@ -593,8 +657,9 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
         if tags is not None:
             tags = as_tag_set(tags)
         self.inner = inner
-        self.resolved = _resolve_config(config)
-        self.config = self.resolved.text
+        # None: the preconditioner's default cycle, chosen by the matrix's dtype.
+        self.resolved = None if config is None else _resolve_config(config)
+        self.config = None if config is None else self.resolved.text
         self.lagged_operator = lagged_operator
         self.cycles = None if cycles is None else int(cycles)
         self.tags = tags
@@ -672,7 +737,7 @@ class AMGXPreconditioned(lx.AbstractLinearSolver[_PreconditionedState]):
 
     def conj(self, state: _PreconditionedState, options: dict[str, Any]):
         return _through_inner(
-            self.inner.conj, state, options, lambda: state.preconditioner
+            self.inner.conj, state, options, lambda: _conj(state.preconditioner)
         )
 
     def assume_full_rank(self):

@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.flatten_util as jfu
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int
 
@@ -21,7 +22,9 @@ from ._backends.contract import (
     SolveKey,
     Status,
     check_choice,
+    double_dtype,
     invalid_token,
+    is_complex,
     matrix_dtype as _matrix_dtype,
     mode_for,
     vector_dtype as _vector_dtype,
@@ -82,6 +85,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         anything else gets `"FGMRES_AGGREGATION"` (block systems: the `*_BLOCK`
         variants). Never classical AMG. The table and the measurements behind it:
         [Configurations](../guide/configs.md#choosing-automatically).
+        Complex operators get `"GMRES_AGGREGATION_COMPLEX"` (aggregation AMG
+        with Jacobi smoothing inside GMRES; never CG for an operator that is
+        only complex symmetric); classical AMG is refused for them.
     - `rtol`, `atol`: stop when `||b - Ax||_2 <= atol + rtol * ||b||_2`, as in
         Lineax, whatever the initial guess (so a warm start `options["y0"]` saves
         iterations). Implemented by solving the scaled system
@@ -93,15 +99,20 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     - `max_steps`: maximum outer iterations (overrides the config's `max_iters`;
         default: the config's, 1000 for presets).
     - `precision`: `None` follows the dtype (float64: AmgX mode `dDDI`, float32:
-        `dFFI`); `"double"`/`"single"` force one. `"mixed"` runs AmgX entirely in
-        float32 (half the memory traffic of the hierarchy and Krylov vectors) inside
-        a float64 iterative refinement, so float64 operators still get float64
-        accuracy (`rtol`/`atol` hold in float64); `num_steps` counts the inner
-        iterations. AmgX's own mixed mode (`dDFI`) is not used: its cuSPARSE path
-        does not support it on CUDA >= 10.1.
+        `dFFI`, complex128: `dZZI`, complex64: `dCCI`); `"double"`/`"single"`
+        force one. `"mixed"` runs AmgX entirely in single precision (float32 or
+        complex64: half the memory traffic of the hierarchy and Krylov vectors)
+        inside a double precision iterative refinement, so float64 (complex128)
+        operators still get double precision accuracy (`rtol`/`atol` hold in
+        double precision); `num_steps` counts the inner iterations. AmgX's own
+        mixed mode (`dDFI`) is not used: its cuSPARSE path does not support it on
+        CUDA >= 10.1.
     - `verbose`: print AmgX's own output (solve statistics, timings).
     - `backend`: `"auto"` (AmgX for arrays on a CUDA device, pyamg for arrays on
         the CPU: the choice follows where the data lives), `"amgx"` or `"pyamg"`.
+        Complex operators need `"pyamg"` on a GPU (it copies the arrays to the
+        host): AmgX's complex modes do not solve (AmgX 2.5), so a complex solve
+        that would reach AmgX raises a `TypeError` before AmgX is called.
 
     **Options** (`lx.linear_solve(..., options={...})`):
 
@@ -219,6 +230,15 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             or lx.is_positive_semidefinite(csr)
             or lx.is_negative_semidefinite(csr)
         )
+        if is_complex(csr.values.dtype):
+            return _config.preset(
+                _config.default_preset(
+                    symmetric=symmetric,
+                    positive_definite=definite,
+                    block_size=csr.pattern.block_size,
+                    complex_values=True,
+                )
+            )
         return _config.preset(_auto.resolve(symmetric, definite, csr).preset)
 
     # -- Lineax interface ------------------------------------------------------------
@@ -242,11 +262,14 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
                 f"(block_size={p.block_size}); use an aggregation config such as "
                 "'PCG_AGGREGATION_BLOCK'."
             )
+        if is_complex(csr.values.dtype):
+            _config.check_complex(resolved, csr.values.dtype)
         symmetric = lx.is_symmetric(operator) or lx.is_symmetric(csr)
         ns = _null_space.request(
             {k: getattr(self, k) for k in ("null_space", "left_null_space",
                                            "null_space_inconsistency")},
             options, num_rows=p.shape[0], symmetric=symmetric,
+            dtype=csr.values.dtype,
         )
         mode = mode_for(self.precision, csr.values.dtype)
         tolerances = resolved.tolerances(self.rtol, self.atol)
@@ -280,8 +303,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         )
 
     def _vector_dtype(self, mode: str):
-        """The dtype of the solver's own vectors (float64 around a mixed solve)."""
-        return jnp.float64 if self.precision == "mixed" else _vector_dtype(mode)
+        """The dtype of the solver's own vectors (float64 or complex128 around a
+        mixed solve)."""
+        return double_dtype(mode) if self.precision == "mixed" else _vector_dtype(mode)
 
     def compute(self, state: _AMGXState, vector, options: dict[str, Any]):
         csr, key = state.operator, state.key
@@ -374,25 +398,28 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
     def _solve_once(self, state: _AMGXState, b, x0, out_dtype, ok, bnorm):
         """One backend solve of the scaled system (see the class docstring)."""
         csr, key = state.operator, state.key
-        s = state.tolerances.scale(bnorm, out_dtype).astype(b.dtype)
+        s = state.tolerances.scale(bnorm, out_dtype)
+        sv = s.astype(b.dtype)  # (complex vectors: a complex scale, explicitly)
         values = csr.values.astype(_matrix_dtype(key.mode))
         x, info, resid = router.solve(
-            csr.pattern, values, state.token, b / s,
-            None if x0 is None else x0 / s, key, state.near_nullspace, ok=ok,
+            csr.pattern, values, state.token, b / sv,
+            None if x0 is None else x0 / sv, key, state.near_nullspace, ok=ok,
             **_quiet(state),
         )
-        return x * s, info[0], info[1], resid * s
+        return x * sv, info[0], info[1], resid * s.astype(resid.dtype)
 
     def _refine(self, state: _AMGXState, b, x0, ok, bnorm):
-        """`precision="mixed"`: float32 AmgX solves (matrix, hierarchy and Krylov
-        vectors in float32) inside float64 iterative refinement, so the answer meets
-        the float64 tolerance. (AmgX's own mixed mode, dDFI, is not supported by its
+        """`precision="mixed"`: single precision AmgX solves (matrix, hierarchy and
+        Krylov vectors in float32 or complex64) inside double precision iterative
+        refinement (float64 or complex128), so the answer meets the double
+        precision tolerance. (AmgX's own mixed mode, dDFI, is not supported by its
         cuSPARSE path on CUDA >= 10.1.)"""
         csr, key = state.operator, state.key
-        matrix = csr.with_values(csr.values.astype(jnp.float64))
-        rtol, atol = state.tolerances.values(jnp.float64)
+        wide, narrow = double_dtype(key.mode), _vector_dtype(key.mode)
+        matrix = csr.with_values(csr.values.astype(wide))
+        rtol, atol = state.tolerances.values(wide)
         target = atol + rtol * bnorm
-        values = csr.values.astype(jnp.float32)
+        values = csr.values.astype(_matrix_dtype(key.mode))
         x = jnp.zeros_like(b) if x0 is None else x0
         x = _protocol.sequence(csr, x, bnorm)  # after the norm (MPI call order)
         r = b - matrix.mv(x)
@@ -409,9 +436,9 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             x, r, _, _, k, steps = carry
             # Inner float32 solve to a relative accuracy float32 can deliver.
             scale = _norm(csr, r) * _INNER_RTOL
-            scale = jnp.where(scale > 0, scale, 1.0)
+            scale = jnp.where(scale > 0, scale, 1.0).astype(r.dtype)
             d, info, _ = router.solve(
-                csr.pattern, values, state.token, (r / scale).astype(jnp.float32),
+                csr.pattern, values, state.token, (r / scale).astype(narrow),
                 None, key, state.near_nullspace, ok=ok & jnp.all(jnp.isfinite(r)),
                 **_quiet(state),
             )
@@ -419,7 +446,7 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             # An inner "not converged" still improves x; only hard failures stop.
             inner = jnp.where(inner == Status.NOT_CONVERGED,
                               Status.SUCCESS, inner)
-            x = x + d.astype(jnp.float64) * scale
+            x = x + d.astype(wide) * scale
             r = b - matrix.mv(x)
             return x, r, _norm(csr, r), inner, k + 1, steps + info[1]
 
@@ -457,8 +484,20 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
         return state_t, options
 
     def conj(self, state: _AMGXState, options: dict[str, Any]):
-        # Real values only: conjugation is the identity.
-        return state, options
+        if not is_complex(state.operator.values.dtype):
+            return state, options  # real values: conjugation is the identity
+        # The conjugate matrix: the same tags (conj keeps A = Aᵀ and Hermitian
+        # definiteness), the same value checks, its own setup at its first solve.
+        options = dict(options)
+        if options.get("y0") is not None:
+            options["y0"] = jtu.tree_map(jnp.conj, options["y0"])
+        nns = state.near_nullspace
+        state_c = _AMGXState(
+            lx.conj(state.operator), invalid_token(), state.zero_row,
+            state.values_finite, state.key, state.symmetric, state.tolerances,
+            None if nns is None else jnp.conj(nns),
+        )
+        return state_c, options
 
     def assume_full_rank(self):
         return True

@@ -20,10 +20,25 @@ def test_solve_status_codes_are_amgx_s_and_one_of_ours():
 
 
 def test_modes_are_amgx_s_and_their_sizes_follow_the_names():
-    # amgx_c.h: AMGX_mode_dDDI = 8193, AMGX_mode_dDFI = 8449, AMGX_mode_dFFI = 8465.
-    assert _native.MODES == {"dDDI": 8193, "dDFI": 8449, "dFFI": 8465}
+    # amgx_config.h: AMGX_mode_dDDI = 8193, AMGX_mode_dDFI = 8449,
+    # AMGX_mode_dFFI = 8465 (as its comments say), and the complex modes
+    # AMGX_ASSEMBLE_MODE(device, vec, mat, int) with AMGX_ScalarPrecision
+    # double 0, float 1, int 2, doublecomplex 3, complex 4 and the bases
+    # memory 1, vector 16, matrix 16 * 16, index 16 * 16 * 16.
+    precision = {"D": 0, "F": 1, "Z": 3, "C": 4}
+
+    def assemble(vec, mat):
+        return 1 + precision[vec] * 16 + precision[mat] * 256 + 2 * 4096
+
+    assert _native.MODES == {
+        "dDDI": 8193, "dDFI": 8449, "dFFI": 8465, "dZZI": 9009, "dCCI": 9281,
+    }
+    for name, code in _native.MODES.items():
+        assert code == assemble(name[1], name[2])
     # AmgX's mode names: memory space, then vector, matrix and index precision.
-    size = {"D": np.dtype(np.float64).itemsize, "F": np.dtype(np.float32).itemsize}
+    size = {"D": np.dtype(np.float64).itemsize, "F": np.dtype(np.float32).itemsize,
+            "Z": np.dtype(np.complex128).itemsize,
+            "C": np.dtype(np.complex64).itemsize}
     for name in _native.MODES:
         assert _native.MODE_VECTOR_BYTES[name] == size[name[1]]
         assert _native.MODE_MATRIX_BYTES[name] == size[name[2]]

@@ -113,17 +113,22 @@ def test_composed_operator_with_dense_sparsity_warns(rng):
     assert rel_err(x, np.linalg.solve(np.asarray(m) + np.eye(n), b)) < 1e-8
 
 
-def test_complex_matrix_operator_is_refused_not_cast(rng):
-    """A complex Lineax operator: a clear TypeError, never a cast that drops the
-    imaginary part (both the traced dense path and a concrete one)."""
+def test_complex_matrix_operator_is_kept_complex_not_cast(rng):
+    """A complex Lineax operator keeps its imaginary part (it was cast to float64,
+    dropping it, before complex systems were supported): the traced dense path
+    solves the complex system, and a concrete one stores the complex entries."""
     n = 12
     m = rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))
     m = jnp.asarray(m + 4 * n * np.eye(n), dtype=jnp.complex128)
-    b = jnp.asarray(rng.standard_normal(n) + 0j)
-    with pytest.raises(TypeError, match="[Cc]omplex"):
-        lx.linear_solve(lx.MatrixLinearOperator(m), b, solver=lxa.AMGX())
-    with pytest.raises(TypeError, match="[Cc]omplex"):
-        as_csr_operator(lx.MatrixLinearOperator(m))
+    b = rng.standard_normal(n) + 1j * rng.standard_normal(n)
+    x = lx.linear_solve(lx.MatrixLinearOperator(m), jnp.asarray(b),
+                        solver=lxa.AMGX(rtol=1e-12)).value
+    assert x.dtype == jnp.complex128
+    ref = np.linalg.solve(np.asarray(m), b)
+    assert np.linalg.norm(np.asarray(x) - ref) / np.linalg.norm(ref) < 1e-9
+    csr = as_csr_operator(lx.MatrixLinearOperator(m))
+    assert csr.values.dtype == jnp.complex128
+    np.testing.assert_array_equal(csr.as_matrix(), m)
 
 
 def test_concrete_matrix_operator_stores_its_nonzeros(rng):
@@ -199,6 +204,17 @@ def test_float64_host_values_without_x64_warn_at_the_call(x64_off):
         (w,) = [r for r in record if "rounded to float32" in str(r.message)]
         assert "np.float32" in str(w.message), name
         assert w.filename == __file__, (name, w.filename)  # the user's line
+
+
+def test_complex128_host_values_without_x64_warn(x64_off):
+    a = sp.csr_array(poisson2d(8).astype(np.complex128) * (1 + 0.5j))
+    with pytest.warns(UserWarning, match=X64_HINT) as record:
+        op = lxa.CSROperator.from_scipy(a)
+    assert op.values.dtype == jnp.complex64
+    (w,) = [r for r in record
+            if "complex128 matrix values are rounded to complex64" in str(r.message)]
+    assert "np.complex64" in str(w.message)
+    assert w.filename == __file__
 
 
 def test_float32_or_x64_values_do_not_warn(x64_off):

@@ -68,27 +68,62 @@ MODES: dict[str, int] = dict(_native.MODES)
 PRECISIONS = (None, "double", "single", "mixed")
 BACKENDS = ("auto", "amgx", "pyamg")
 
+# Precision -> mode for real and for complex operators, and the dtypes of each mode
+# (matrix values, vectors). AmgX's mixed mode (dDFI) is reached by no precision:
+# see `mode_for`.
+_REAL_MODES = {"double": "dDDI", "single": "dFFI"}
+_COMPLEX_MODES = {"double": "dZZI", "single": "dCCI"}
+_MODE_DTYPES = {
+    "dDDI": (jnp.float64, jnp.float64),
+    "dDFI": (jnp.float32, jnp.float64),
+    "dFFI": (jnp.float32, jnp.float32),
+    "dZZI": (jnp.complex128, jnp.complex128),
+    "dCCI": (jnp.complex64, jnp.complex64),
+}
+
+
+def is_complex(dtype) -> bool:
+    """Whether `dtype` is a complex floating dtype."""
+    return bool(jnp.issubdtype(dtype, jnp.complexfloating))
+
 
 def mode_for(precision: str | None, dtype) -> str:
-    """The AmgX mode for a solver's `precision` and the operator's dtype.
-    `"mixed"` runs AmgX in float32 (`dFFI`) inside float64 iterative refinement
-    or between float64 vectors: AmgX's own mixed mode (`dDFI`) fails on
-    CUDA >= 10.1 ("Mixed precision modes not currently supported")."""
+    """The AmgX mode for a solver's `precision` and the operator's dtype: float64
+    `dDDI`, float32 `dFFI`, complex128 `dZZI`, complex64 `dCCI` (`"double"` and
+    `"single"` force the precision, keeping real or complex).
+    `"mixed"` runs AmgX in single precision (`dFFI`, `dCCI`) inside double
+    precision iterative refinement or between double precision vectors: AmgX's
+    own mixed mode (`dDFI`) fails on CUDA >= 10.1 ("Mixed precision modes not
+    currently supported")."""
+    modes = _COMPLEX_MODES if is_complex(dtype) else _REAL_MODES
     if precision in ("mixed", "single"):
-        return "dFFI"
+        return modes["single"]
     if precision == "double":
-        return "dDDI"
-    return "dDDI" if dtype == jnp.float64 else "dFFI"
+        return modes["double"]
+    wide = jnp.dtype(dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+    return modes["double" if wide else "single"]
 
 
 def matrix_dtype(mode: str):
     """The dtype of the matrix values a backend receives in `mode`."""
-    return jnp.float64 if mode == "dDDI" else jnp.float32
+    return _MODE_DTYPES[mode][0]
 
 
 def vector_dtype(mode: str):
     """The dtype of the vectors a backend receives in `mode`."""
-    return jnp.float32 if mode == "dFFI" else jnp.float64
+    return _MODE_DTYPES[mode][1]
+
+
+def real_dtype(dtype):
+    """The real dtype of `dtype`'s precision (float64 for complex128): the dtype
+    of norms and residuals."""
+    return jnp.finfo(dtype).dtype
+
+
+def double_dtype(mode: str):
+    """The double precision vector dtype of `mode`'s kind (float64 or
+    complex128): the outer vectors of `precision="mixed"`."""
+    return jnp.complex128 if is_complex(vector_dtype(mode)) else jnp.float64
 
 
 def check_choice(what: str, value: Any, choices: tuple) -> None:
@@ -106,7 +141,7 @@ class SolveKey(NamedTuple):
     """Everything static about a solve (hashable; part of the cache key)."""
 
     config: str  # finalised AmgX JSON
-    mode: str  # "dDDI" | "dDFI" | "dFFI"
+    mode: str  # a key of MODES: "dDDI" | "dFFI" | "dZZI" | "dCCI" (| "dDFI")
     transposed: bool
     verbose: bool
     backend: str  # "auto" | "amgx" | "pyamg"
@@ -132,11 +167,11 @@ def invalid_token():
 
 def solve_result_shapes(b) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The solve contract's outputs: `x` like `b`, `info = int32[2](status,
-    iterations)`, the residual norm as a scalar of `b`'s dtype."""
+    iterations)`, the residual norm as a real scalar of `b`'s precision."""
     return (
         jax.ShapeDtypeStruct(b.shape, b.dtype),
         jax.ShapeDtypeStruct((2,), jnp.int32),
-        jax.ShapeDtypeStruct((), b.dtype),
+        jax.ShapeDtypeStruct((), real_dtype(b.dtype)),
     )
 
 
@@ -146,7 +181,7 @@ def nonfinite_host_result(shape, dtype) -> tuple[np.ndarray, ...]:
     return (
         np.zeros(shape, dtype),
         np.array([Status.NONFINITE, 0], np.int32),
-        np.array(np.inf, dtype),
+        np.array(np.inf, real_dtype(dtype)),
     )
 
 

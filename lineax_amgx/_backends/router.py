@@ -7,6 +7,10 @@ only one runs). `backend="amgx"` / `"pyamg"` forces one. Which implementation of
 a backend serves a pattern (single-process, or one rank's rows of a distributed
 matrix) is looked up in the contract's registry by the pattern's type.
 
+AmgX's complex modes are not called (`amgx/_complex.py`: measured not to converge
+or to crash the process): `backend="amgx"` refuses a complex solve when it is
+traced, the AmgX branch of `"auto"` when it is compiled for a CUDA device.
+
 AmgX has no near-null-space input: the GPU branch drops `near_nullspace`, with a
 one-time `NearNullspaceWarning` (not when the solver added it itself,
 `quiet_near_nullspace=True`: a null space, passed on to pyamg's coarsening).
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 
 from .. import _blocks
 from . import amgx as _amgx, pyamg as _pyamg  # noqa: F401 - register the backends
-from .amgx import _library
+from .amgx import _complex, _library
 from .contract import SolveKey, lookup, refuse_if, solve_result_shapes
 
 
@@ -46,7 +50,7 @@ def setup(
     ok = refuse_if(_finite(values) if ok is None else ok, refuse)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, ok, key, near_nullspace)
-    return _route(key.backend, gpu.setup, cpu.setup, _setup_not_on_cuda, args,
+    return _route(key, gpu.setup, cpu.setup, _setup_not_on_cuda, args,
                   quiet_near_nullspace)
 
 
@@ -65,17 +69,21 @@ def solve(
     ok = _finite(values, b, x0) if ok is None else jnp.asarray(ok).astype(jnp.int32)
     gpu, cpu = _impls(pattern)
     args = (pattern, values, token, b, x0, ok, key, near_nullspace)
-    return _route(key.backend, gpu.solve, cpu.solve, _solve_not_on_cuda, args,
+    return _route(key, gpu.solve, cpu.solve, _solve_not_on_cuda, args,
                   quiet_near_nullspace)
 
 
-def _route(backend: str, gpu_fn, cpu_fn, not_on_cuda, args, quiet=False):
+def _route(key: SolveKey, gpu_fn, cpu_fn, not_on_cuda, args, quiet=False):
     """One backend call: `cpu_fn` for `"pyamg"`; for `"amgx"` the CUDA branch
     (and, lowered for another platform, `not_on_cuda`: a clear error when it
     runs); for `"auto"` the branch of the platform the data lives on."""
+    backend = key.backend
     if backend == "pyamg":
         return cpu_fn(*args)
     if backend == "amgx":
+        # AmgX's complex modes are refused now (with backend="auto", when the
+        # AmgX branch is compiled: see _backends/amgx/_complex.py).
+        _complex.check(key.mode)
         return _platform_dependent(
             _gpu(gpu_fn, explicit=True, quiet=quiet), _drop_nns(not_on_cuda), *args
         )

@@ -50,11 +50,16 @@ def _check_values(values, pattern: DistributedPattern):
         )
     _raise_if_any(comm, err, tracing=tracing)
     err = None
-    if values.dtype not in (jnp.float32, jnp.float64):
+    if jnp.issubdtype(values.dtype, jnp.complexfloating):
         err = (
-            f"values must be float32 or float64, got {values.dtype} (complex "
-            "values are not supported; cast or split them first)."
+            f"Complex values ({values.dtype}) are not supported by distributed "
+            "operators (DistributedCSROperator): their MPI norms, halo exchanges "
+            "and AmgX's distributed upload are real-only. Solve complex systems "
+            "in one process with lineax_amgx.CSROperator, or distribute the "
+            "equivalent real system [[Re A, -Im A], [Im A, Re A]]."
         )
+    elif values.dtype not in (jnp.float32, jnp.float64):
+        err = f"values must be float32 or float64, got {values.dtype}."
     _raise_if_any(comm, err, TypeError, tracing=tracing)
     return values
 
@@ -225,10 +230,10 @@ class DistributedCSROperator(lx.AbstractLinearOperator):
         if err is None and rank == root:
             data = m.data
             if np.issubdtype(data.dtype, np.complexfloating):
-                err = (
-                    f"complex values ({data.dtype}) are not supported by "
-                    "lineax-amgx (casting them would drop the imaginary part)."
-                )
+                # Kept complex, whatever `dtype` says (a cast would drop the
+                # imaginary part): refused with a TypeError on every rank when
+                # the operator is built (`_check_values`).
+                pass
             elif dtype is not None:
                 data = data.astype(dtype)
             elif not np.issubdtype(data.dtype, np.floating):

@@ -252,8 +252,8 @@ class SparsifiedOperator(lx.AbstractLinearOperator):
             )
         else:
             values = jnp.zeros(p.value_shape, comp.dtype)
-        # Integer and boolean values become floats; complex values go on to
-        # CSROperator, which refuses them (a cast would drop the imaginary part).
+        # Integer and boolean values become floats; complex values stay complex
+        # (a cast would drop the imaginary part).
         if not jnp.issubdtype(values.dtype, jnp.inexact):
             values = values.astype(jnp.float64 if jax.config.jax_enable_x64
                                    else jnp.float32)
@@ -381,7 +381,7 @@ def _(operator: lx.MatrixLinearOperator, *, symmetric: bool | None = None):
             pattern_array(pattern, "row_ids"),
             pattern_array(pattern, "indices"),
         )
-    if not jnp.issubdtype(values.dtype, jnp.inexact):  # complex: refused below
+    if not jnp.issubdtype(values.dtype, jnp.inexact):  # (complex is kept)
         values = values.astype(float)
     return CSROperator(pattern, values, _operator_tags(operator))
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..._pattern import SparsityPattern
-from ..contract import MODES, SolveKey
-from . import _library
+from ..contract import MODES, SolveKey, solve_result_shapes
+from . import _complex, _library
 
 
 def _attrs(pattern: SparsityPattern, key: SolveKey) -> dict:
@@ -47,24 +47,25 @@ def _prepare(pattern: SparsityPattern) -> None:
 
 
 def setup(pattern: SparsityPattern, values, ok, key: SolveKey):
+    token = jax.ShapeDtypeStruct((2,), jnp.int32)
+    refused = _complex.refused(key.mode, token)  # complex modes (see _complex)
+    if refused is not None:
+        return refused
     _prepare(pattern)
     call = jax.ffi.ffi_call(
-        _library.codes.FFI_TARGETS["setup"],
-        jax.ShapeDtypeStruct((2,), jnp.int32),
-        vmap_method="sequential",
+        _library.codes.FFI_TARGETS["setup"], token, vmap_method="sequential"
     )
     return call(values, ok, refusal=key.refusal, **_attrs(pattern, key))
 
 
 def solve(pattern: SparsityPattern, values, token, b, x0, ok, key: SolveKey):
+    refused = _complex.refused(key.mode, solve_result_shapes(b))
+    if refused is not None:
+        return refused
     _prepare(pattern)
     call = jax.ffi.ffi_call(
         _library.codes.FFI_TARGETS["solve"],
-        (
-            jax.ShapeDtypeStruct(b.shape, b.dtype),
-            jax.ShapeDtypeStruct((2,), jnp.int32),
-            jax.ShapeDtypeStruct((), b.dtype),
-        ),
+        solve_result_shapes(b),
         vmap_method="sequential",
     )
     has_x0 = x0 is not None

@@ -45,6 +45,7 @@ from ..contract import (
     host_setup,
     host_solve,
     nonfinite_host_result,
+    real_dtype,
 )
 from ._cache import _cache
 from ._translate import (
@@ -250,7 +251,7 @@ def solve(
 
     `(x, info, residual)`: `x` like `b`; `info = int32[2](status, iterations)`
     with a `Status`; `residual = ||b - A x||_2` recomputed on the
-    host, a scalar of `b`'s dtype.
+    host, a real scalar of `b`'s precision.
     """
     problem = Host(pattern, key, _width(near_nullspace))  # translated at run time
     _check_near_nullspace(pattern, near_nullspace)
@@ -273,7 +274,7 @@ def solve(
         return (
             np.asarray(x, out_dtype),
             np.array([status, steps], np.int32),
-            np.array(resid, out_dtype),
+            np.array(resid, real_dtype(out_dtype)),
         )
 
     return host_solve(host, values, token, b, x0, ok, near_nullspace)

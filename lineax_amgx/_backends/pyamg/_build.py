@@ -15,6 +15,7 @@ import numpy as np
 from ..._pattern import SparsityPattern
 from ..contract import (
     Status,
+    vector_dtype,
 )
 from ._translate import _AMGPlan, _DirectPlan, _Plan, _RelaxPlan
 
@@ -24,9 +25,10 @@ from ._translate import _AMGPlan, _DirectPlan, _Plan, _RelaxPlan
 
 
 def _compute_dtype(mode: str):
-    # dFFI: everything in float32. dDDI and dDFI: float64 vectors and arithmetic
-    # (for dDFI the matrix values arrive rounded to float32).
-    return np.float32 if mode == "dFFI" else np.float64
+    # The mode's vector dtype: dFFI everything in float32, dDDI and dDFI float64
+    # vectors and arithmetic (for dDFI the matrix values arrive rounded to
+    # float32), dZZI complex128, dCCI complex64.
+    return np.dtype(vector_dtype(mode)).type
 
 
 def _norm(r: np.ndarray, kind: str) -> float:
@@ -79,10 +81,20 @@ def _coarse_solver(A, coarsest_sweeps=0, smoother=None, block=False, scale=0.0):
     )
 
 
-def _is_symmetric(A) -> bool:
-    d = A - A.T
+def _is_zero(d) -> bool:
     d = d.tocsr() if hasattr(d, "tocsr") else d
     return d.count_nonzero() == 0 if hasattr(d, "count_nonzero") else False
+
+
+def _symmetry(A) -> str:
+    """pyamg's `symmetry` for smoothed aggregation: `"hermitian"` (`A = Aᴴ`;
+    for real values, symmetric), `"symmetric"` (complex symmetric, `A = Aᵀ`:
+    restriction `Pᵀ`) or `"nonsymmetric"`."""
+    if np.iscomplexobj(A.data) and _is_zero(A - A.conj().T):
+        return "hermitian"
+    if _is_zero(A - A.T):
+        return "symmetric" if np.iscomplexobj(A.data) else "hermitian"
+    return "nonsymmetric"
 
 
 def _build_amg(plan: _AMGPlan, A, block: int, near_nullspace=None):
@@ -112,7 +124,7 @@ def _build_amg(plan: _AMGPlan, A, block: int, near_nullspace=None):
         ml = pyamg.smoothed_aggregation_solver(
             A,
             B=near_nullspace,
-            symmetry="hermitian" if _is_symmetric(A) else "nonsymmetric",
+            symmetry=_symmetry(A),
             smooth=plan.smooth_prolongation,
             improve_candidates=None,
             **common,

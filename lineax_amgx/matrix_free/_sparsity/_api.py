@@ -76,6 +76,13 @@ def _concrete_consts(consts, rng):
     return out
 
 
+def _cast(x, dtype):
+    """`x` as `dtype`; a complex probe reaches a real input as its real part."""
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype)
+
+
 def probe_closed_jaxpr(
     closed, x_leaves=None, *, max_elements: int = 2**24, seed: int = 0
 ) -> SparsityPattern:
@@ -92,13 +99,13 @@ def probe_closed_jaxpr(
     if x_leaves is None or any(isinstance(x, jax.core.Tracer) for x in x_leaves):
         x0 = rng.standard_normal(n)
     else:
-        x0 = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in x_leaves]
+        x0 = np.concatenate([np.ravel(np.asarray(x)) for x in x_leaves]
                             ) if n else np.zeros(0)
     splits = np.cumsum(sizes)[:-1]
 
     def f_flat(v):
         parts = jnp.split(v, splits) if len(sizes) > 1 else [v]
-        args = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes)]
+        args = [_cast(p.reshape(s), d) for p, s, d in zip(parts, shapes, dtypes)]
         outs = jax.core.eval_jaxpr(closed.jaxpr, consts, *args)
         return jnp.concatenate([jnp.ravel(o).astype(v.dtype) for o in outs]
                                ) if outs else jnp.zeros(0, v.dtype)
@@ -108,6 +115,10 @@ def probe_closed_jaxpr(
     batch = int(max(1, min(n, max_elements // max(m, 1))))
     rows_all, cols_all = [], []
     dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    if any(jnp.issubdtype(a.dtype, jnp.complexfloating)
+           for a in [*in_avals, *out_avals]):
+        # Complex seeds and outputs: a real probe would drop imaginary entries.
+        dt = jnp.complex128 if jax.config.jax_enable_x64 else jnp.complex64
     points = [x0, x0 + (0.5 + np.abs(x0)) * rng.standard_normal(n)]
     with jax.ensure_compile_time_eval():
         for p in points:
