@@ -13,9 +13,10 @@
   `asymmetry_verdict`, for the `CSROperator` constructors (concrete values:
   `ValueError`), `AMGX.init` and `AMGXPreconditioner` (traced values: a verdict
   the backend's setup turns into an error before it sets anything up). For
-  complex values the tags mean what they mean in Lineax: `lx.symmetric_tag` is `A = A^T` (complex symmetric, compared without
-  conjugation) and the semidefinite tags are Hermitian, `A = A^H` (compared
-  with the conjugate mirror, so a diagonal entry must be real).
+  complex values the tags mean what they mean in Lineax: `lx.symmetric_tag` is
+  `A = A^T` (complex symmetric, compared without conjugation) and the
+  semidefinite tags are Hermitian, `A = A^H` (compared with the conjugate
+  mirror, so a diagonal entry must be real).
 """
 
 from __future__ import annotations
