@@ -259,3 +259,37 @@ def test_each_branch_solves_on_amgx(branch):
     assert np.linalg.norm(b - a @ x) <= 1e-9 * np.linalg.norm(b)
     ref = spla.spsolve(sp.csc_array(a), b)
     assert np.linalg.norm(x - ref) <= 1e-7 * np.linalg.norm(ref)
+
+
+def test_structure_reuse_is_an_opt_in_that_translates_without_effect():
+    """`structure_reuse_levels` is in no preset (docs/guide/configs.md, "Sequences of
+    solves"): a user opts in with a config dict. Such a config validates, and on the
+    CPU backend (pyamg rebuilds its hierarchy on every setup: nothing to reuse) it
+    translates to the preset's own plan, with no warning, and a sequence of
+    changed-value solves matches scipy."""
+    import warnings
+
+    from lineax_amgx._backends.pyamg import _translate
+
+    for name in lxa.configs:
+        assert "structure_reuse_levels" not in json.dumps(lxa.configs[name])
+    cfg = lxa.configs["PCG_AGGREGATION_ISOTROPIC"]
+    cfg["solver"]["preconditioner"]["structure_reuse_levels"] = -1
+    tol = _config.Tolerances(scaled=True)
+    plain = _config.preset("PCG_AGGREGATION_ISOTROPIC").finalise(
+        tol, max_steps=None, verbose=False)
+    reuse = _config.resolve(cfg).finalise(tol, max_steps=None, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _translate.translate(reuse) == _translate.translate(plain)
+        a = poisson3d(10)
+        rng = np.random.default_rng(3)
+        b = rng.standard_normal(a.shape[0])
+        solver = lxa.AMGX(cfg, rtol=1e-10, backend="pyamg")
+        for _ in range(3):
+            s = sp.diags_array(1.0 + 0.3 * rng.random(a.shape[0]))
+            ak = sp.csr_array(s @ a @ s)
+            op = lxa.CSROperator.from_scipy(ak, tags=SPD)
+            x = np.asarray(lx.linear_solve(op, jnp.asarray(b), solver).value)
+            ref = spla.spsolve(ak.tocsc(), b)
+            assert np.linalg.norm(x - ref) / np.linalg.norm(ref) < 1e-8
