@@ -232,12 +232,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # (Jacobi smoothing, equal pre/post sweeps), the default for SPD-tagged operators.
     "PCG_AGGREGATION": _krylov("PCG", _amg()),
     # What config="auto" picks for constant-coefficient, isotropic 7-point
-    # diffusion (lineax_amgx/_auto.py): SIZE_8 aggregation, measured on an H200
-    # at 1M unknowns, rtol 1e-8 (docs/benchmarks.md): 0.110 s in all (0.040 s
-    # solve, 51 iterations) against 0.118 s (0.042 s, 41) for SIZE_4. Not the
-    # default otherwise: on high contrast it was 2x slower, on rotated
-    # anisotropy its coarsening stalled (see `_amg`).
-    "PCG_AGGREGATION_ISOTROPIC": _krylov("PCG", _amg(selector="SIZE_8")),
+    # diffusion (lineax_amgx/_auto.py): SIZE_8 aggregates, one Jacobi sweep
+    # before and after. Measured on an H200 (benchmarks/tune.py, 3-D Poisson,
+    # rtol 1e-6, docs/results/tune.jsonl): with the setup cached 0.0299 s (50 it)
+    # at 1M against 0.0343 s (33) for PCG_AGGREGATION, 0.159 s (78) at 8M against
+    # 0.192 s (53); setup + solve 0.109 s and 0.344 s, the fastest measured at
+    # both sizes; one V-cycle 0.90 ms against 1.46 ms. Not the default
+    # otherwise: on high contrast it was 2x slower, on rotated anisotropy its
+    # coarsening stalled (see `_amg`).
+    "PCG_AGGREGATION_ISOTROPIC": _krylov(
+        "PCG", _amg(selector="SIZE_8", presweeps=1, postsweeps=1)
+    ),
     # Non-symmetric: flexible GMRES around an aggregation cycle smoothed by DILU.
     "FGMRES_AGGREGATION": _krylov(
         "FGMRES",

@@ -217,7 +217,9 @@ def test_preconditioner_default_and_auto_refused():
 
 def test_isotropic_preset_translates_to_pyamg_like_the_default():
     """pyamg has one standard aggregation: SIZE_8 and SIZE_4 give the same plan
-    (docs/guide/cpu-backend.md), and no warning."""
+    (docs/guide/cpu-backend.md), and no warning. The one Jacobi sweep before and
+    after does translate: the plans differ in the sweeps only."""
+    import dataclasses
     import warnings
 
     from lineax_amgx._backends.pyamg import _translate
@@ -229,14 +231,19 @@ def test_isotropic_preset_translates_to_pyamg_like_the_default():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             plans.append(_translate.translate(final))
-    assert plans[0] == plans[1]
+    default, isotropic = plans
+    assert (default.precond.presweeps, default.precond.postsweeps) == (2, 2)
+    assert (isotropic.precond.presweeps, isotropic.precond.postsweeps) == (1, 1)
+    assert isotropic == dataclasses.replace(
+        default, precond=dataclasses.replace(default.precond, presweeps=1, postsweeps=1)
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("branch", sorted(CASES))
 def test_each_branch_solves_on_amgx(branch):
     """The preset each branch picks sets up and converges in AmgX (on a GPU:
-    `PCG_AGGREGATION_ISOTROPIC`'s SIZE_8 aggregation included)."""
+    `PCG_AGGREGATION_ISOTROPIC`'s SIZE_8 aggregation and 1+1 sweeps included)."""
     from helpers import gpu_array
 
     make, tags = CASES[branch]
@@ -252,3 +259,37 @@ def test_each_branch_solves_on_amgx(branch):
     assert np.linalg.norm(b - a @ x) <= 1e-9 * np.linalg.norm(b)
     ref = spla.spsolve(sp.csc_array(a), b)
     assert np.linalg.norm(x - ref) <= 1e-7 * np.linalg.norm(ref)
+
+
+def test_structure_reuse_is_an_opt_in_that_translates_without_effect():
+    """`structure_reuse_levels` is in no preset (docs/guide/configs.md, "Sequences of
+    solves"): a user opts in with a config dict. Such a config validates, and on the
+    CPU backend (pyamg rebuilds its hierarchy on every setup: nothing to reuse) it
+    translates to the preset's own plan, with no warning, and a sequence of
+    changed-value solves matches scipy."""
+    import warnings
+
+    from lineax_amgx._backends.pyamg import _translate
+
+    for name in lxa.configs:
+        assert "structure_reuse_levels" not in json.dumps(lxa.configs[name])
+    cfg = lxa.configs["PCG_AGGREGATION_ISOTROPIC"]
+    cfg["solver"]["preconditioner"]["structure_reuse_levels"] = -1
+    tol = _config.Tolerances(scaled=True)
+    plain = _config.preset("PCG_AGGREGATION_ISOTROPIC").finalise(
+        tol, max_steps=None, verbose=False)
+    reuse = _config.resolve(cfg).finalise(tol, max_steps=None, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _translate.translate(reuse) == _translate.translate(plain)
+        a = poisson3d(10)
+        rng = np.random.default_rng(3)
+        b = rng.standard_normal(a.shape[0])
+        solver = lxa.AMGX(cfg, rtol=1e-10, backend="pyamg")
+        for _ in range(3):
+            s = sp.diags_array(1.0 + 0.3 * rng.random(a.shape[0]))
+            ak = sp.csr_array(s @ a @ s)
+            op = lxa.CSROperator.from_scipy(ak, tags=SPD)
+            x = np.asarray(lx.linear_solve(op, jnp.asarray(b), solver).value)
+            ref = spla.spsolve(ak.tocsc(), b)
+            assert np.linalg.norm(x - ref) / np.linalg.norm(ref) < 1e-8
