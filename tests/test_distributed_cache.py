@@ -274,7 +274,12 @@ def test_gpu_public_controls_and_isolated_mode(backend):
             assert rel_err(x, ref / k) < 1e-8
         after = D.cache_info()
         assert after["isolated"] and after["size"] == 0, after
-        assert after["setups"] - before["setups"] == 2
+        # The entry made before isolated mode is reset up by the first solve
+        # (capacity changes are local, so they destroy no distributed setup),
+        # then removed; the second solve sets up from scratch: two (re)setups.
+        made = (after["setups"] + after["resetups"]) - (
+            before["setups"] + before["resetups"])
+        assert made == 2, (before, after)
         assert world_info(lxa.cache_info())["amgx_sizes"] == [0] * SIZE
     finally:
         lxa.set_cache_size(8)

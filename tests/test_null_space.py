@@ -553,13 +553,6 @@ def test_singular_path_smooths_the_coarsest_level():
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(
-    strict=True,
-    reason="H200, 2026-12-03: 38 iterations (Neumann) against 25 (Dirichlet), "
-    "1.52x, above issue 24's 1.5x bound (benchmarks/null_space.py: 1.77x for a "
-    "random mean-free b; coarsest-level choices change it by <= 5 iterations); "
-    "strict, so a preset that meets it shows",
-)
 def test_million_unknown_neumann_poisson_iterations():
     """100^3 pure-Neumann 3-D Poisson (7-point, zero-flux faces) against the
     Dirichlet problem of the same grid, same preset (PCG_AGGREGATION) and
@@ -586,4 +579,9 @@ def test_million_unknown_neumann_poisson_iterations():
         if options:
             assert abs(x.sum()) <= 1e-10 * np.sqrt(n**3) * np.linalg.norm(x)
     print(f"\n100^3 Poisson, PCG_AGGREGATION, rtol 1e-8: iterations {counts}")
-    assert counts["neumann"] <= 1.5 * counts["dirichlet"], counts
+    if counts["neumann"] > 1.5 * counts["dirichlet"]:
+        # H200, 2026-12-03: 38 against 25 (1.52x) in one run, 38 against 26
+        # (1.46x) in another; benchmarks/null_space.py with a random mean-free b:
+        # 62 against 35 (1.77x); coarsest-level choices change it by <= 5
+        # iterations. The solves above are checked either way.
+        pytest.xfail(f"above the 1.5x iteration bound: {counts}")
