@@ -67,65 +67,6 @@ def _halo_transpose_host(
     return recv
 
 
-def _halo_call(pattern: DistributedPattern, x):
-    b = pattern.block_size
-    shape = (pattern.halo.shape[0] * b,)
-    if not pattern.communicates:
-        return jnp.zeros(shape, x.dtype)
-    send = pattern_array(pattern, "send_indices")
-    if b == 1:
-        sendbuf = take(x, Ellipsis, send)
-    else:  # the b entries of every block column that is sent, flat
-        sendbuf = take(x.reshape(-1, b), send).reshape(-1)
-    return jax.pure_callback(
-        ft.partial(_halo_forward_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct(shape, x.dtype),
-        sendbuf,
-        vmap_method="sequential",
-    )
-
-
-def _halo_transpose_call(pattern: DistributedPattern, ct):
-    """The transpose of the exchange: send the halo's cotangents back to their
-    owners and add them up where they came from."""
-    b = pattern.block_size
-    out = jnp.zeros((pattern.block_rows, b) if b > 1 else (pattern.shape[0],),
-                    ct.dtype)
-    if not pattern.communicates:
-        return out.reshape(-1)
-    recv = jax.pure_callback(
-        ft.partial(_halo_transpose_host, pattern, _new_site()),
-        jax.ShapeDtypeStruct((len(pattern.send_indices) * b,), ct.dtype),
-        ct,
-        vmap_method="sequential",
-    )
-    if b > 1:
-        recv = recv.reshape(-1, b)
-    return out.at[pattern_array(pattern, "send_indices")].add(recv).reshape(-1)
-
-
-@ft.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _halo(pattern: DistributedPattern, x):
-    """The off-rank entries of `x` that the local rows need (`pattern.halo`).
-    Use `_extended` instead: on a rank whose halo is empty this exchange's
-    callback has an empty output, which XLA drops (the rank then never joins)."""
-    return _halo_call(pattern, x)
-
-
-@_halo.defjvp
-def _halo_jvp(pattern, primals, tangents):
-    (x,), (dx,) = primals, tangents
-    # The exchange is linear: its tangent is the exchange of the tangent, with
-    # the reverse exchange (send back, add up) as its transpose.
-    dy = linear_call(
-        lambda _, v: _halo_call(pattern, v),
-        lambda _, c: _halo_transpose_call(pattern, c),
-        (),
-        dx,
-    )
-    return _halo(pattern, x), dy
-
-
 # `_extended(pattern, x)`: `[x, halo]`, the exchange kept alive on every rank.
 # A rank that receives nothing (an empty halo) but must send, or must receive
 # the transpose's contributions and sends nothing, would make a callback with an
