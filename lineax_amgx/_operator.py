@@ -382,7 +382,8 @@ def row_slots(pattern: SparsityPattern) -> tuple[jax.Array, jax.Array]:
     array): a per-row reduction over them is one fused pass, with no scatter."""
     indptr = pattern_array(pattern, "indptr")
     start, length = indptr[:-1], indptr[1:] - indptr[:-1]
-    k = jnp.arange(pattern.max_row_length, dtype=indptr.dtype)
+    # (Explicit ranks: users may run with jax_numpy_rank_promotion="raise".)
+    k = jnp.arange(pattern.max_row_length, dtype=indptr.dtype)[None, :]
     slots = jnp.minimum(start[:, None] + k, pattern.nnz - 1)
     return slots, k < length[:, None]
 

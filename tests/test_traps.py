@@ -538,3 +538,19 @@ def test_gpu_symmetry_check_under_jit_and_grad(rng):
     g = jax.grad(loss)(bad, ())  # untagged: right
     b_ref = p.to_scipy(np.asarray(bad))
     assert rel_err(g, _grad_reference(b_ref, b, w)) < 1e-7
+
+
+def test_strict_numpy_modes_solve_and_multiply(rng):
+    """Lineax's own tests run with `jax_numpy_rank_promotion="raise"` and strict
+    dtype promotion; a user may too. The mat-vec (row layout and segment sum),
+    the checks and the solve must not rely on implicit rank promotion."""
+    a = sp.csr_array(poisson2d(8))
+    blocks = sp.bsr_array(sp.kron(a, np.eye(2)) + 0.1 * sp.eye(128), blocksize=(2, 2))
+    for m, tags in ((a, SPD), (blocks, ())):
+        op = lxa.CSROperator.from_scipy(m, tags=tags)
+        x = jnp.asarray(rng.standard_normal(m.shape[0]))
+        with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+            y = jax.jit(lambda o, v: o.mv(v))(op, x)
+            sol = lx.linear_solve(op, y, solver=lxa.AMGX(rtol=1e-10, atol=1e-12))
+        assert rel_err(y, m @ np.asarray(x)) < 1e-13
+        assert rel_err(sol.value, x) < 1e-8
