@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from . import _config
 from ._profile import MatrixProfile
 
@@ -37,8 +39,17 @@ def choose(
     block_size: int,
     stencil_points: int | None,
     profile: MatrixProfile | None,
+    complex_values: bool = False,
 ) -> Choice:
     """The decision table (docs/guide/configs.md). Each `branch` names a row."""
+    if complex_values:
+        # Complex operators: their own table (`_config._COMPLEX_DEFAULTS`);
+        # `definite` means Hermitian there, and CG never goes to an operator
+        # that is only complex symmetric.
+        return Choice(
+            _config.complex_preset(hermitian=definite, block_size=block_size),
+            "complex",
+        )
     spd = symmetric and definite
     if block_size > 1:
         # Block systems: block Jacobi on the b x b blocks, pairwise aggregation.
@@ -85,6 +96,7 @@ def resolve(operator_symmetric: bool, operator_definite: bool, csr) -> Choice:
         block_size=p.block_size,
         stencil_points=p.stencil_points if profile is not None else None,
         profile=profile,
+        complex_values=np.issubdtype(csr.values.dtype, np.complexfloating),
     )
 
 

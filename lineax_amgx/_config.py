@@ -522,24 +522,12 @@ def default_cycle(*, complex_values: bool, block_size: int = 1) -> str:
     return "AMG_VCYCLE"
 
 
-def default_preset(
-    *,
-    symmetric: bool,
-    positive_definite: bool,
-    block_size: int,
-    complex_values: bool = False,
-) -> str:
-    """The preset chosen from an operator's tags when no config is given.
-
-    `positive_definite`: tagged positive or negative semidefinite (for complex
-    values: Hermitian, whatever `symmetric` says)."""
-    if complex_values:
-        kind = "hermitian" if positive_definite else "general"
-        return _COMPLEX_DEFAULTS[(kind, block_size > 1)]
-    spd = symmetric and positive_definite
-    if block_size > 1:
-        return "PCG_AGGREGATION_BLOCK" if spd else "FGMRES_AGGREGATION_BLOCK"
-    return "PCG_AGGREGATION" if spd else "FGMRES_AGGREGATION"
+def complex_preset(*, hermitian: bool, block_size: int) -> str:
+    """The default preset of a complex operator (`config="auto"`; see
+    `_auto.choose`). `hermitian`: tagged positive (or negative) semidefinite,
+    which for complex values means Hermitian, whatever `lx.symmetric_tag` says."""
+    kind = "hermitian" if hermitian else "general"
+    return _COMPLEX_DEFAULTS[(kind, block_size > 1)]
 
 
 def check_complex(resolved: ResolvedConfig, dtype, where: str = "AMGX") -> None:

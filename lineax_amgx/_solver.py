@@ -230,15 +230,6 @@ class AMGX(lx.AbstractLinearSolver[_AMGXState]):
             or lx.is_positive_semidefinite(csr)
             or lx.is_negative_semidefinite(csr)
         )
-        if is_complex(csr.values.dtype):
-            return _config.preset(
-                _config.default_preset(
-                    symmetric=symmetric,
-                    positive_definite=definite,
-                    block_size=csr.pattern.block_size,
-                    complex_values=True,
-                )
-            )
         return _config.preset(_auto.resolve(symmetric, definite, csr).preset)
 
     # -- Lineax interface ------------------------------------------------------------
