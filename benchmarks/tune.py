@@ -53,6 +53,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from suite import _timed, default_preset  # noqa: E402 (after the path)
+
 # -----------------------------------------------------------------------------
 # Variants: (description, AMG-scope overrides, AMGX keyword arguments).
 # -----------------------------------------------------------------------------
@@ -139,16 +141,6 @@ HARD = ["contrast3d-layers", "contrast3d-checker", "aniso2d", "aniso3d",
         "elasticity3d", "elasticity3d-bsr", "convdiff3d", "fem2d"]
 
 
-def default_preset(tag: str, block: int) -> str:
-    """The preset `config="auto"` picks from the tags and block size alone (the
-    base of every variant: PCG_AGGREGATION for scalar SPD problems)."""
-    from lineax_amgx import _auto
-
-    spd = tag == "spd"
-    return _auto.choose(symmetric=spd, definite=spd, block_size=block,
-                        stencil_points=None, profile=None).preset
-
-
 def variant_config(name: str, tag: str = "spd", block: int = 1, *,
                    vcycle: bool = False):
     """(config dict, AMGX kwargs): the variant applied to the tag's preset (or,
@@ -215,15 +207,6 @@ def _operator(p):
     if _W.op is None:
         _W.op = lxa.CSROperator.from_scipy(p.A, tags=_tags(p.tag))
     return _W.op
-
-
-def _timed(fn):
-    import jax
-
-    t0 = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    return time.perf_counter() - t0, out
 
 
 def _repeat(fn, repeats, budget):
