@@ -67,6 +67,46 @@ def variant(base: dict, *, coarse=None, sweeps=None, min_rows=None) -> dict:
     return cfg
 
 
+# Overrides of the preset's AMG scope (`outer`: of its outer solver).
+_SZ8_J11 = {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1}
+AMG_VARIANTS = {
+    "preset": {},
+    "es0": {"error_scaling": 0},  # the preset without its over-correction
+    "sweeps-3": {"presweeps": 3, "postsweeps": 3},
+    "SIZE_2": {"selector": "SIZE_2"},
+    "SIZE_8": {"selector": "SIZE_8"},
+    "F-cycle": {"cycle": "F"},
+    "W-cycle": {"cycle": "W"},
+    "sz8-j11": _SZ8_J11,  # PCG_AGGREGATION_ISOTROPIC's cycle
+    # over-correction of each coarse-grid correction (AmgX's error_scaling 3:
+    # the A-norm optimal scale), with PCG or the flexible PCGF
+    "es3": {"error_scaling": 3},
+    "es3-f": {"error_scaling": 3, "outer": {"solver": "PCGF"}},
+    "sz8-j11-es3": {**_SZ8_J11, "error_scaling": 3},
+    "sz8-j11-es3-f": {**_SZ8_J11, "error_scaling": 3, "outer": {"solver": "PCGF"}},
+    # the scale computed by a level's first cycle, then kept (a fixed cycle)
+    "es3-r": {"error_scaling": 3, "reuse_scale": 1000},
+    "sz8-j11-es3-r": {**_SZ8_J11, "error_scaling": 3, "reuse_scale": 1000},
+    # a K-cycle (CG on the coarse levels) inside PCGF
+    "kcyc-f": {**_SZ8_J11, "cycle": "CG", "outer": {"solver": "PCGF"}},
+}
+
+
+def pinned(a, b):
+    """The pure-Neumann matrix with unknown 0 fixed to 0 (its row and column
+    replaced by the identity's): nonsingular. For a consistent `b` its solution
+    solves the singular system; subtracting the mean gives the minimum-norm one."""
+    a = sp.lil_array(a)
+    a[0, :] = 0.0
+    a[:, 0] = 0.0
+    a[0, 0] = 1.0
+    a = sp.csr_array(a)
+    a.sort_indices()
+    b = np.array(b)
+    b[0] = 0.0
+    return a, b
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=100, help="grid side (n^3 unknowns)")
@@ -74,6 +114,13 @@ def main():
     parser.add_argument("--rtol", type=float, default=1e-8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--variants", nargs="+", default=["preset"],
+                        choices=list(AMG_VARIANTS))
+    parser.add_argument("--pinned", action="store_true",
+                        help="also the Neumann problem with one unknown fixed "
+                        "(nonsingular), per variant")
+    parser.add_argument("--coarsest", action="store_true",
+                        help="also the singular path's coarsest-level alternatives")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
 
@@ -81,31 +128,34 @@ def main():
     nosolver = dict(coarse="NOSOLVER")
     # Both problems under each AMG variant (the ratio compares like with like),
     # then the singular path's coarsest-level alternatives (Neumann only).
-    amg_variants = {
-        "preset": {},
-        "sweeps-3": {"presweeps": 3, "postsweeps": 3},
-        "SIZE_2": {"selector": "SIZE_2"},
-        "SIZE_8": {"selector": "SIZE_8"},
-        "F-cycle": {"cycle": "F"},
-    }
     cases = []
-    for name, over in amg_variants.items():
+    for name in args.variants:
         cfg = copy.deepcopy(base)
+        over = copy.deepcopy(AMG_VARIANTS[name])
+        cfg["solver"].update(over.pop("outer", {}))
         cfg["solver"]["preconditioner"].update(over)
         cases += [(f"dirichlet/{name}", "dirichlet", cfg),
                   (f"neumann/{name}", "neumann", cfg)]
-    cases += [
-        ("dirichlet/coarse-sweeps-4", "dirichlet", variant(base, sweeps=4, **nosolver)),
-        ("neumann/coarse-sweeps-16", "neumann", variant(base, sweeps=16, **nosolver)),
-        ("neumann/min-rows-256", "neumann", variant(base, sweeps=16, min_rows=256,
-                                                    **nosolver)),
-    ]
+        if args.pinned:
+            cases.append((f"pinned/{name}", "pinned", cfg))
+    if args.coarsest:
+        cases += [
+            ("dirichlet/coarse-sweeps-4", "dirichlet",
+             variant(base, sweeps=4, **nosolver)),
+            ("neumann/coarse-sweeps-16", "neumann",
+             variant(base, sweeps=16, **nosolver)),
+            ("neumann/min-rows-256", "neumann",
+             variant(base, sweeps=16, min_rows=256, **nosolver)),
+        ]
     n = args.n
     mats = {k: laplacian3d(n, k) for k in ("dirichlet", "neumann")}
     rng = np.random.default_rng(0)
     rhs = rng.standard_normal(n**3)
     rhs -= rhs.mean()  # consistent for the Neumann problem too
-    b = jnp.asarray(rhs)
+    rhs_of = {"dirichlet": rhs, "neumann": rhs}
+    if args.pinned:
+        mats["pinned"], rhs_of["pinned"] = pinned(mats["neumann"], rhs)
+    bs = {k: jnp.asarray(v) for k, v in rhs_of.items()}
     basis = lxa.constant_null_space(n**3)
     spd = (lx.symmetric_tag, lx.positive_semidefinite_tag)
     ops = {k: lxa.CSROperator.from_scipy(a, tags=spd) for k, a in mats.items()}
@@ -117,6 +167,7 @@ def main():
         options = {"null_space": basis} if kind == "neumann" else None
         solve = jax.jit(lambda o, v, s=solver, opt=options: lx.linear_solve(
             o, v, solver=s, options=opt, throw=False))
+        b = bs[kind]
         try:
             sol = solve(ops[kind], b)
             jax.block_until_ready(sol.value)
@@ -126,10 +177,13 @@ def main():
                               "error": str(e).splitlines()[0][:300]})
             continue
         x = np.asarray(sol.value)
-        resid = np.linalg.norm(rhs - mats[kind] @ x) / np.linalg.norm(rhs)
+        if kind == "pinned":  # a solution of the Neumann problem; minimum-norm
+            x = x - x.mean()
+        a = mats["neumann" if kind == "pinned" else kind]
+        resid = np.linalg.norm(rhs - a @ x) / np.linalg.norm(rhs)
         steps = int(sol.stats["num_steps"])
         ok = sol.result == lx.RESULTS.successful
-        seconds, _ = median_time(lambda: jax.block_until_ready(solve(ops[kind], b)),
+        seconds, _ = median_time(lambda: jax.block_until_ready(solve(ops[kind], b)),  # noqa: B023
                                  repeats=args.repeats, warmup=1)
         counts[label] = steps
         ref = counts.get("dirichlet/" + label.split("/")[1],

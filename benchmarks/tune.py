@@ -56,7 +56,8 @@ sys.path.insert(0, HERE)
 from suite import _timed, default_preset  # noqa: E402 (after the path)
 
 # -----------------------------------------------------------------------------
-# Variants: (description, AMG-scope overrides, AMGX keyword arguments).
+# Variants: (description, AMG-scope overrides, AMGX keyword arguments). An
+# `outer` entry of the overrides changes the outer solver of a PCG preset.
 # -----------------------------------------------------------------------------
 
 def _jacobi(w=0.8):
@@ -125,6 +126,52 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
                 {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1}, {}),
     "sz8-lu1k": ("SIZE_8, dense LU <= 1024 rows",
                  {"selector": "SIZE_8", "dense_lu_num_rows": 1024}, {}),
+    # a cheaper coarsest level for the cheaper cycle
+    "sz8-j11-nos": ("SIZE_8, Jacobi 1+1, NOSOLVER + 2 coarsest sweeps",
+                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                     **_nos(2)}, {}),
+    # over-correction: AmgX's error_scaling 3 scales each level's coarse-grid
+    # correction by <r, e>/<e, A e> (the A-norm optimum; src/aggregation/
+    # aggregation_amg_level.cu), the classic remedy for unsmoothed aggregation's
+    # too-small corrections of smooth errors. It makes the cycle depend on its
+    # input, so besides PCG the flexible PCGF (`outer`) is measured;
+    # `reuse_scale` keeps each level's first scale for that many cycles (a fixed
+    # cycle after the first).
+    "es3": ("error_scaling 3 (PCG)", {"error_scaling": 3}, {}),
+    "es3-f": ("error_scaling 3, flexible PCGF",
+              {"error_scaling": 3, "outer": {"solver": "PCGF"}}, {}),
+    "sz8-j11-es3": ("SIZE_8, Jacobi 1+1, error_scaling 3 (PCG)",
+                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                     "error_scaling": 3}, {}),
+    "sz8-j11-es3-f": ("SIZE_8, Jacobi 1+1, error_scaling 3, PCGF",
+                      {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                       "error_scaling": 3, "outer": {"solver": "PCGF"}}, {}),
+    "sz8-j11-es3-r": ("SIZE_8, Jacobi 1+1, error_scaling 3 with reuse_scale 1000",
+                      {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                       "error_scaling": 3, "reuse_scale": 1000}, {}),
+    "es3-r": ("error_scaling 3 with reuse_scale 1000",
+              {"error_scaling": 3, "reuse_scale": 1000}, {}),
+    "j11-es3-r": ("Jacobi 1+1, error_scaling 3 with reuse_scale 1000",
+                  {"presweeps": 1, "postsweeps": 1, "error_scaling": 3,
+                   "reuse_scale": 1000}, {}),
+    "sz8-j22-es3-r": ("SIZE_8, Jacobi 2+2, error_scaling 3 with reuse_scale 1000",
+                      {"selector": "SIZE_8", "error_scaling": 3,
+                       "reuse_scale": 1000}, {}),
+    "sz8-j11-nos-es3-r": ("SIZE_8, Jacobi 1+1, NOSOLVER + 2 coarsest sweeps, "
+                          "error_scaling 3 with reuse_scale 1000",
+                          {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                           **_nos(2), "error_scaling": 3, "reuse_scale": 1000},
+                          {}),
+    "sz8-j11-ml4-nos-es3-r": ("SIZE_8, Jacobi 1+1, 4 levels, NOSOLVER + 4 coarsest "
+                              "sweeps, error_scaling 3 with reuse_scale 1000",
+                              {"selector": "SIZE_8", "presweeps": 1,
+                               "postsweeps": 1, "max_levels": 4, **_nos(4),
+                               "error_scaling": 3, "reuse_scale": 1000}, {}),
+    # a Krylov-accelerated (K-) cycle: CG on every coarse level (AmgX's CG
+    # cycle, `cycle_iters` 2), a nonlinear preconditioner, so PCGF outside
+    "kcyc-f": ("SIZE_8, Jacobi 1+1, CG cycle, PCGF",
+               {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                "cycle": "CG", "outer": {"solver": "PCGF"}}, {}),
     # structure reuse on resetup (section c; AmgX's src/amg.cu: 0 rebuilds all,
     # k > 0 keeps the transfer operators of the first k - 1 levels, -1 all)
     "srl1": ("structure_reuse_levels 1", {"structure_reuse_levels": 1}, {}),
@@ -132,8 +179,19 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "srl3": ("structure_reuse_levels 3", {"structure_reuse_levels": 3}, {}),
     "srl-all": ("structure_reuse_levels -1 (the whole hierarchy)",
                 {"structure_reuse_levels": -1}, {}),
+    "es3-r-srl": ("error_scaling 3, reuse_scale 1000, structure_reuse_levels -1",
+                  {"error_scaling": 3, "reuse_scale": 1000,
+                   "structure_reuse_levels": -1}, {}),
+    "sz8-j11-es3-r-srl": ("SIZE_8, Jacobi 1+1, error_scaling 3, reuse_scale 1000, "
+                          "structure_reuse_levels -1",
+                          {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                           "error_scaling": 3, "reuse_scale": 1000,
+                           "structure_reuse_levels": -1}, {}),
+    "sz8-j11-srl": ("SIZE_8, Jacobi 1+1, structure_reuse_levels -1",
+                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
+                     "structure_reuse_levels": -1}, {}),
 }
-SWEEP = [v for v in VARIANTS if not v.startswith("srl")]
+SWEEP = [v for v in VARIANTS if "srl" not in v]
 SEQ_VARIANTS = ["default", "srl1", "srl2", "srl3", "srl-all"]
 
 SECTIONS = ("a", "b", "c", "d")
@@ -153,9 +211,13 @@ def variant_config(name: str, tag: str = "spd", block: int = 1, *,
         over, kwargs = json.loads(name[1:]), {}
     else:
         _, over, kwargs = VARIANTS[name]
+    over = copy.deepcopy(over)
+    outer = over.pop("outer", {})  # overrides of the outer (Krylov) solver
     cfg = lxa.configs[default_preset(tag, block)]
+    if cfg["solver"]["solver"] == "PCG":  # (PCGF for CG only, never for GMRES)
+        cfg["solver"].update(outer)
     amg = cfg["solver"]["preconditioner"]
-    amg.update(copy.deepcopy(over))
+    amg.update(over)
     if vcycle:
         amg = dict(amg, scope="main", max_iters=1, monitor_residual=0)
         cfg = {"config_version": 2, "solver": amg}

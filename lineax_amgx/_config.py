@@ -209,6 +209,32 @@ def _krylov(name: str, precond: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"config_version": 2, "solver": solver}
 
 
+# Over-correction of the coarse-grid correction. AmgX's aggregation prolongs a
+# coarse correction piecewise constant (unsmoothed aggregation), which corrects
+# smooth errors by too little. `error_scaling: 3` scales each level's correction
+# by the A-norm optimum <r, e> / <e, A e> (computed, after 2 smoothing steps of
+# the prolonged correction, by a level's first cycle: src/aggregation/
+# aggregation_amg_level.cu); `reuse_scale: 1000` keeps that scale for the next
+# 1000 cycles, so the extra work (a mat-vec, two reductions with a host sync per
+# level) is paid once, and the cycle is a fixed symmetric operator (one positive
+# scalar per level) after the first. Measured on an H200 (benchmarks/tune.py,
+# docs/results/tune.jsonl; setup + solve, 1M unknowns, rtol 1e-8 unless said):
+# 3-D Poisson at rtol 1e-6 (cached setup) 0.022 s (22 iterations) against 0.033 s
+# (32); pure-Neumann Poisson 18 iterations against 61 (benchmarks/null_space.py:
+# the singular path's 1.5x bound needs it); fem2d 0.130 s against 0.183,
+# rotated 2-D anisotropy 0.403 against 0.557, elasticity (scalar) 0.195 against
+# 0.206, (3x3 blocks) 0.322 against 0.354, convection-diffusion (FGMRES) 0.229
+# against 0.241, layered contrast 0.112 against 0.116; checkerboard contrast
+# equal (0.355); axis-aligned 3-D anisotropy 0.194 against 0.181 (the one loss).
+# Without `reuse_scale` the scale is recomputed every cycle: the cycle then costs
+# twice as much (2.07 ms against 1.00 ms), a net loss. Not in AMG_VCYCLE
+# (AMGXPreconditioner): its first cycle differs from the later ones, and
+# `lx.CG` needs one fixed operator. The scale is kept across solves too (until
+# the 1000 cycles are used up or the next setup), so repeated solves of one
+# system can differ in their last digits (within the tolerance); set
+# `error_scaling: 0` for bitwise repeatable solves.
+_OVER_CORRECTION = {"error_scaling": 3, "reuse_scale": 1000}
+
 _DILU = {"scope": "dilu", "solver": "MULTICOLOR_DILU", "monitor_residual": 0}
 _BLOCK_JACOBI = {
     "scope": "jacobi",
@@ -230,23 +256,34 @@ _COMPLEX_AMG = {
 _PRESETS: dict[str, dict[str, Any]] = {
     # Symmetric positive definite: CG with a symmetric aggregation V-cycle
     # (Jacobi smoothing, equal pre/post sweeps), the default for SPD-tagged operators.
-    "PCG_AGGREGATION": _krylov("PCG", _amg()),
+    "PCG_AGGREGATION": _krylov("PCG", _amg(**_OVER_CORRECTION)),
     # What config="auto" picks for constant-coefficient, isotropic 7-point
     # diffusion (lineax_amgx/_auto.py): SIZE_8 aggregates, one Jacobi sweep
-    # before and after. Measured on an H200 (benchmarks/tune.py, 3-D Poisson,
-    # rtol 1e-6, docs/results/tune.jsonl): with the setup cached 0.0299 s (50 it)
-    # at 1M against 0.0343 s (33) for PCG_AGGREGATION, 0.159 s (78) at 8M against
-    # 0.192 s (53); setup + solve 0.109 s and 0.344 s, the fastest measured at
-    # both sizes; one V-cycle 0.90 ms against 1.46 ms. Not the default
-    # otherwise: on high contrast it was 2x slower, on rotated anisotropy its
-    # coarsening stalled (see `_amg`).
+    # before and after, 2 Jacobi sweeps on the coarsest level (about 40 rows)
+    # instead of a dense LU, and the over-correction. Measured on an H200
+    # (benchmarks/tune.py, 3-D Poisson, rtol 1e-6, docs/results/tune.jsonl),
+    # with the setup cached: 0.0224 s (42 iterations) at 1M against 0.0245 s (23)
+    # for PCG_AGGREGATION, 0.120 s (62) at 8M against 0.120 s (33); setup + solve
+    # 0.103 s and 0.263 s against 0.118 s and 0.271 s, the fastest measured at
+    # both sizes (matrix-free lx.CG: 0.0164 s and 0.158 s); one V-cycle 0.58 ms
+    # inside AmgX against 1.09 ms. Not the default otherwise: without the
+    # over-correction SIZE_8 was 2x slower on high contrast, and on rotated
+    # anisotropy its coarsening stalled (see `_amg`).
     "PCG_AGGREGATION_ISOTROPIC": _krylov(
-        "PCG", _amg(selector="SIZE_8", presweeps=1, postsweeps=1)
+        "PCG",
+        {
+            k: v
+            for k, v in _amg(
+                selector="SIZE_8", presweeps=1, postsweeps=1,
+                coarse_solver="NOSOLVER", coarsest_sweeps=2, **_OVER_CORRECTION,
+            ).items()
+            if k != "dense_lu_num_rows"
+        },
     ),
     # Non-symmetric: flexible GMRES around an aggregation cycle smoothed by DILU.
     "FGMRES_AGGREGATION": _krylov(
         "FGMRES",
-        _amg(smoother=_DILU, presweeps=0, postsweeps=3),
+        _amg(smoother=_DILU, presweeps=0, postsweeps=3, **_OVER_CORRECTION),
         gmres_n_restart=30,
     ),
     "PBICGSTAB_AGGREGATION": _krylov(
@@ -274,7 +311,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Jacobi smooths only while omega * rho(D^-1 A) < 2: trilinear 3-D elasticity
     # has rho(D_b^-1 A) ~ 2.9 (bilinear 2-D ~ 2.3), so the weight is 0.6, not 0.8.
     "PCG_AGGREGATION_BLOCK": _krylov(
-        "PCG", _amg(selector="SIZE_2", smoother=_BLOCK_JACOBI)
+        "PCG", _amg(selector="SIZE_2", smoother=_BLOCK_JACOBI, **_OVER_CORRECTION)
     ),
     "FGMRES_AGGREGATION_BLOCK": _krylov(
         "FGMRES",
@@ -828,6 +865,17 @@ def is_symmetric_cycle(cfg: Mapping[str, Any]) -> tuple[bool, str]:
             if pre != post:
                 return False, (
                     f"the AMG cycle has presweeps={pre} != postsweeps={post}"
+                )
+            if scope.get("cycle", "V") in ("CG", "CGF"):
+                return False, (
+                    f"the AMG cycle {scope['cycle']!r} (Krylov-accelerated) is "
+                    "not a fixed operator"
+                )
+            if scope.get("error_scaling", 0) in (2, 3):
+                return False, (
+                    f"error_scaling={scope['error_scaling']} rescales each "
+                    "coarse-grid correction from its input, so the cycle is not "
+                    "a fixed operator"
                 )
             sm = scope.get("smoother", "BLOCK_JACOBI")
             name = sm.get("solver") if isinstance(sm, Mapping) else sm

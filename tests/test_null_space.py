@@ -541,12 +541,16 @@ def test_singular_path_smooths_the_coarsest_level():
         scopes = _config._walk_solvers(cfg["solver"])
         amg = [s for s in scopes if s.get("solver") == "AMG"]
         assert amg, name
+        # a preset that smooths its coarsest level already keeps its sweeps
+        own = [s for s in _config._walk_solvers(lxa.configs[name]["solver"])
+               if s.get("solver") == "AMG" and s.get("coarse_solver") == "NOSOLVER"]
+        sweeps = own[0]["coarsest_sweeps"] if own else _config.SINGULAR_COARSEST_SWEEPS
         for scope in amg:
             assert scope["coarse_solver"] == "NOSOLVER", name
-            assert scope["coarsest_sweeps"] == _config.SINGULAR_COARSEST_SWEEPS
+            assert scope["coarsest_sweeps"] == sweeps, name
             assert "dense_lu_max_rows" not in scope and "dense_lu_num_rows" not in scope
         plan = _translate.translate(json.dumps(cfg, sort_keys=True))
-        assert plan.precond.coarsest_sweeps == _config.SINGULAR_COARSEST_SWEEPS
+        assert plan.precond.coarsest_sweeps == sweeps
 
 
 # -- GPU: a million unknowns ----------------------------------------------------
@@ -579,9 +583,7 @@ def test_million_unknown_neumann_poisson_iterations():
         if options:
             assert abs(x.sum()) <= 1e-10 * np.sqrt(n**3) * np.linalg.norm(x)
     print(f"\n100^3 Poisson, PCG_AGGREGATION, rtol 1e-8: iterations {counts}")
-    if counts["neumann"] > 1.5 * counts["dirichlet"]:
-        # H200, 2026-12-03: 38 against 25 (1.52x) in one run, 38 against 26
-        # (1.46x) in another; benchmarks/null_space.py with a random mean-free b:
-        # 62 against 35 (1.77x); coarsest-level choices change it by <= 5
-        # iterations. The solves above are checked either way.
-        pytest.xfail(f"above the 1.5x iteration bound: {counts}")
+    # Without the preset's over-correction (error_scaling 3) this was 38 against
+    # 25-26 (H200); benchmarks/null_space.py with a random mean-free b: 61
+    # against 35, and 18 against 23 with it (_config._OVER_CORRECTION).
+    assert counts["neumann"] <= 1.5 * counts["dirichlet"], counts

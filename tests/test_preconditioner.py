@@ -338,6 +338,12 @@ def _config_with(**amg):
          "smoother 'MULTICOLOR_GS' is not symmetric"),
         (_config_with(presweeps=1, postsweeps=2), "presweeps=1 != postsweeps=2"),
         ("FGMRES_AGGREGATION", "not a fixed symmetric operator"),
+        # the cycle rescales its coarse corrections from its input (the solver
+        # presets do; AMG_VCYCLE does not) ...
+        (_config_with(error_scaling=3, reuse_scale=1000),
+         "error_scaling=3 rescales each coarse-grid correction"),
+        # ... or runs CG on the coarse levels
+        (_config_with(cycle="CG"), "'CG' (Krylov-accelerated) is not a fixed"),
     ],
 )
 def test_psd_tag_refused_for_nonsymmetric_cycles(config, why):

@@ -67,6 +67,11 @@ _AMG_KEYS = frozenset({
     "solver", "algorithm", "selector", "cycle", "max_levels", "min_coarse_rows",
     "coarse_solver", "presweeps", "postsweeps", "smoother", "strength_threshold",
     "interpolator", "max_iters", "coarsest_sweeps",
+    # AmgX's over-correction of unsmoothed aggregation (rescaled coarse-grid
+    # corrections, the presets' `error_scaling: 3`): pyamg's smoothed
+    # prolongation already corrects smooth errors in full, so it is accepted and
+    # has no separate equivalent (its `reuse_scale` is in _NO_EFFECT_KEYS).
+    "error_scaling", "scaling_smoother_steps",
 })
 _SMOOTHER_KEYS = frozenset({
     "solver", "relaxation_factor", "symmetric_GS", "max_iters",
