@@ -297,3 +297,21 @@ def test_structure_reuse_is_an_opt_in_that_translates_without_effect():
             x = np.asarray(lx.linear_solve(op, jnp.asarray(b), solver).value)
             ref = spla.spsolve(ak.tocsc(), b)
             assert np.linalg.norm(x - ref) / np.linalg.norm(ref) < 1e-8
+
+
+def test_over_correction_is_in_the_measured_solver_presets_only():
+    """The solver presets measured with it over-correct (`error_scaling` 3, the
+    scale kept for 1000 cycles: docs/guide/configs.md, "Over-correction"); the
+    others do not, and `AMG_VCYCLE`, `AMGXPreconditioner`'s default, stays the
+    fixed symmetric cycle `lx.CG` needs."""
+    over = {"PCG_AGGREGATION", "PCG_AGGREGATION_ISOTROPIC", "FGMRES_AGGREGATION",
+            "PCG_AGGREGATION_BLOCK"}
+    for name in lxa.configs:
+        scopes = _config._walk_solvers(lxa.configs[name]["solver"])
+        amg = [s for s in scopes if s.get("solver") == "AMG"]
+        assert amg, name
+        found = {(s.get("error_scaling", 0), s.get("reuse_scale", 0)) for s in amg}
+        assert found == ({(3, 1000)} if name in over else {(0, 0)}), name
+    for name in ("AMG_VCYCLE", "AMG_VCYCLE_COMPLEX"):
+        ok, why = _config.preset(name).symmetric_cycle()
+        assert ok, (name, why)
