@@ -190,6 +190,8 @@ def _amg(**overrides: Any) -> dict[str, Any]:
         "print_solve_stats": 0,
     }
     amg.update(overrides)
+    if amg["coarse_solver"] != "DENSE_LU_SOLVER":
+        del amg["dense_lu_num_rows"]  # (the dense LU's cap: no dense LU here)
     return amg
 
 
@@ -244,14 +246,9 @@ _BLOCK_JACOBI = {
     "print_solve_stats": 0,
 }
 
-# The AMG cycle of the complex presets (see "GMRES_AGGREGATION_COMPLEX" below).
-_COMPLEX_AMG = {
-    k: v
-    for k, v in _amg(
-        selector="SIZE_8", coarse_solver="NOSOLVER", coarsest_sweeps=4
-    ).items()
-    if k != "dense_lu_num_rows"  # (no dense LU in AmgX's complex modes)
-}
+# The AMG cycle of the complex presets (see "GMRES_AGGREGATION_COMPLEX" below):
+# smoothing on the coarsest level, as AmgX's complex modes have no dense LU.
+_COMPLEX_AMG = _amg(selector="SIZE_8", coarse_solver="NOSOLVER", coarsest_sweeps=4)
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # Symmetric positive definite: CG with a symmetric aggregation V-cycle
@@ -271,14 +268,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # anisotropy its coarsening stalled (see `_amg`).
     "PCG_AGGREGATION_ISOTROPIC": _krylov(
         "PCG",
-        {
-            k: v
-            for k, v in _amg(
-                selector="SIZE_8", presweeps=1, postsweeps=1,
-                coarse_solver="NOSOLVER", coarsest_sweeps=2, **_OVER_CORRECTION,
-            ).items()
-            if k != "dense_lu_num_rows"
-        },
+        _amg(selector="SIZE_8", presweeps=1, postsweeps=1,
+             coarse_solver="NOSOLVER", coarsest_sweeps=2, **_OVER_CORRECTION),
     ),
     # Non-symmetric: flexible GMRES around an aggregation cycle smoothed by DILU.
     "FGMRES_AGGREGATION": _krylov(
