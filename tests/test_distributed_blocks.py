@@ -37,7 +37,11 @@ from _mpi_helpers import (  # noqa: E402, F401 (fresh_cpu_cache: an autouse fixt
 )
 from helpers import rel_err  # noqa: E402
 from test_blocks import elasticity2d, elasticity3d  # noqa: E402
-from test_distributed_solve import FakeDistributedAmgX, device  # noqa: E402
+from test_distributed_solve import (  # noqa: E402
+    FakeDistributedAmgX,
+    device,
+    install_fake_amgx,
+)
 
 import lineax_amgx as lxa  # noqa: E402
 import lineax_amgx.distributed as D  # noqa: E402
@@ -317,31 +321,19 @@ class FakeBlockAmgX(FakeDistributedAmgX):
         self.block_sizes.append(args[8])  # (action, ..., transposed, block_size, ...)
         return super().dist_setup(*args)
 
-    def dist_solve(self, ordinal, id, gen, b, x0, x):
-        e = next(e for e in self.entries.values() if (e["id"], e["gen"]) == (id, gen))
+    @staticmethod
+    def local_rows(e):
         v = e["values"]
         bs = v.shape[-1]
         n_local = len(e["indptr"]) - 1
         local = sp.bsr_array((v, e["cols"], e["indptr"]),
                              shape=(n_local * bs, e["n"] * bs)).tocsr()
-        A = sp.vstack(self.comm.allgather(local)).tocsc()
-        bg = np.concatenate(self.comm.allgather(np.asarray(b)))
-        xg = spla.spsolve(A, bg)
-        r0 = int(e["offsets"][RANK]) * bs
-        x[...] = xg[r0: r0 + len(b)]
-        return 0, 1, float(np.linalg.norm(bg - A @ xg))
+        return local, bs
 
 
 @pytest.fixture
 def fake_block_amgx(monkeypatch):
-    from lineax_amgx._backends.amgx import _library
-
-    fake = FakeBlockAmgX()
-    monkeypatch.setattr(_library, "native", lambda: fake)
-    monkeypatch.setattr(DA, "_checked_mpi", set())
-    monkeypatch.setattr(DA, "_ordinals", {})
-    monkeypatch.setattr(DA, "_amgx_comms", {})
-    return fake
+    return install_fake_amgx(monkeypatch, FakeBlockAmgX())
 
 
 @collective

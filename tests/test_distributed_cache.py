@@ -39,6 +39,7 @@ from helpers import rel_err  # noqa: E402
 from test_distributed_solve import (  # noqa: E402
     DA,
     FakeDistributedAmgX,
+    install_fake_amgx,
     problem,
 )
 
@@ -191,14 +192,7 @@ class FakeAmgXWithControls(FakeDistributedAmgX):
 
 @pytest.fixture
 def fake_amgx(monkeypatch):
-    from lineax_amgx._backends.amgx import _library
-
-    fake = FakeAmgXWithControls()
-    monkeypatch.setattr(_library, "native", lambda: fake)
-    monkeypatch.setattr(DA, "_checked_mpi", set())
-    monkeypatch.setattr(DA, "_ordinals", {})
-    monkeypatch.setattr(DA, "_amgx_comms", {})
-    return fake
+    return install_fake_amgx(monkeypatch, FakeAmgXWithControls())
 
 
 def _native_case(fake):

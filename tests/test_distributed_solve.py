@@ -417,29 +417,40 @@ class FakeDistributedAmgX:
         return dict(hits=0, misses=0, setups=0, resetups=0, solves=0, evictions=0,
                     size=len(self.entries), entries=[])
 
-    def dist_solve(self, ordinal, id, gen, b, x0, x):
-        e = next(e for e in self.entries.values() if (e["id"], e["gen"]) == (id, gen))
+    @staticmethod
+    def local_rows(e):
+        """This rank's rows of an entry as scipy CSR, and the block size."""
         rows = np.repeat(np.arange(len(e["indptr"]) - 1), np.diff(e["indptr"]))
         local = sp.csr_matrix((e["values"], (rows, e["cols"])),
                               shape=(len(e["indptr"]) - 1, e["n"]))
+        return local, 1
+
+    def dist_solve(self, ordinal, id, gen, b, x0, x):
+        e = next(e for e in self.entries.values() if (e["id"], e["gen"]) == (id, gen))
+        local, bs = self.local_rows(e)
         A = sp.vstack(self.comm.allgather(local)).tocsc()
         bg = np.concatenate(self.comm.allgather(np.asarray(b)))
         xg = spla.spsolve(A, bg)
-        r0 = int(e["offsets"][RANK])
+        r0 = int(e["offsets"][RANK]) * bs
         x[...] = xg[r0 : r0 + len(b)]
         return 0, 1, float(np.linalg.norm(bg - A @ xg))
 
 
-@pytest.fixture
-def fake_amgx(monkeypatch):
+def install_fake_amgx(monkeypatch, fake):
+    """`fake` in place of the native core, with the distributed AmgX module's
+    per-process state (MPI check, ordinals, AmgX communicators) fresh."""
     from lineax_amgx._backends.amgx import _library
 
-    fake = FakeDistributedAmgX()
     monkeypatch.setattr(_library, "native", lambda: fake)
     monkeypatch.setattr(DA, "_checked_mpi", set())
     monkeypatch.setattr(DA, "_ordinals", {})
     monkeypatch.setattr(DA, "_amgx_comms", {})
     return fake
+
+
+@pytest.fixture
+def fake_amgx(monkeypatch):
+    return install_fake_amgx(monkeypatch, FakeDistributedAmgX())
 
 
 @collective
