@@ -36,6 +36,7 @@ import lineax as lx
 import numpy as np
 import scipy.sparse as sp
 from _common import device_name, median_time, record
+from tune import ES3, ES3R, PCGF, SZ8_J11
 
 import lineax_amgx as lxa
 
@@ -67,8 +68,8 @@ def variant(base: dict, *, coarse=None, sweeps=None, min_rows=None) -> dict:
     return cfg
 
 
-# Overrides of the preset's AMG scope (`outer`: of its outer solver).
-_SZ8_J11 = {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1}
+# Overrides of the preset's AMG scope (`outer`: of its outer solver); the pieces
+# are benchmarks/tune.py's.
 AMG_VARIANTS = {
     "preset": {},
     "es0": {"error_scaling": 0},  # the preset without its over-correction
@@ -77,18 +78,18 @@ AMG_VARIANTS = {
     "SIZE_8": {"selector": "SIZE_8"},
     "F-cycle": {"cycle": "F"},
     "W-cycle": {"cycle": "W"},
-    "sz8-j11": _SZ8_J11,  # PCG_AGGREGATION_ISOTROPIC's cycle
+    "sz8-j11": SZ8_J11,  # PCG_AGGREGATION_ISOTROPIC's cycle
     # over-correction of each coarse-grid correction (AmgX's error_scaling 3:
     # the A-norm optimal scale), with PCG or the flexible PCGF
-    "es3": {"error_scaling": 3},
-    "es3-f": {"error_scaling": 3, "outer": {"solver": "PCGF"}},
-    "sz8-j11-es3": {**_SZ8_J11, "error_scaling": 3},
-    "sz8-j11-es3-f": {**_SZ8_J11, "error_scaling": 3, "outer": {"solver": "PCGF"}},
+    "es3": ES3,
+    "es3-f": {**ES3, **PCGF},
+    "sz8-j11-es3": {**SZ8_J11, **ES3},
+    "sz8-j11-es3-f": {**SZ8_J11, **ES3, **PCGF},
     # the scale computed by a level's first cycle, then kept (a fixed cycle)
-    "es3-r": {"error_scaling": 3, "reuse_scale": 1000},
-    "sz8-j11-es3-r": {**_SZ8_J11, "error_scaling": 3, "reuse_scale": 1000},
+    "es3-r": ES3R,
+    "sz8-j11-es3-r": {**SZ8_J11, **ES3R},
     # a K-cycle (CG on the coarse levels) inside PCGF
-    "kcyc-f": {**_SZ8_J11, "cycle": "CG", "outer": {"solver": "PCGF"}},
+    "kcyc-f": {**SZ8_J11, "cycle": "CG", **PCGF},
 }
 
 

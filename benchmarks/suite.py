@@ -719,6 +719,16 @@ def _load_done(out: str | None) -> list:
     return done
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a worker started with `start_new_session=True` and what it started
+    (its process group), and reap it."""
+    try:
+        os.killpg(proc.pid, 9)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 class _Worker:
     """A worker process with a line reader thread."""
 
@@ -744,11 +754,7 @@ class _Worker:
         self.lines.put(("EOF", None))
 
     def kill(self):
-        try:
-            os.killpg(self.proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
 
     def stderr_tail(self, n=3000) -> str:
         self.stderr.seek(0)

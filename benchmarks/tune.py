@@ -53,7 +53,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from suite import _timed, default_preset  # noqa: E402 (after the path)
+from suite import _timed, default_preset, kill_group  # noqa: E402 (after the path)
 
 # -----------------------------------------------------------------------------
 # Variants: (description, AMG-scope overrides, AMGX keyword arguments). An
@@ -83,6 +83,13 @@ _CHEBY = {"scope": "cheby", "solver": "CHEBYSHEV", "chebyshev_polynomial_order":
 def _nos(sweeps, **kw):
     """The coarsest level smoothed `sweeps` times instead of a dense LU."""
     return {"coarse_solver": "NOSOLVER", "coarsest_sweeps": sweeps, **kw}
+
+
+# Pieces the variants combine (benchmarks/null_space.py uses them too).
+SZ8_J11 = {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1}
+ES3 = {"error_scaling": 3}  # the scale recomputed every cycle
+ES3R = {**ES3, "reuse_scale": 1000}  # a level's first scale kept for 1000 cycles
+PCGF = {"outer": {"solver": "PCGF"}}  # flexible CG outside
 
 
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
@@ -122,14 +129,12 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # combinations aimed at a cheaper cycle
     "j11-lu1k": ("Jacobi 1+1, dense LU <= 1024 rows",
                  {"presweeps": 1, "postsweeps": 1, "dense_lu_num_rows": 1024}, {}),
-    "sz8-j11": ("SIZE_8, Jacobi 1+1",
-                {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1}, {}),
+    "sz8-j11": ("SIZE_8, Jacobi 1+1", SZ8_J11, {}),
     "sz8-lu1k": ("SIZE_8, dense LU <= 1024 rows",
                  {"selector": "SIZE_8", "dense_lu_num_rows": 1024}, {}),
     # a cheaper coarsest level for the cheaper cycle
     "sz8-j11-nos": ("SIZE_8, Jacobi 1+1, NOSOLVER + 2 coarsest sweeps",
-                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                     **_nos(2)}, {}),
+                    {**SZ8_J11, **_nos(2)}, {}),
     # over-correction: AmgX's error_scaling 3 scales each level's coarse-grid
     # correction by <r, e>/<e, A e> (the A-norm optimum; src/aggregation/
     # aggregation_amg_level.cu), the classic remedy for unsmoothed aggregation's
@@ -137,41 +142,29 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # input, so besides PCG the flexible PCGF (`outer`) is measured;
     # `reuse_scale` keeps each level's first scale for that many cycles (a fixed
     # cycle after the first).
-    "es3": ("error_scaling 3 (PCG)", {"error_scaling": 3}, {}),
-    "es3-f": ("error_scaling 3, flexible PCGF",
-              {"error_scaling": 3, "outer": {"solver": "PCGF"}}, {}),
+    "es3": ("error_scaling 3 (PCG)", ES3, {}),
+    "es3-f": ("error_scaling 3, flexible PCGF", {**ES3, **PCGF}, {}),
     "sz8-j11-es3": ("SIZE_8, Jacobi 1+1, error_scaling 3 (PCG)",
-                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                     "error_scaling": 3}, {}),
+                    {**SZ8_J11, **ES3}, {}),
     "sz8-j11-es3-f": ("SIZE_8, Jacobi 1+1, error_scaling 3, PCGF",
-                      {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                       "error_scaling": 3, "outer": {"solver": "PCGF"}}, {}),
+                      {**SZ8_J11, **ES3, **PCGF}, {}),
     "sz8-j11-es3-r": ("SIZE_8, Jacobi 1+1, error_scaling 3 with reuse_scale 1000",
-                      {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                       "error_scaling": 3, "reuse_scale": 1000}, {}),
-    "es3-r": ("error_scaling 3 with reuse_scale 1000",
-              {"error_scaling": 3, "reuse_scale": 1000}, {}),
+                      {**SZ8_J11, **ES3R}, {}),
+    "es3-r": ("error_scaling 3 with reuse_scale 1000", ES3R, {}),
     "j11-es3-r": ("Jacobi 1+1, error_scaling 3 with reuse_scale 1000",
-                  {"presweeps": 1, "postsweeps": 1, "error_scaling": 3,
-                   "reuse_scale": 1000}, {}),
+                  {"presweeps": 1, "postsweeps": 1, **ES3R}, {}),
     "sz8-j22-es3-r": ("SIZE_8, Jacobi 2+2, error_scaling 3 with reuse_scale 1000",
-                      {"selector": "SIZE_8", "error_scaling": 3,
-                       "reuse_scale": 1000}, {}),
+                      {"selector": "SIZE_8", **ES3R}, {}),
     "sz8-j11-nos-es3-r": ("SIZE_8, Jacobi 1+1, NOSOLVER + 2 coarsest sweeps, "
                           "error_scaling 3 with reuse_scale 1000",
-                          {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                           **_nos(2), "error_scaling": 3, "reuse_scale": 1000},
-                          {}),
+                          {**SZ8_J11, **_nos(2), **ES3R}, {}),
     "sz8-j11-ml4-nos-es3-r": ("SIZE_8, Jacobi 1+1, 4 levels, NOSOLVER + 4 coarsest "
                               "sweeps, error_scaling 3 with reuse_scale 1000",
-                              {"selector": "SIZE_8", "presweeps": 1,
-                               "postsweeps": 1, "max_levels": 4, **_nos(4),
-                               "error_scaling": 3, "reuse_scale": 1000}, {}),
+                              {**SZ8_J11, "max_levels": 4, **_nos(4), **ES3R}, {}),
     # a Krylov-accelerated (K-) cycle: CG on every coarse level (AmgX's CG
     # cycle, `cycle_iters` 2), a nonlinear preconditioner, so PCGF outside
     "kcyc-f": ("SIZE_8, Jacobi 1+1, CG cycle, PCGF",
-               {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                "cycle": "CG", "outer": {"solver": "PCGF"}}, {}),
+               {**SZ8_J11, "cycle": "CG", **PCGF}, {}),
     # structure reuse on resetup (section c; AmgX's src/amg.cu: 0 rebuilds all,
     # k > 0 keeps the transfer operators of the first k - 1 levels, -1 all)
     "srl1": ("structure_reuse_levels 1", {"structure_reuse_levels": 1}, {}),
@@ -180,16 +173,12 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "srl-all": ("structure_reuse_levels -1 (the whole hierarchy)",
                 {"structure_reuse_levels": -1}, {}),
     "es3-r-srl": ("error_scaling 3, reuse_scale 1000, structure_reuse_levels -1",
-                  {"error_scaling": 3, "reuse_scale": 1000,
-                   "structure_reuse_levels": -1}, {}),
+                  {**ES3R, "structure_reuse_levels": -1}, {}),
     "sz8-j11-es3-r-srl": ("SIZE_8, Jacobi 1+1, error_scaling 3, reuse_scale 1000, "
                           "structure_reuse_levels -1",
-                          {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                           "error_scaling": 3, "reuse_scale": 1000,
-                           "structure_reuse_levels": -1}, {}),
+                          {**SZ8_J11, **ES3R, "structure_reuse_levels": -1}, {}),
     "sz8-j11-srl": ("SIZE_8, Jacobi 1+1, structure_reuse_levels -1",
-                    {"selector": "SIZE_8", "presweeps": 1, "postsweeps": 1,
-                     "structure_reuse_levels": -1}, {}),
+                    {**SZ8_J11, "structure_reuse_levels": -1}, {}),
 }
 SWEEP = [v for v in VARIANTS if "srl" not in v]
 SEQ_VARIANTS = ["default", "srl1", "srl2", "srl3", "srl-all"]
@@ -604,11 +593,7 @@ class _Worker:
             return "timeout"
 
     def kill(self):
-        try:
-            os.killpg(self.proc.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+        kill_group(self.proc)
 
 
 def estimate(task, gpu: bool) -> float:
